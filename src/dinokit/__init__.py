@@ -1,0 +1,37 @@
+"""dinokit: DINO self-supervised Vision Transformer pretraining (Caron et al., ICCV 2021), faithful to the
+reference implementation and fast on the machines you have.
+
+The whole algorithm lives in a few short modules:
+``models`` (backbones), ``head`` (DINOHead), ``loss`` (DINOLoss + centering), ``schedules`` (cosine schedules),
+``teacher`` (EMA), ``wrapper`` (MultiCropWrapper), ``optim`` (param groups, clipping, LARS),
+``augmentation`` (multi-crop), ``trainer`` (the loop).
+"""
+
+from .head import DINOHead
+from .loss import DINOLoss
+from .models import VisionTransformer, build_backbone, vit_base, vit_small, vit_tiny
+from .optim import cancel_gradients_last_layer, clip_gradients, get_params_groups
+from .schedules import cosine_scheduler
+from .teacher import build_teacher, ema_update
+from .wrapper import MultiCropWrapper
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DINOHead", "DINOLoss", "MultiCropWrapper", "VisionTransformer", "build_backbone", "vit_tiny", "vit_small",
+    "vit_base", "cosine_scheduler", "get_params_groups", "clip_gradients", "cancel_gradients_last_layer",
+    "build_teacher", "ema_update",
+]
+
+
+def __getattr__(name: str):
+    # Lazily exported names whose modules pull in heavier dependencies.
+    if name in ("DINOAugmentation",):
+        from .augmentation import DINOAugmentation
+
+        return DINOAugmentation
+    if name in ("knn_classifier",):
+        from .eval.knn import knn_classifier
+
+        return knn_classifier
+    raise AttributeError(f"module 'dinokit' has no attribute {name!r}")

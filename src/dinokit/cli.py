@@ -1,0 +1,84 @@
+"""``dinokit`` command line: ``dinokit <command> [options]``; ``dinokit <command> --help`` documents each.
+
+Each command lives in ``dinokit/commands/<name>.py`` exposing ``HELP`` (one line), ``add_arguments(parser)`` and
+``run(args) -> int``. Commands are imported lazily so ``dinokit --help`` is fast. User errors
+(:class:`dinokit.errors.DinokitError`) print one line and exit non-zero, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import DinokitError
+
+# command name -> module under dinokit.commands (a missing module is simply not offered)
+COMMANDS: dict[str, str] = {
+    "train": "train",
+    "knn": "knn",
+    "linear": "linear",
+    "features": "features",
+    "attention": "attention",
+    "export": "export",
+    "report": "report",
+    "shard": "shard",
+    "submit": "submit",
+    "davis": "davis",
+    "retrieval": "retrieval",
+    "copydetect": "copydetect",
+}
+
+
+def _load(name: str):
+    try:
+        return importlib.import_module(f"dinokit.commands.{COMMANDS[name]}")
+    except ModuleNotFoundError as e:
+        if e.name == f"dinokit.commands.{COMMANDS[name]}":
+            return None
+        raise
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors exit with code 2 and one line (no usage dump clutter beyond argparse's own)."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog="dinokit", description="DINO self-supervised ViT pretraining and evaluation.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMANDS:
+        if only is not None and name != only:
+            continue
+        mod = _load(name)
+        if mod is None:
+            continue
+        p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    only = argv[0] if argv and argv[0] in COMMANDS else None
+    parser = build_parser(only)
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except DinokitError as e:
+        print(f"dinokit {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"dinokit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The DINO projection head (Caron et al. 2021, §3.1 and Appendix: "a 3-layer MLP with hidden dimension 2048
+followed by l2 normalization and a weight normalized fully connected layer with K dimensions").
+
+``DINOHead`` equals the reference ``vision_transformer.DINOHead``: Linear-GELU-Linear-GELU-Linear (optional
+BatchNorm after the hidden linears), L2-normalised bottleneck, then a weight-normalised linear layer without
+bias whose gain ``g`` is fixed at 1 when ``norm_last_layer`` (every logit is then a cosine similarity).
+
+The weight norm is written out (``weight_g``, ``weight_v`` parameters) rather than taken from the deprecated
+``nn.utils.weight_norm``: state-dict keys stay those of official checkpoints, it needs no hooks, and the
+normalised weight is computed once per forward (the multi-crop wrapper calls the head once per step).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["DINOHead", "WeightNormLinear"]
+
+
+class WeightNormLinear(nn.Module):
+    """``y = x @ (g * v / ||v||_row).T`` with ``g: [out, 1]``, ``v: [out, in]``, no bias (reference last layer)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_g = nn.Parameter(torch.ones(out_features, 1))
+        self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
+        # nn.Linear's default init, as the reference leaves it (applied after _init_weights).
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        v = self.weight_v
+        return v * (self.weight_g / torch.linalg.vector_norm(v, dim=1, keepdim=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Accept torch's ``parametrizations.weight_norm`` key style (original0 = g, original1 = v).
+        for new, old in (("weight_g", "parametrizations.weight.original0"),
+                         ("weight_v", "parametrizations.weight.original1")):
+            if prefix + old in state_dict and prefix + new not in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias=False"
+
+
+class DINOHead(nn.Module):
+    """Projection head: ``in_dim -> hidden_dim (x nlayers-1) -> bottleneck_dim -> L2 norm -> out_dim``.
+
+    Args mirror the reference: ``use_bn`` adds BatchNorm1d after each hidden linear; ``norm_last_layer`` freezes
+    the weight-norm gain at 1 (more stable; the paper's ViT-S uses False, ViT-B True); ``nlayers >= 1``.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, use_bn: bool = False, norm_last_layer: bool = True,
+                 nlayers: int = 3, hidden_dim: int = 2048, bottleneck_dim: int = 256):
+        super().__init__()
+        nlayers = max(nlayers, 1)
+        if nlayers == 1:
+            self.mlp = nn.Linear(in_dim, bottleneck_dim)
+        else:
+            layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim)]
+            if use_bn:
+                layers.append(nn.BatchNorm1d(hidden_dim))
+            layers.append(nn.GELU())
+            for _ in range(nlayers - 2):
+                layers.append(nn.Linear(hidden_dim, hidden_dim))
+                if use_bn:
+                    layers.append(nn.BatchNorm1d(hidden_dim))
+                layers.append(nn.GELU())
+            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+            self.mlp = nn.Sequential(*layers)
+        self.apply(self._init_weights)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+        if norm_last_layer:
+            self.last_layer.weight_g.requires_grad = False
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mlp(x)
+        x = F.normalize(x, dim=-1, p=2)
+        return self.last_layer(x)

@@ -1,0 +1,117 @@
+"""``build_backbone``: one entry point for every backbone dinokit can pretrain.
+
+* ``vit_tiny`` / ``vit_small`` / ``vit_base`` (and ``deit_*`` aliases): the reference ViT, any patch size;
+  ``vit_custom`` takes ``embed_dim``/``depth``/``num_heads`` for small models (e.g. the Fashion-MNIST demo);
+* any lower-case torchvision classifier (``resnet50`` ...), its ``fc``/``classifier`` replaced by Identity;
+* ``timm:<name>`` for any timm model, built with ``num_classes=0`` (pooled features).
+
+Every backbone maps ``[B, 3, H, W]`` to a ``[B, D]`` feature and has ``num_features = D``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from .vit import VIT_CONFIGS, VisionTransformer
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_backbone(name: str):
+    """Decorator registering ``fn(patch_size=..., drop_path_rate=..., **kwargs) -> nn.Module`` under ``name``."""
+
+    def deco(fn):
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def _make_vit(name: str):
+    dim, depth, heads = VIT_CONFIGS[name]
+
+    def build(patch_size: int = 16, drop_path_rate: float = 0.0, **kwargs) -> nn.Module:
+        kwargs.setdefault("embed_dim", dim)
+        kwargs.setdefault("depth", depth)
+        kwargs.setdefault("num_heads", heads)
+        return VisionTransformer(patch_size=patch_size, drop_path_rate=drop_path_rate, **kwargs)
+
+    return build
+
+
+for _name in VIT_CONFIGS:
+    register_backbone(_name)(_make_vit(_name))
+
+
+@register_backbone("vit_custom")
+def _vit_custom(patch_size: int = 16, drop_path_rate: float = 0.0, embed_dim: int = 192, depth: int = 12,
+                num_heads: int = 3, **kwargs) -> nn.Module:
+    return VisionTransformer(patch_size=patch_size, drop_path_rate=drop_path_rate, embed_dim=embed_dim,
+                             depth=depth, num_heads=num_heads, **kwargs)
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision.models as tvm
+
+    return sorted(n for n in tvm.list_models(module=tvm))
+
+
+def _build_torchvision(name: str, **kwargs) -> nn.Module:
+    import torchvision.models as tvm
+
+    kwargs.pop("patch_size", None)
+    kwargs.pop("img_size", None)
+    dpr = kwargs.pop("drop_path_rate", 0.0)
+    if dpr:
+        kwargs["stochastic_depth_prob"] = dpr  # only some torchvision models accept it
+    model = tvm.get_model(name, weights=None, **kwargs)
+    dim = None
+    for attr in ("fc", "classifier", "head", "heads"):
+        layer = getattr(model, attr, None)
+        if layer is None:
+            continue
+        if isinstance(layer, nn.Linear):
+            dim = layer.in_features
+        elif isinstance(layer, nn.Sequential):
+            linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
+            if linears:
+                dim = linears[0].in_features if attr != "classifier" else linears[-1].in_features
+        setattr(model, attr, nn.Identity())
+        break
+    if dim is None:
+        raise ValueError(f"cannot find the classifier of torchvision model {name!r}")
+    model.num_features = dim
+    return model
+
+
+def _build_timm(name: str, patch_size: int | None = None, drop_path_rate: float = 0.0, **kwargs) -> nn.Module:
+    import timm
+
+    kwargs.pop("img_size", None)
+    model = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **kwargs)
+    return model
+
+
+def list_backbones() -> list[str]:
+    """Names accepted by :func:`build_backbone` (torchvision names are added lazily; ``timm:<name>`` too)."""
+    return sorted(_REGISTRY) + _torchvision_names()
+
+
+def build_backbone(arch: str, patch_size: int = 16, drop_path_rate: float = 0.0, **kwargs) -> nn.Module:
+    """Build a backbone returning ``[B, D]`` features (``model.num_features == D``).
+
+    ``arch``: ``vit_tiny`` | ``vit_small`` | ``vit_base`` | ``vit_custom`` | ``deit_*`` | a torchvision model name
+    (e.g. ``resnet50``) | ``timm:<name>``. ``drop_path_rate`` is stochastic depth (the reference uses 0.1 for the
+    student, 0 for the teacher).
+    """
+    arch = arch.replace("deit", "vit") if arch.startswith("deit") else arch
+    if arch in _REGISTRY:
+        return _REGISTRY[arch](patch_size=patch_size, drop_path_rate=drop_path_rate, **kwargs)
+    if arch.startswith("timm:"):
+        return _build_timm(arch[5:], patch_size=patch_size, drop_path_rate=drop_path_rate, **kwargs)
+    if arch in _torchvision_names():
+        return _build_torchvision(arch, patch_size=patch_size, drop_path_rate=drop_path_rate, **kwargs)
+    raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(sorted(_REGISTRY))}, a torchvision "
+                     f"model name (e.g. resnet50) or timm:<name>")

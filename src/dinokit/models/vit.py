@@ -1,0 +1,253 @@
+"""Vision Transformer backbone, architecturally identical to the DINO reference (``vision_transformer.py``).
+
+Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", ICCV 2021, §3 and Appendix; the
+model itself is the ViT of Dosovitskiy et al. (2021) in its timm/DeiT form:
+
+* pre-norm blocks ``x + DropPath(Attn(LN(x)))`` then ``x + DropPath(MLP(LN(x)))``, LayerNorm eps 1e-6;
+* a single ``qkv`` linear with bias, scale ``(D / heads) ** -0.5``, exact (erf) GELU in the MLP;
+* truncated-normal(0.02) init of linears, ``cls_token`` and ``pos_embed`` (absolute bounds ±2, as timm),
+  default (Kaiming-uniform) init of the patch-embedding convolution;
+* position embeddings interpolated for other input sizes with bicubic ``scale_factor=(h0 + 0.1) / sqrt(N)``,
+  the reference's exact form (not ``size=``, which gives different numbers).
+
+State-dict keys equal the reference's, so official backbone weights load with ``strict=True``.
+
+Speed: training attention runs through :func:`torch.nn.functional.scaled_dot_product_attention`; the explicit
+softmax is only computed by :meth:`VisionTransformer.get_last_selfattention`, where the maps are wanted.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+__all__ = ["VisionTransformer", "vit_tiny", "vit_small", "vit_base", "interpolate_pos_embed", "VIT_CONFIGS"]
+
+# name -> (embed_dim, depth, num_heads)
+VIT_CONFIGS: dict[str, tuple[int, int, int]] = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+}
+
+
+def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
+    """Per-sample stochastic depth: keep a sample with probability ``1 - p`` and rescale it by ``1 / (1 - p)``."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep_prob = 1 - drop_prob
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    random_tensor = keep_prob + torch.rand(shape, dtype=x.dtype, device=x.device)
+    random_tensor.floor_()
+    return x.div(keep_prob) * random_tensor
+
+
+class DropPath(nn.Module):
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.drop_prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class Mlp(nn.Module):
+    def __init__(self, in_features: int, hidden_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self._qkv(x)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The explicit post-softmax attention ``[B, heads, N, N]`` (computed in fp32)."""
+        q, k, _ = self._qkv(x)
+        attn = (q.float() @ k.float().transpose(-2, -1)) * self.scale
+        return attn.softmax(dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_path: float = 0.0, norm_layer=partial(nn.LayerNorm, eps=1e-6)):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, height: int, width: int, patch_size: int) -> torch.Tensor:
+    """Resize a ``[1, 1 + N, D]`` position embedding for an input of ``height`` x ``width`` pixels.
+
+    Exactly the reference form: the ``sqrt(N) x sqrt(N)`` grid is resized by bicubic interpolation with
+    ``scale_factor = (n + 0.1) / sqrt(N)`` per axis (``n = side // patch_size``), ``align_corners=False``. The
+    stored embedding is returned unchanged when the grid already matches and the input is square.
+    """
+    num_patches = pos_embed.shape[1] - 1
+    h0, w0 = height // patch_size, width // patch_size
+    if h0 * w0 == num_patches and height == width:
+        return pos_embed
+    class_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    dim = pos_embed.shape[-1]
+    side = int(math.sqrt(num_patches))
+    if side * side != num_patches:
+        raise ValueError(f"position embedding has {num_patches} patch positions, not a square grid")
+    grid = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), scale_factor=((h0 + 0.1) / side, (w0 + 0.1) / side), mode="bicubic",
+                         align_corners=False)
+    if grid.shape[-2:] != (h0, w0):
+        raise RuntimeError(f"position-embedding interpolation gave {tuple(grid.shape[-2:])}, wanted {(h0, w0)}")
+    patch_pos = grid.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, h0 * w0, dim)
+    return torch.cat((class_pos, patch_pos), dim=1)
+
+
+class VisionTransformer(nn.Module):
+    """ViT with the reference's ``forward`` (CLS feature), ``get_last_selfattention`` and
+    ``get_intermediate_layers``, plus timm's ``forward_features`` contract (all normed tokens)."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
+                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_path_rate: float = 0.0, num_classes: int = 0):
+        super().__init__()
+        self.patch_size = patch_size
+        self.embed_dim = self.num_features = embed_dim
+        self.num_heads = num_heads
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        num_patches = (img_size // patch_size) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=dpr[i]) for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
+
+        nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-2.0, b=2.0)
+        nn.init.trunc_normal_(self.cls_token, std=0.02, a=-2.0, b=2.0)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = x.shape
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(f"input size {H}x{W} is not divisible by the patch size {self.patch_size}")
+        tokens = self.patch_embed(x)
+        tokens = torch.cat((self.cls_token.expand(B, -1, -1), tokens), dim=1)
+        return tokens + interpolate_pos_embed(self.pos_embed, H, W, self.patch_size)
+
+    def _run_blocks(self, x: torch.Tensor, blocks) -> torch.Tensor:
+        for blk in blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """All tokens after the final norm: ``[B, 1 + N, D]`` (CLS first)."""
+        return self.norm(self._run_blocks(self.prepare_tokens(x), self.blocks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The CLS feature ``[B, D]`` (the reference's output; ``head`` is Identity by default)."""
+        return self.head(self.forward_features(x)[:, 0])
+
+    def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
+        """Post-softmax attention of the last block, ``[B, heads, 1 + N, 1 + N]`` (reference semantics)."""
+        x = self._run_blocks(self.prepare_tokens(x), self.blocks[:-1])
+        last = self.blocks[-1]
+        return last.attn.attention_map(last.norm1(x))
+
+    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
+        """Outputs of the last ``n`` blocks, each passed through the final norm, oldest first."""
+        x = self.prepare_tokens(x)
+        out = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if len(self.blocks) - i <= n:
+                out.append(self.norm(x))
+        return out
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+
+def _vit(name: str, patch_size: int = 16, **kwargs) -> VisionTransformer:
+    dim, depth, heads = VIT_CONFIGS[name]
+    kwargs.setdefault("embed_dim", dim)
+    kwargs.setdefault("depth", depth)
+    kwargs.setdefault("num_heads", heads)
+    return VisionTransformer(patch_size=patch_size, **kwargs)
+
+
+def vit_tiny(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    return _vit("vit_tiny", patch_size, **kwargs)
+
+
+def vit_small(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    return _vit("vit_small", patch_size, **kwargs)
+
+
+def vit_base(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    return _vit("vit_base", patch_size, **kwargs)
