@@ -64,8 +64,10 @@ class DINOLoss(nn.Module):
         return float(sched[min(epoch, len(sched) - 1)])
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int,
-                chunk_pairs: bool = False) -> torch.Tensor:
-        temp = self.teacher_temp(epoch)
+                chunk_pairs: bool = False, teacher_temp: float | None = None) -> torch.Tensor:
+        """``teacher_temp`` overrides the per-epoch schedule (used by time-budgeted runs, which plan the
+        warm-up per iteration); ``chunk_pairs`` trades speed for a lower peak memory."""
+        temp = self.teacher_temp(epoch) if teacher_temp is None else teacher_temp
         n_teacher = teacher_output.shape[0] // 2
         if teacher_output.shape[0] != 2 * n_teacher or student_output.shape[0] != self.ncrops * n_teacher:
             raise ValueError(f"expected teacher [2B, K] and student [{self.ncrops}B, K]; got "

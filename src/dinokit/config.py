@@ -1,0 +1,270 @@
+"""Training configuration: one dataclass holding every option of the reference ``main_dino.py`` (same names)
+plus dinokit's own, YAML files, ``--set key=value`` overrides that reject unknown keys, and validation.
+
+Precedence: dataclass defaults < ``--config`` YAML < explicit command-line flags < ``--set`` overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .errors import ConfigError
+
+__all__ = ["TrainConfig", "load_yaml", "apply_overrides", "parse_set_items", "config_to_dict"]
+
+
+def _f(default, help: str, choices: tuple | None = None, **kw):
+    meta = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    if isinstance(default, (list, tuple, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class TrainConfig:
+    # --- model -----------------------------------------------------------------------------------------
+    arch: str = _f("vit_small", "Backbone: vit_tiny | vit_small | vit_base | vit_custom (set embed_dim, depth, "
+                   "num_heads) | a torchvision model name (resnet50, ...) | timm:<name>.")
+    patch_size: int = _f(16, "ViT patch size. Smaller patches (8) give better features at ~4x the cost; the "
+                         "reference advises fp32 rather than fp16 below 16.")
+    embed_dim: int = _f(192, "vit_custom only: token width.")
+    depth: int = _f(12, "vit_custom only: number of blocks.")
+    num_heads: int = _f(3, "vit_custom only: attention heads.")
+    drop_path_rate: float = _f(0.1, "Stochastic depth of the student (the teacher has none).")
+    out_dim: int = _f(65536, "K, the head's output dimension (prototypes). Large K (65536) helps on ImageNet; "
+                      "small data sets want a few thousand.")
+    norm_last_layer: bool = _f(True, "Freeze the weight-norm gain of the head's last layer at 1. True is more "
+                               "stable (use it for ViT-B and CNNs); False can give better features for ViT-S.")
+    use_bn_in_head: bool = _f(False, "BatchNorm after the head's hidden layers (the reference's ResNet option).")
+    head_hidden_dim: int = _f(2048, "Hidden width of the head MLP.")
+    head_bottleneck_dim: int = _f(256, "Bottleneck width before the L2-normalised last layer.")
+    head_nlayers: int = _f(3, "Linear layers in the head MLP.")
+    # --- teacher and loss ------------------------------------------------------------------------------
+    momentum_teacher: float = _f(0.996, "Starting EMA momentum of the teacher, raised to momentum_teacher_end by a "
+                                 "cosine. Higher (0.9995) for small batches such as 256; lower (0.99-0.98) for "
+                                 "very short runs.")
+    momentum_teacher_end: float = _f(1.0, "Final EMA momentum (the reference uses 1).")
+    warmup_teacher_temp: float = _f(0.04, "Teacher temperature at epoch 0. Lower if training does not start.")
+    teacher_temp: float = _f(0.04, "Teacher temperature after warm-up. Above 0.07 is unstable; 0.04 is safe.")
+    warmup_teacher_temp_epochs: int = _f(0, "Epochs of linear teacher-temperature warm-up (30 in the boosted "
+                                         "recipe).")
+    student_temp: float = _f(0.1, "Student temperature (the reference hard-codes 0.1).")
+    center_momentum: float = _f(0.9, "Momentum of the centre of teacher outputs (reference 0.9).")
+    # --- optimisation ----------------------------------------------------------------------------------
+    optimizer: str = _f("adamw", "adamw (ViT default) | sgd (ResNet recipe) | lars.",
+                        choices=("adamw", "sgd", "lars"))
+    lr: float = _f(0.0005, "Peak learning rate for a global batch of 256; scaled linearly by the real global "
+                   "batch. Lower it first if the loss turns NaN.")
+    min_lr: float = _f(1e-6, "Final learning rate of the cosine (not scaled).")
+    warmup_epochs: float = _f(10, "Linear learning-rate warm-up from 0 (epochs; may be fractional).")
+    weight_decay: float = _f(0.04, "Starting weight decay (cosine to weight_decay_end).")
+    weight_decay_end: float = _f(0.4, "Final weight decay.")
+    clip_grad: float = _f(3.0, "Per-parameter gradient-norm ceiling; 0 disables. 0.3-1.0 helps large ViTs "
+                          "stay stable.")
+    freeze_last_layer: int = _f(1, "Epochs during which the head's last layer is not updated; 1 stabilises the "
+                                "start, more if the loss does not fall.")
+    batch_size_per_gpu: int = _f(64, "Images per process (each image gives 2 + local_crops_number crops).")
+    epochs: int = _f(100, "Training epochs (with time_budget_minutes > 0, planned from the budget instead).")
+    # --- augmentation ----------------------------------------------------------------------------------
+    global_crops_scale: tuple[float, float] = _f((0.4, 1.0), "Area range of the 2 global crops. (0.14, 1) "
+                                                 "without multi-crop.")
+    local_crops_number: int = _f(8, "Number of small local crops; 0 disables multi-crop.")
+    local_crops_scale: tuple[float, float] = _f((0.05, 0.4), "Area range of the local crops.")
+    global_crop_size: int = _f(224, "Global crop side in pixels (must be divisible by the patch size).")
+    local_crop_size: int = _f(96, "Local crop side in pixels (<= global_crop_size, divisible by the patch).")
+    fast_augment: bool = _f(False, "Augment whole uint8 batches with tensor ops (same distribution, far faster "
+                            "for small images; used for tensor data sets such as Fashion-MNIST).")
+    gpu_augment: bool = _f(False, "With fast_augment: run the batched augmentation on the training device.")
+    blur_prob: tuple[float, float, float] = _f((1.0, 0.1, 0.5), "Gaussian-blur probability for global 1, "
+                                               "global 2, locals (reference 1.0 / 0.1 / 0.5).")
+    solarize_prob: float = _f(0.2, "Solarisation probability of global crop 2 (reference 0.2).")
+    # --- data and run ----------------------------------------------------------------------------------
+    data_path: str = _f("", "Training images: a folder tree (class sub-folders optional; labels ignored) or "
+                        "fashion-mnist:<dir-with-idx-files>.")
+    output_dir: str = _f(".", "Where log.jsonl, config.yaml and checkpoints go; training resumes from "
+                         "output_dir/checkpoint.pth automatically.")
+    saveckp_freq: int = _f(20, "Keep an extra checkpointNNNN.pth every N epochs (0: never).")
+    save_every_steps: int = _f(0, "Also checkpoint every N iterations (mid-epoch resume); 0: end of epoch only.")
+    keep_last: int = _f(0, "Keep only the K newest numbered checkpoints (0: keep all).")
+    seed: int = _f(0, "Random seed (torch, numpy, python and every augmentation stream).")
+    num_workers: int = _f(10, "DataLoader worker processes per training process.")
+    device: str = _f("auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N.")
+    precision: str = _f("auto", "auto (bf16 autocast where the hardware supports it, else fp32) | fp32 | bf16 | "
+                        "fp16 (GPU, with a gradient scaler). Use fp32 first if the loss becomes NaN.",
+                        choices=("auto", "fp32", "bf16", "fp16"))
+    use_fp16: bool | None = _f(None, "Reference flag: true = precision fp16, false = precision fp32.")
+    compile: bool = _f(False, "torch.compile the student and teacher.")
+    grad_checkpointing: bool = _f(False, "Activation checkpointing in the student ViT (less memory, ~30% slower).")
+    loss_chunk_pairs: bool = _f(False, "Evaluate the loss crop by crop (lower peak memory for large out_dim).")
+    time_budget_minutes: float = _f(0.0, "If > 0, plan the run (and all schedules) to end after this many "
+                                    "minutes of training.")
+    nan_policy: str = _f("stop", "On a non-finite loss: stop (keep the last good checkpoint) | skip the step.",
+                         choices=("stop", "skip"))
+    log_every: int = _f(20, "Log a JSON line every N iterations (plus one per epoch).")
+    knn_every: int = _f(0, "Online k-NN monitor every N epochs (0: off); needs knn_train/knn_val.")
+    knn_every_minutes: float = _f(0.0, "Online k-NN monitor every M minutes of training (0: off).")
+    knn_train: str = _f("", "Labelled data for the online k-NN bank (folder with class sub-folders or "
+                        "fashion-mnist:<dir>).")
+    knn_val: str = _f("", "Labelled data the online k-NN classifies.")
+    knn_subset: int = _f(10000, "Use at most this many images from each of knn_train / knn_val online.")
+    report: bool = _f(False, "Write OUT/report.html at each checkpoint.")
+    dist_url: str = _f("env://", "init_method for torch.distributed (torchrun sets the environment).")
+    local_rank: int = _f(0, "Ignored (kept for the old launcher); torchrun sets LOCAL_RANK.")
+
+    # ---------------------------------------------------------------------------------------------------
+    def validate(self) -> TrainConfig:
+        def bad(msg: str):
+            raise ConfigError(msg)
+
+        if self.batch_size_per_gpu <= 0:
+            bad(f"batch_size_per_gpu must be positive, got {self.batch_size_per_gpu}")
+        if self.epochs <= 0:
+            bad(f"epochs must be positive, got {self.epochs}")
+        if self.local_crops_number < 0:
+            bad(f"local_crops_number must be >= 0, got {self.local_crops_number}")
+        for name in ("global_crops_scale", "local_crops_scale"):
+            lo, hi = getattr(self, name)
+            if not (0 < lo <= hi <= 1):
+                bad(f"{name} must satisfy 0 < min <= max <= 1, got ({lo}, {hi})")
+        if self.global_crop_size <= 0 or self.local_crop_size <= 0:
+            bad("crop sizes must be positive")
+        if self.local_crop_size > self.global_crop_size:
+            bad(f"local_crop_size ({self.local_crop_size}) is larger than global_crop_size "
+                f"({self.global_crop_size})")
+        if self.arch.startswith(("vit", "deit")):
+            sizes = [("global_crop_size", self.global_crop_size)]
+            if self.local_crops_number > 0:
+                sizes.append(("local_crop_size", self.local_crop_size))
+            for name, size in sizes:
+                if size % self.patch_size:
+                    bad(f"{name} {size} is not divisible by patch_size {self.patch_size}")
+        if self.warmup_teacher_temp_epochs > self.epochs and self.time_budget_minutes <= 0:
+            bad(f"warmup_teacher_temp_epochs ({self.warmup_teacher_temp_epochs}) exceeds epochs ({self.epochs})")
+        if self.out_dim <= 0:
+            bad("out_dim must be positive")
+        if self.clip_grad < 0:
+            bad("clip_grad must be >= 0")
+        if not (0 <= self.momentum_teacher <= 1 and 0 <= self.momentum_teacher_end <= 1):
+            bad("teacher momentum must be in [0, 1]")
+        if self.teacher_temp <= 0 or self.warmup_teacher_temp <= 0 or self.student_temp <= 0:
+            bad("temperatures must be positive")
+        if self.num_workers < 0:
+            bad("num_workers must be >= 0")
+        if self.use_fp16 is not None:
+            self.precision = "fp16" if self.use_fp16 else "fp32"
+        return self
+
+
+def _field_types() -> dict[str, Any]:
+    return get_type_hints(TrainConfig)
+
+
+def _coerce(name: str, value: Any, typ: Any) -> Any:
+    """Convert ``value`` (from YAML or a ``--set`` string) to the field's type, or raise ConfigError."""
+    origin = get_origin(typ)
+    try:
+        if origin is tuple:
+            inner = get_args(typ)
+            if isinstance(value, str):
+                value = [v for v in value.replace(",", " ").split() if v]
+            if not isinstance(value, (list, tuple)) or len(value) != len(inner):
+                raise ValueError(f"expected {len(inner)} values")
+            return tuple(_coerce(name, v, t) for v, t in zip(value, inner))
+        if origin is not None and type(None) in get_args(typ):  # Optional[X]
+            if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+                return None
+            (inner,) = [t for t in get_args(typ) if t is not type(None)]
+            return _coerce(name, value, inner)
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected a boolean (true/false, on/off, 1/0)")
+        if typ is int:
+            if isinstance(value, bool):
+                raise ValueError("expected an integer")
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("expected an integer")
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        if typ is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError("expected a string")
+            return str(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"option {name!r}: invalid value {value!r} ({e})") from None
+    return value
+
+
+def _unknown(key: str) -> ConfigError:
+    names = [f.name for f in fields(TrainConfig)]
+    close = difflib.get_close_matches(key.replace("-", "_"), names, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown option {key!r}{hint}")
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """Return a copy of ``cfg`` with ``overrides`` applied (keys with dashes or underscores); unknown keys and
+    ill-typed values raise :class:`ConfigError`."""
+    types = _field_types()
+    updates = {}
+    for key, value in overrides.items():
+        name = key.replace("-", "_")
+        if name == "data":
+            name = "data_path"
+        if name not in types:
+            raise _unknown(key)
+        updates[name] = _coerce(name, value, types[name])
+    return dataclasses.replace(cfg, **updates)
+
+
+def parse_set_items(items: list[str]) -> dict[str, Any]:
+    """``["epochs=300", "global_crops_scale=0.3,1"]`` -> dict; values are parsed as YAML scalars/lists."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"YAML syntax error in {p}{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of option: value")
+    return data
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}

@@ -1,0 +1,60 @@
+"""Online monitoring during training: a weighted k-NN (T = 0.07, k = 20) of the teacher backbone on a labelled
+subset, the reference's evaluation protocol at small scale."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .config import TrainConfig
+
+__all__ = ["online_knn", "knn_transform"]
+
+_CACHE: dict[tuple, Any] = {}
+
+
+def knn_transform(cfg: TrainConfig):
+    """Evaluation transform at the training resolution: folders use the reference resize-256/centre-crop-224
+    proportions at ``global_crop_size``; same-size tensor data sets are resized straight to it."""
+    import torchvision.transforms.v2 as T
+
+    from .augmentation import IMAGENET_MEAN, IMAGENET_STD
+
+    size = cfg.global_crop_size
+    return T.Compose([T.ToImage(), T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                      T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def _subset(ds, n: int, seed: int = 0):
+    if n <= 0 or len(ds) <= n:
+        return ds, ds.labels
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(ds), generator=g)[:n].sort().values
+    return torch.utils.data.Subset(ds, idx.tolist()), ds.labels[idx]
+
+
+def online_knn(backbone: torch.nn.Module, cfg: TrainConfig, device: torch.device, k: int = 20,
+               T: float = 0.07) -> dict[str, Any]:
+    from .data import build_dataset
+    from .eval.knn import extract_features, knn_classifier
+
+    key = (cfg.knn_train, cfg.knn_val, cfg.knn_subset, cfg.global_crop_size)
+    if key not in _CACHE:
+        tf = knn_transform(cfg)
+        train = build_dataset(cfg.knn_train, transform=tf, split="train")
+        val = build_dataset(cfg.knn_val, transform=tf, split="test")
+        _CACHE[key] = (_subset(train, cfg.knn_subset), _subset(val, cfg.knn_subset, seed=1))
+    (train_ds, train_labels), (val_ds, val_labels) = _CACHE[key]
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        ftrain, _ = extract_features(backbone, train_ds, batch_size=256, device=device, progress=False)
+        fval, _ = extract_features(backbone, val_ds, batch_size=256, device=device, progress=False)
+    finally:
+        backbone.train(was_training)
+    ftrain = torch.nn.functional.normalize(ftrain, dim=1)
+    fval = torch.nn.functional.normalize(fval, dim=1)
+    top1, top5 = knn_classifier(ftrain, train_labels, fval, val_labels, k, T)
+    return {"knn_top1": float(top1), "knn_top5": float(top5), "knn_k": k, "knn_T": T,
+            "knn_n_train": len(train_labels), "knn_n_val": len(val_labels)}

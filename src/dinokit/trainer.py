@@ -1,0 +1,722 @@
+"""The DINO training loop (Caron et al. 2021, Algorithm 1), with the reference's mechanics:
+
+per iteration ``it``: set lr (all groups) and weight decay (group 0) from the cosine schedules; teacher on the
+2 global crops, student on all crops, DINO loss (centre updated inside); backward; per-parameter clipping;
+last layer's gradients dropped during ``freeze_last_layer`` epochs; optimiser step; EMA of the teacher with the
+cosine momentum. Teacher temperature is per epoch (per iteration in time-budgeted runs).
+
+Engineering around it: bf16/fp16 autocast, DDP under torchrun, exact resume (model, teacher, optimiser,
+scaler, centre, epoch and iteration, every RNG; per-sample augmentation seeds make the data stream independent
+of worker count and resume point), atomic checkpoints, JSON-lines logs, TensorBoard, a progress bar, collapse
+diagnostics, an online k-NN monitor, and a time budget that plans the whole schedule to fit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from . import distributed as D
+from .checkpoint import find_resume_checkpoint, rng_state, rotate_checkpoints, save_checkpoint, set_rng_state
+from .config import TrainConfig, config_to_dict
+from .errors import CheckpointError, ConfigError, DinokitError
+from .head import DINOHead
+from .loss import DINOLoss
+from .models import build_backbone
+from .optim import build_optimizer, cancel_gradients_last_layer, clip_gradients, get_params_groups
+from .schedules import cosine_scheduler
+from .teacher import ema_update
+from .wrapper import MultiCropWrapper
+
+__all__ = ["Trainer", "train", "resolve_device", "resolve_precision", "build_student_teacher",
+           "NonFiniteLossError"]
+
+
+class NonFiniteLossError(DinokitError):
+    exit_code = 3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# set-up helpers
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
+    return torch.device(name)
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bf16 matmul (AVX512-BF16 / AMX), where bf16 autocast pays off."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_supports_bf16() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("precision fp16 needs a GPU (it uses a gradient scaler); use bf16 or fp32 on CPU")
+    return precision
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _backbone_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    if cfg.arch == "vit_custom":
+        kw.update(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads)
+    if cfg.arch.startswith(("vit", "deit")):
+        kw["img_size"] = cfg.global_crop_size
+    return kw
+
+
+def build_student_teacher(cfg: TrainConfig) -> tuple[MultiCropWrapper, MultiCropWrapper, int]:
+    """Student (drop path ``cfg.drop_path_rate``) and teacher (no drop path) built separately, as the reference
+    does, then the teacher loaded from the student and frozen. Returns ``(student, teacher, embed_dim)``."""
+    try:
+        s_backbone = build_backbone(cfg.arch, patch_size=cfg.patch_size, drop_path_rate=cfg.drop_path_rate,
+                                    **_backbone_kwargs(cfg))
+        t_backbone = build_backbone(cfg.arch, patch_size=cfg.patch_size, drop_path_rate=0.0,
+                                    **_backbone_kwargs(cfg))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+    embed_dim = s_backbone.num_features
+    head_kw = dict(use_bn=cfg.use_bn_in_head, nlayers=cfg.head_nlayers, hidden_dim=cfg.head_hidden_dim,
+                   bottleneck_dim=cfg.head_bottleneck_dim)
+    student = MultiCropWrapper(s_backbone, DINOHead(embed_dim, cfg.out_dim, norm_last_layer=cfg.norm_last_layer,
+                                                    **head_kw))
+    teacher = MultiCropWrapper(t_backbone, DINOHead(embed_dim, cfg.out_dim, **head_kw))
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return student, teacher, embed_dim
+
+
+def has_batchnorms(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed that depends only on (run seed, epoch, sample index)."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
+    x ^= x >> 31
+    x = (x * 0xD6E8FEB86659FD93) & (2**64 - 1)
+    x ^= x >> 32
+    return x & (2**63 - 1)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffled, rank-sharded, resumable sampler yielding ``(index, sample_seed)``.
+
+    The permutation of epoch ``e`` comes from a generator seeded with ``seed + e`` (so every rank agrees), is
+    padded to a multiple of the world size and sharded ``rank::world`` like ``DistributedSampler``; iteration
+    can start at any batch (``start_batch``) for mid-epoch resume.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1,
+                 shuffle: bool = True):
+        self.n, self.batch_size, self.seed, self.rank, self.world, self.shuffle = n, batch_size, seed, rank, world, shuffle
+        self.per_rank = math.ceil(n / world)
+        self.batches_per_epoch = self.per_rank // batch_size
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def indices(self, epoch: int) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        total = self.per_rank * self.world
+        order = (order * math.ceil(total / max(len(order), 1)))[:total]
+        return order[self.rank:total:self.world][: self.batches_per_epoch * self.batch_size]
+
+    def __iter__(self):
+        idx = self.indices(self.epoch)[self.start_batch * self.batch_size:]
+        for i in idx:
+            yield (i, _sample_seed(self.seed, self.epoch, i))
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+class AugmentedDataset(torch.utils.data.Dataset):
+    """Applies ``transform`` to ``base[index]`` under RNGs seeded from the sampler's per-sample seed, so the
+    crops of a sample do not depend on workers, ranks or where a run was resumed. With ``transform=None`` it
+    returns the raw item and its seed (the batched tensor augmentation seeds itself from them)."""
+
+    def __init__(self, base, transform=None):
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        index, seed = key
+        item = self.base[index]
+        img = item[0] if isinstance(item, tuple) else item
+        if self.transform is None:
+            return img, seed
+        import random as _random
+
+        py_state = _random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            _random.seed(seed)
+            try:
+                return self.transform(img)
+            finally:
+                _random.setstate(py_state)
+
+
+def collate_crops(batch: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    return [torch.stack(crops) for crops in zip(*batch)]
+
+
+class BatchAugmentCollate:
+    """Collate raw uint8 images ``[C, H, W]`` and augment the whole batch at once (``BatchMultiCrop``), seeded
+    from the samples' seeds (deterministic, resumable). With ``augment=None`` it returns the uint8 batch and
+    the batch seed for augmentation on the training device."""
+
+    def __init__(self, augment=None):
+        self.augment = augment
+
+    def __call__(self, batch):
+        imgs = torch.stack([b[0] if b[0].ndim == 3 else b[0].unsqueeze(0) for b in batch])
+        seed = _sample_seed(int(sum(b[1] for b in batch) % (2**62)), len(batch), 7)
+        if self.augment is None:
+            return imgs, seed
+        g = torch.Generator(device=imgs.device).manual_seed(seed)
+        return self.augment(imgs, generator=g)
+
+
+def build_train_data(cfg: TrainConfig, rank: int, world: int):
+    """Dataset, sampler, loader and (for the batched path) the on-device augmentation."""
+    from .augmentation import BatchMultiCrop, DINOAugmentation
+    from .data import build_dataset
+
+    if not cfg.data_path:
+        raise ConfigError("no training data: pass --data DIR (a folder of images) or fashion-mnist:<dir>")
+    base = build_dataset(cfg.data_path, transform=None, split="train")
+    if len(base) < cfg.batch_size_per_gpu * world:
+        raise ConfigError(f"the data set has {len(base)} images, fewer than one global batch "
+                          f"({cfg.batch_size_per_gpu} x {world}); lower --batch-size-per-gpu")
+    sampler = EpochSampler(len(base), cfg.batch_size_per_gpu, seed=cfg.seed, rank=rank, world=world)
+    device_augment = None
+    if cfg.fast_augment:
+        batch_aug = BatchMultiCrop(
+            global_crop_size=cfg.global_crop_size, local_crop_size=cfg.local_crop_size,
+            local_crops_number=cfg.local_crops_number, global_crops_scale=cfg.global_crops_scale,
+            local_crops_scale=cfg.local_crops_scale, blur=tuple(cfg.blur_prob),
+            solarize=(0.0, cfg.solarize_prob, 0.0))
+        dataset = AugmentedDataset(_RawTensorView(base), transform=None)
+        if cfg.gpu_augment:
+            collate, device_augment = BatchAugmentCollate(None), batch_aug
+        else:
+            collate = BatchAugmentCollate(batch_aug)
+    else:
+        aug = DINOAugmentation(global_crops_scale=cfg.global_crops_scale, local_crops_scale=cfg.local_crops_scale,
+                               local_crops_number=cfg.local_crops_number, global_crop_size=cfg.global_crop_size,
+                               local_crop_size=cfg.local_crop_size)
+        dataset = AugmentedDataset(base, transform=aug)
+        collate = collate_crops
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size_per_gpu, sampler=sampler, num_workers=cfg.num_workers,
+        collate_fn=collate, pin_memory=torch.cuda.is_available(), drop_last=True,
+        persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers > 0 else None)
+    return base, sampler, loader, device_augment
+
+
+class _RawTensorView(torch.utils.data.Dataset):
+    """Raw uint8 tensors of a tensor data set (the batched augmentation needs same-size images)."""
+
+    def __init__(self, base):
+        if not hasattr(base, "images"):
+            raise ConfigError("fast_augment needs a tensor data set of same-size images (e.g. fashion-mnist:DIR); "
+                              "folders of images use the reference PIL pipeline")
+        self.images = base.images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# diagnostics
+
+
+@torch.no_grad()
+def collapse_stats(teacher_output: torch.Tensor, center: torch.Tensor, temp: float) -> dict[str, float]:
+    """Teacher-side collapse diagnostics on one batch: mean per-row entropy of the centred, sharpened targets
+    (ln K means uniform collapse), KL of their mean to uniform (0 also means collapse), centre norm, and the
+    number of distinct argmax prototypes (1 means one-prototype collapse)."""
+    p = torch.softmax((teacher_output.float() - center) / temp, dim=-1)
+    k = p.shape[-1]
+    ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()
+    mean_p = p.mean(0)
+    kl_uniform = (mean_p * (torch.log(mean_p.clamp_min(1e-30)) + math.log(k))).sum()
+    return {"teacher_entropy": float(ent), "entropy_max": math.log(k), "kl_mean_to_uniform": float(kl_uniform),
+            "center_norm": float(center.norm()), "distinct_prototypes": int(p.argmax(-1).unique().numel())}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the trainer
+
+
+@dataclass
+class Plan:
+    niter_per_ep: int
+    epochs: int
+    total_iters: int
+
+
+class Trainer:
+    """Holds the run's state; :meth:`fit` trains. Usable from Python::
+
+        cfg = TrainConfig(data_path="imgs/", output_dir="out", arch="vit_tiny", epochs=10).validate()
+        Trainer(cfg).fit()
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg.validate()
+        self.device = resolve_device(cfg.device)
+        self.rank, self.world, self.local_rank = D.init_distributed(cfg.device if cfg.device != "auto"
+                                                                    else self.device.type, cfg.dist_url)
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", self.local_rank)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.main = self.rank == 0
+        self.out = Path(cfg.output_dir)
+        self._check_output_dir()
+
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        import random as _random
+
+        _random.seed(cfg.seed)
+
+        self.dataset, self.sampler, self.loader, self.device_augment = build_train_data(cfg, self.rank, self.world)
+        self.student, self.teacher, self.embed_dim = build_student_teacher(cfg)
+        self.student.to(self.device)
+        self.teacher.to(self.device)
+        if cfg.grad_checkpointing and hasattr(self.student.backbone, "set_grad_checkpointing"):
+            self.student.backbone.set_grad_checkpointing(True)
+        self.student_ddp: nn.Module = self.student
+        self.teacher_fwd: nn.Module = self.teacher
+        if self.world > 1:
+            if has_batchnorms(self.student):
+                self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+                self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
+                self.teacher_fwd = nn.parallel.DistributedDataParallel(
+                    self.teacher, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+            self.student_ddp = nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            self.student_ddp = torch.compile(self.student_ddp)
+            self.teacher_fwd = torch.compile(self.teacher_fwd)
+
+        ncrops = 2 + cfg.local_crops_number
+        self.dino_loss = DINOLoss(cfg.out_dim, ncrops, cfg.warmup_teacher_temp, cfg.teacher_temp,
+                                  min(cfg.warmup_teacher_temp_epochs, cfg.epochs), cfg.epochs,
+                                  student_temp=cfg.student_temp, center_momentum=cfg.center_momentum).to(self.device)
+        self.optimizer = build_optimizer(cfg.optimizer, get_params_groups(self.student),
+                                         fused=self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.global_batch = cfg.batch_size_per_gpu * self.world
+        self.base_lr = cfg.lr * self.global_batch / 256.0
+        self.plan = Plan(self.sampler.batches_per_epoch, cfg.epochs, cfg.epochs * self.sampler.batches_per_epoch)
+        self._build_schedules()
+
+        self.epoch = 0  # next epoch to run
+        self.iteration = 0  # iterations done
+        self.step_in_epoch = 0
+        self.train_seconds = 0.0
+        self.skipped_steps = 0
+        self.planned_from_budget = False
+        self.knn_history: list[dict] = []
+        self._resume()
+        self._tb = None
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            self._init_tensorboard()
+
+    # -- set-up -------------------------------------------------------------------------------------------
+    def _check_output_dir(self) -> None:
+        if not self.main:
+            return
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            probe = self.out / ".dinokit-write-test"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"output directory {self.out} is not writable: {e.strerror or e}") from None
+
+    def _build_schedules(self) -> None:
+        cfg, plan = self.cfg, self.plan
+        warm = cfg.warmup_epochs
+        if warm * plan.niter_per_ep > plan.total_iters:
+            warm = 0.1 * plan.total_iters / plan.niter_per_ep  # short runs: warm up over the first 10%
+        one = dict(epochs=1, niter_per_ep=plan.total_iters)
+        self.lr_schedule = cosine_scheduler(self.base_lr, cfg.min_lr, warmup_epochs=warm * plan.niter_per_ep
+                                            / plan.total_iters, **one)
+        self.wd_schedule = cosine_scheduler(cfg.weight_decay, cfg.weight_decay_end, **one)
+        self.momentum_schedule = cosine_scheduler(cfg.momentum_teacher, cfg.momentum_teacher_end, **one)
+
+    def teacher_temp_at(self, epoch: int, iteration: int) -> float:
+        cfg = self.cfg
+        if not self.planned_from_budget:
+            return self.dino_loss.teacher_temp(epoch)
+        warm_iters = cfg.warmup_teacher_temp_epochs * self.plan.niter_per_ep
+        if iteration >= warm_iters or warm_iters == 0:
+            return cfg.teacher_temp
+        return cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * iteration / max(
+            warm_iters - 1, 1)
+
+    def _init_tensorboard(self) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:
+            return
+        self._tb = SummaryWriter(log_dir=str(self.out / "tensorboard"))
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "fp16_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "dino_loss": self.dino_loss.state_dict(),
+            "epoch": self.epoch,
+            "iteration": self.iteration,
+            "step_in_epoch": self.step_in_epoch,
+            "plan": {"niter_per_ep": self.plan.niter_per_ep, "epochs": self.plan.epochs,
+                     "total_iters": self.plan.total_iters, "from_budget": self.planned_from_budget},
+            "train_seconds": self.train_seconds,
+            "skipped_steps": self.skipped_steps,
+            "knn_history": self.knn_history,
+            "rng": rng_state(),
+            "config": config_to_dict(self.cfg),
+            "dinokit_version": _version(),
+        }
+
+    def _resume(self) -> None:
+        ckpt, path = find_resume_checkpoint(self.out)
+        if ckpt is None:
+            return
+        try:
+            self.student.load_state_dict(ckpt["student"])
+            self.teacher.load_state_dict(ckpt["teacher"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.dino_loss.load_state_dict(ckpt["dino_loss"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0]
+            raise CheckpointError(f"cannot resume from {path}: it does not match this configuration ({first}). "
+                                  f"Use another --output-dir or the same options as that run.") from None
+        if self.scaler is not None and ckpt.get("fp16_scaler"):
+            self.scaler.load_state_dict(ckpt["fp16_scaler"])
+        self.epoch = int(ckpt["epoch"])
+        self.iteration = int(ckpt.get("iteration", self.epoch * self.plan.niter_per_ep))
+        self.step_in_epoch = int(ckpt.get("step_in_epoch", 0))
+        self.train_seconds = float(ckpt.get("train_seconds", 0.0))
+        self.skipped_steps = int(ckpt.get("skipped_steps", 0))
+        self.knn_history = list(ckpt.get("knn_history", []))
+        plan = ckpt.get("plan")
+        if plan and plan.get("from_budget"):
+            self.plan = Plan(plan["niter_per_ep"], plan["epochs"], plan["total_iters"])
+            self.planned_from_budget = True
+            self._build_schedules()
+        if "rng" in ckpt:
+            set_rng_state(ckpt["rng"])
+        self._log_console(f"resumed from {path} at epoch {self.epoch}, iteration {self.iteration}")
+
+    def save(self, numbered: bool = False) -> None:
+        if not self.main:
+            return
+        state = self.state_dict()
+        try:
+            save_checkpoint(state, self.out / "checkpoint.pth")
+            if numbered:
+                save_checkpoint(state, self.out / f"checkpoint{self.epoch - 1:04d}.pth")
+                rotate_checkpoints(self.out, self.cfg.keep_last)
+        except OSError as e:
+            raise DinokitError(f"could not write a checkpoint to {self.out} ({e.strerror or e}); training stopped, "
+                               f"the previous checkpoint is intact") from None
+        if self.cfg.report:
+            try:
+                from .report import write_report
+
+                write_report(self.out)
+            except Exception as e:  # a report must never kill training
+                warnings.warn(f"report not written: {e}", stacklevel=2)
+
+    # -- logging ------------------------------------------------------------------------------------------
+    def _log_console(self, msg: str) -> None:
+        if self.main:
+            print(f"[dinokit] {msg}", file=sys.stderr, flush=True)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            kind = record.get("type", "train")
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("epoch", "iteration"):
+                    self._tb.add_scalar(f"{kind}/{k}", v, record.get("iteration", 0))
+
+    # -- the step -----------------------------------------------------------------------------------------
+    def _to_device(self, batch):
+        if self.device_augment is not None:
+            imgs, seed = batch
+            imgs = imgs.to(self.device, non_blocking=True)
+            g = torch.Generator(device=self.device).manual_seed(seed)
+            return self.device_augment(imgs, generator=g)
+        return [c.to(self.device, non_blocking=True) for c in batch]
+
+    def train_step(self, crops: list[torch.Tensor]) -> dict[str, Any]:
+        it, epoch = self.iteration, self.epoch
+        lr = float(self.lr_schedule[min(it, len(self.lr_schedule) - 1)])
+        wd = float(self.wd_schedule[min(it, len(self.wd_schedule) - 1)])
+        momentum = float(self.momentum_schedule[min(it, len(self.momentum_schedule) - 1)])
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = lr
+            if i == 0:
+                group["weight_decay"] = wd
+        temp = self.teacher_temp_at(epoch, it)
+        center_before = self.dino_loss.center.clone() if self.cfg.nan_policy == "skip" else None
+
+        with autocast_context(self.device, self.precision):
+            with torch.no_grad():
+                teacher_output = self.teacher_fwd(crops[:2])
+            student_output = self.student_ddp(crops)
+            loss = self.dino_loss(student_output, teacher_output, epoch, chunk_pairs=self.cfg.loss_chunk_pairs,
+                                  teacher_temp=temp)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            if self.cfg.nan_policy == "skip":
+                self.dino_loss.center.copy_(center_before)
+                self.skipped_steps += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                return {"loss": loss_value, "skipped": True, "lr": lr, "wd": wd, "momentum": momentum,
+                        "teacher_temp": temp}
+            raise NonFiniteLossError(
+                f"loss is {loss_value} at epoch {epoch}, iteration {it}; training stopped, the last good "
+                f"checkpoint in {self.out} is kept. Try a lower --lr, --precision fp32, a smaller --clip-grad, "
+                f"a higher --freeze-last-layer, or --nan-policy skip")
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if self.cfg.clip_grad:
+                self.scaler.unscale_(self.optimizer)
+                clip_gradients(self.student, self.cfg.clip_grad)
+            cancel_gradients_last_layer(epoch, self.student, self.cfg.freeze_last_layer)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if self.cfg.clip_grad:
+                clip_gradients(self.student, self.cfg.clip_grad)
+            cancel_gradients_last_layer(epoch, self.student, self.cfg.freeze_last_layer)
+            self.optimizer.step()
+        ema_update(self.student, self.teacher, momentum)
+        self._last_teacher_output = teacher_output.detach()
+        return {"loss": loss_value, "lr": lr, "wd": wd, "momentum": momentum, "teacher_temp": temp}
+
+    # -- budget planning ----------------------------------------------------------------------------------
+    def _plan_from_budget(self, sec_per_iter: float) -> None:
+        budget = self.cfg.time_budget_minutes * 60.0
+        remaining = max(budget - self.train_seconds, 0.0)
+        total = max(self.iteration + int(remaining / max(sec_per_iter, 1e-6)), self.iteration + 1)
+        epochs = math.ceil(total / self.plan.niter_per_ep)
+        self.plan = Plan(self.plan.niter_per_ep, epochs, total)
+        self.planned_from_budget = True
+        self._build_schedules()
+        self._log_console(f"time budget {self.cfg.time_budget_minutes:g} min: {sec_per_iter * 1000:.0f} ms per "
+                          f"iteration -> {total} iterations ({total / self.plan.niter_per_ep:.2f} epochs)")
+
+    # -- online k-NN -------------------------------------------------------------------------------------
+    def _knn_due(self, epoch_end: bool) -> bool:
+        cfg = self.cfg
+        if not (cfg.knn_train and cfg.knn_val):
+            return False
+        if epoch_end and cfg.knn_every and self.epoch % cfg.knn_every == 0:
+            return True
+        if cfg.knn_every_minutes:
+            last = self.knn_history[-1]["train_minutes"] if self.knn_history else 0.0
+            return self.train_seconds / 60 - last >= cfg.knn_every_minutes
+        return False
+
+    def run_knn(self) -> dict[str, Any] | None:
+        if not self.main:
+            return None
+        from .monitor import online_knn
+
+        t0 = time.perf_counter()
+        result = online_knn(self.teacher.backbone, self.cfg, self.device)
+        result.update(epoch=self.epoch, iteration=self.iteration, train_minutes=self.train_seconds / 60,
+                      eval_seconds=time.perf_counter() - t0, type="knn")
+        self.knn_history.append(result)
+        self.log(result)
+        self._log_console(f"k-NN top-1 {result['knn_top1']:.2f}% at {result['train_minutes']:.1f} min")
+        return result
+
+    # -- main loop ----------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        budget_s = cfg.time_budget_minutes * 60.0
+        calib = {"n": 0, "t": 0.0}
+        need_plan = budget_s > 0 and not self.planned_from_budget
+        if self.main:
+            nparams = sum(p.numel() for p in self.student.parameters())
+            self._log_console(f"{cfg.arch}/{cfg.patch_size} ({nparams / 1e6:.2f}M params with head) on "
+                              f"{self.device} [{self.precision}], world {self.world}, global batch "
+                              f"{self.global_batch}, {len(self.dataset)} images, {self.plan.niter_per_ep} it/epoch")
+        last = {}
+        while self.iteration < self.plan.total_iters:
+            epoch = self.epoch
+            self.sampler.set_epoch(epoch, self.step_in_epoch)
+            n_this_epoch = min(self.plan.niter_per_ep, self.plan.total_iters - epoch * self.plan.niter_per_ep)
+            sums = {"loss": 0.0, "n": 0, "data_wait": 0.0, "step": 0.0}
+            bar = tqdm(total=n_this_epoch, initial=self.step_in_epoch, desc=f"epoch {epoch}", leave=False,
+                       disable=not self.main or not sys.stderr.isatty(), dynamic_ncols=True)
+            t_prev = time.perf_counter()
+            for batch in self.loader:
+                t_data = time.perf_counter()
+                crops = self._to_device(batch)
+                stats = self.train_step(crops)
+                t_end = time.perf_counter()
+                step_s, wait_s = t_end - t_data, t_data - t_prev
+                t_prev = t_end
+                self.iteration += 1
+                self.step_in_epoch += 1
+                self.train_seconds += step_s + wait_s
+                sums["loss"] += stats["loss"] if math.isfinite(stats["loss"]) else 0.0
+                sums["n"] += 1
+                sums["data_wait"] += wait_s
+                sums["step"] += step_s
+                ips = self.global_batch / max(step_s + wait_s, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{ips:.0f}")
+                last = stats
+                if need_plan:
+                    calib["n"] += 1
+                    if calib["n"] > 2:  # skip warm-up iterations
+                        calib["t"] += step_s + wait_s
+                    if calib["n"] >= 8 or (calib["n"] > 2 and calib["t"] > 20):
+                        self._plan_from_budget(calib["t"] / (calib["n"] - 2))
+                        need_plan = False
+                        n_this_epoch = min(self.plan.niter_per_ep,
+                                           self.plan.total_iters - epoch * self.plan.niter_per_ep)
+                        bar.total = n_this_epoch
+                if cfg.log_every and self.iteration % cfg.log_every == 0:
+                    self.log({"type": "train", "epoch": epoch, "iteration": self.iteration,
+                              "images_per_s": ips, "data_wait_frac": wait_s / max(step_s + wait_s, 1e-9),
+                              **{k: v for k, v in stats.items() if k != "skipped"}})
+                if cfg.save_every_steps and self.iteration % cfg.save_every_steps == 0:
+                    self.save()
+                if self._knn_due(epoch_end=False):
+                    self.run_knn()
+                if self.step_in_epoch >= n_this_epoch or self.iteration >= self.plan.total_iters:
+                    break
+            bar.close()
+            if self.step_in_epoch < n_this_epoch and self.iteration < self.plan.total_iters:
+                raise DinokitError("the data loader ended early (fewer batches than planned)")
+            self.epoch += 1
+            self.step_in_epoch = 0
+            record = {"type": "epoch", "epoch": epoch, "iteration": self.iteration,
+                      "loss": sums["loss"] / max(sums["n"], 1), "lr": last.get("lr"), "wd": last.get("wd"),
+                      "momentum": last.get("momentum"), "teacher_temp": last.get("teacher_temp"),
+                      "images_per_s": self.global_batch * sums["n"] / max(sums["step"] + sums["data_wait"], 1e-9),
+                      "data_wait_frac": sums["data_wait"] / max(sums["step"] + sums["data_wait"], 1e-9),
+                      "train_minutes": self.train_seconds / 60, "skipped_steps": self.skipped_steps,
+                      "skipped_images": _skipped_images()}
+            if getattr(self, "_last_teacher_output", None) is not None:
+                record.update(collapse_stats(self._last_teacher_output, self.dino_loss.center,
+                                             last.get("teacher_temp", self.cfg.teacher_temp)))
+                if record["epoch"] >= 1 and (record["teacher_entropy"] > 0.98 * record["entropy_max"]
+                                             or record["distinct_prototypes"] <= 1):
+                    self._log_console("warning: the run looks collapsed (teacher targets uniform or one "
+                                      "prototype); try a lower --teacher-temp, a higher --momentum-teacher, or a "
+                                      "longer --freeze-last-layer")
+            self.log(record)
+            self._log_console(f"epoch {epoch}: loss {record['loss']:.4f}, {record['images_per_s']:.0f} img/s, "
+                              f"lr {record['lr']:.2e}")
+            if self._knn_due(epoch_end=True):
+                self.run_knn()
+            numbered = bool(cfg.saveckp_freq) and epoch % cfg.saveckp_freq == 0
+            self.save(numbered=numbered)
+        if self.main and self._tb is not None:
+            self._tb.flush()
+        return {"epochs": self.epoch, "iterations": self.iteration, "train_minutes": self.train_seconds / 60,
+                "images_per_second": self.iteration * self.global_batch / max(self.train_seconds, 1e-9)}
+
+
+def _skipped_images() -> int:
+    try:
+        from .data import count_skipped
+
+        return int(count_skipped())
+    except Exception:
+        return 0
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train DINO with ``cfg`` (resuming from ``cfg.output_dir`` when a checkpoint is there)."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        D.cleanup()
+
+
+if os.environ.get("DINOKIT_DETERMINISTIC"):
+    torch.use_deterministic_algorithms(True)

@@ -1,0 +1,29 @@
+import torch
+
+from dinokit import build_teacher, ema_update
+
+
+def test_ema_equals_formula_and_skips_buffers():
+    student = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    teacher = build_teacher(student)
+    assert all(not p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+        student[1].running_mean.fill_(5.0)
+    t_before = [p.clone() for p in teacher.parameters()]
+    s = [p.detach().clone() for p in student.parameters()]
+    ema_update(student, teacher, 0.996)
+    for tb, sp, ta in zip(t_before, s, teacher.parameters()):
+        torch.testing.assert_close(ta, 0.996 * tb + 0.004 * sp)
+    assert torch.all(teacher[1].running_mean == 0)  # buffers are not averaged
+
+
+def test_momentum_one_keeps_teacher():
+    student = torch.nn.Linear(3, 3)
+    teacher = build_teacher(student)
+    with torch.no_grad():
+        student.weight.add_(1)
+    before = teacher.weight.clone()
+    ema_update(student, teacher, 1.0)
+    assert torch.equal(teacher.weight, before)
