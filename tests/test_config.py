@@ -1,0 +1,96 @@
+import subprocess
+import sys
+
+import pytest
+
+from dinokit.commands.train import config_from_args
+from dinokit.cli import build_parser
+from dinokit.config import TrainConfig, apply_overrides, parse_set_items
+from dinokit.errors import ConfigError
+
+
+def parse(argv):
+    return config_from_args(build_parser("train").parse_args(["train", *argv]))
+
+
+def test_defaults_match_reference():
+    c = TrainConfig()
+    assert (c.arch, c.patch_size, c.out_dim, c.norm_last_layer, c.momentum_teacher) == ("vit_small", 16, 65536,
+                                                                                        True, 0.996)
+    assert (c.warmup_teacher_temp, c.teacher_temp, c.warmup_teacher_temp_epochs) == (0.04, 0.04, 0)
+    assert (c.weight_decay, c.weight_decay_end, c.clip_grad, c.batch_size_per_gpu, c.epochs) == (0.04, 0.4, 3.0,
+                                                                                                 64, 100)
+    assert (c.freeze_last_layer, c.lr, c.warmup_epochs, c.min_lr, c.optimizer) == (1, 0.0005, 10, 1e-6, "adamw")
+    assert (c.drop_path_rate, c.global_crops_scale, c.local_crops_number, c.local_crops_scale) == (
+        0.1, (0.4, 1.0), 8, (0.05, 0.4))
+    assert (c.saveckp_freq, c.seed, c.num_workers, c.global_crop_size, c.local_crop_size) == (20, 0, 10, 224, 96)
+
+
+def test_dash_and_underscore_spellings_and_precedence(tmp_path):
+    yml = tmp_path / "c.yaml"
+    yml.write_text("epochs: 7\nteacher_temp: 0.05\nlocal-crops-number: 4\n")
+    cfg = parse(["--config", str(yml), "--batch-size-per-gpu", "8", "--out_dim", "128", "--epochs", "9",
+                 "--set", "teacher_temp=0.06", "global_crops_scale=0.3,1", "--norm-last-layer", "false",
+                 "--local-crops-number", "0"])
+    assert cfg.epochs == 9 and cfg.teacher_temp == 0.06 and cfg.batch_size_per_gpu == 8 and cfg.out_dim == 128
+    assert cfg.global_crops_scale == (0.3, 1.0) and cfg.norm_last_layer is False and cfg.local_crops_number == 0
+    assert parse(["--use_fp16", "false"]).precision == "fp32"
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--set", "nonexistent=1"], "unknown option 'nonexistent'"),
+    (["--set", "epochs=abc"], "epochs"),
+    (["--set", "teacher_tmp=0.05"], "did you mean teacher_temp"),
+    (["--global-crop-size", "100", "--patch-size", "16"], "not divisible"),
+    (["--local-crop-size", "256"], "larger than global"),
+    (["--batch-size-per-gpu", "0"], "must be positive"),
+    (["--set", "batch_size_per_gpu=-3"], "must be positive"),
+    (["--set", "global_crops_scale=0.5,0.2"], "global_crops_scale"),
+])
+def test_bad_options_are_config_errors(argv, match):
+    with pytest.raises(ConfigError, match=match):
+        parse(argv)
+
+
+def test_yaml_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: [1, 2\n")
+    with pytest.raises(ConfigError, match="YAML syntax error"):
+        parse(["--config", str(bad)])
+    with pytest.raises(ConfigError, match="not found"):
+        parse(["--config", str(tmp_path / "missing.yaml")])
+    unknown = tmp_path / "u.yaml"
+    unknown.write_text("epoch: 3\n")
+    with pytest.raises(ConfigError, match="did you mean epochs"):
+        parse(["--config", str(unknown)])
+
+
+def test_apply_overrides_types():
+    cfg = apply_overrides(TrainConfig(), parse_set_items(["lr=1e-3", "compile=true", "epochs=3"]))
+    assert cfg.lr == 1e-3 and cfg.compile is True and cfg.epochs == 3
+    with pytest.raises(ConfigError):
+        apply_overrides(TrainConfig(), {"epochs": 2.5})
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "dinokit", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path):
+    r = _cli("train", "--no-such-option")
+    assert r.returncode == 2 and "unrecognized arguments" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("train", "--epochs", "x")
+    assert r.returncode == 2 and "invalid int value" in r.stderr
+    r = _cli("train", "--data", str(tmp_path), "--set", "nope=1")
+    assert r.returncode == 2 and "unknown option 'nope'" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_train_help_lists_every_option():
+    r = _cli("train", "--help")
+    assert r.returncode == 0
+    for opt in ("--batch-size-per-gpu", "--out-dim", "--local-crops-number", "--saveckp-freq", "--norm-last-layer",
+                "--use-bn-in-head", "--global-crop-size", "--local-crop-size", "--device", "--precision",
+                "--num-workers", "--clip-grad", "--freeze-last-layer", "--momentum-teacher", "--time-budget-minutes"):
+        assert opt in r.stdout
+    assert "unstable" in r.stdout  # stability advice is part of the help
