@@ -94,3 +94,15 @@ def test_train_help_lists_every_option():
                 "--num-workers", "--clip-grad", "--freeze-last-layer", "--momentum-teacher", "--time-budget-minutes"):
         assert opt in r.stdout
     assert "unstable" in r.stdout  # stability advice is part of the help
+
+
+def test_shipped_configs_load_and_validate():
+    from pathlib import Path
+
+    from dinokit.config import load_yaml
+
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        cfg = apply_overrides(TrainConfig(), load_yaml(path)).validate()
+        assert cfg.epochs > 0, path
