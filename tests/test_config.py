@@ -3,8 +3,8 @@ import sys
 
 import pytest
 
-from dinokit.commands.train import config_from_args
 from dinokit.cli import build_parser
+from dinokit.commands.train import config_from_args
 from dinokit.config import TrainConfig, apply_overrides, parse_set_items
 from dinokit.errors import ConfigError
 

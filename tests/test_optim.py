@@ -1,8 +1,14 @@
 import pytest
 import torch
 
-from dinokit import (DINOHead, MultiCropWrapper, build_backbone, cancel_gradients_last_layer, clip_gradients,
-                     get_params_groups)
+from dinokit import (
+    DINOHead,
+    MultiCropWrapper,
+    build_backbone,
+    cancel_gradients_last_layer,
+    clip_gradients,
+    get_params_groups,
+)
 from dinokit.optim import LARS, build_optimizer
 
 

@@ -28,7 +28,7 @@ def bicubic_scale_factor_numpy(grid, sf_h, sf_w, out_h, out_w):
             real = (d + 0.5) / sf - 0.5
             i0 = math.floor(real)
             t = real - i0
-            for k, off in enumerate((-1, 0, 1, 2)):
+            for off in (-1, 0, 1, 2):
                 idx = min(max(i0 + off, 0), in_n - 1)
                 Wm[d, idx] += _cubic(t - off)
         return Wm

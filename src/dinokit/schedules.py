@@ -1,5 +1,6 @@
 """Per-iteration cosine schedules (Caron et al. 2021, §3 "Implementation details"): learning rate with linear
-warm-up, weight decay 0.04 -> 0.4, teacher momentum 0.996 -> 1. Identical to the reference ``utils.cosine_scheduler``."""
+warm-up, weight decay 0.04 -> 0.4, teacher momentum 0.996 -> 1.
+Identical to the reference ``utils.cosine_scheduler``."""
 
 from __future__ import annotations
 

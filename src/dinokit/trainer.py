@@ -146,7 +146,8 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1,
                  shuffle: bool = True):
-        self.n, self.batch_size, self.seed, self.rank, self.world, self.shuffle = n, batch_size, seed, rank, world, shuffle
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.rank, self.world = rank, world
         self.per_rank = math.ceil(n / world)
         self.batches_per_epoch = self.per_rank // batch_size
         self.epoch = 0
@@ -187,10 +188,14 @@ class AugmentedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         index, seed = key
-        item = self.base[index]
-        img = item[0] if isinstance(item, tuple) else item
         if self.transform is None:
-            return img, seed
+            item = self.base[index]
+            return (item[0] if isinstance(item, tuple) else item), seed
+        if hasattr(self.base, "to_pil"):  # tensor data sets hold uint8 arrays; the PIL chain wants images
+            img = self.base.to_pil(index)
+        else:
+            item = self.base[index]
+            img = item[0] if isinstance(item, tuple) else item
         import random as _random
 
         py_state = _random.getstate()
@@ -257,6 +262,8 @@ def build_train_data(cfg: TrainConfig, rank: int, world: int):
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size_per_gpu, sampler=sampler, num_workers=cfg.num_workers,
         collate_fn=collate, pin_memory=torch.cuda.is_available(), drop_last=True,
+        # its own generator: creating an iterator must not consume the global RNG (exact resume)
+        generator=torch.Generator().manual_seed(cfg.seed),
         persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers > 0 else None)
     return base, sampler, loader, device_augment
 
@@ -690,7 +697,8 @@ class Trainer:
             self.save(numbered=numbered)
         if self.main and self._tb is not None:
             self._tb.flush()
-        return {"epochs": self.epoch, "iterations": self.iteration, "train_minutes": self.train_seconds / 60,
+        return {"rank": self.rank, "epochs": self.epoch, "iterations": self.iteration,
+                "train_minutes": self.train_seconds / 60,
                 "images_per_second": self.iteration * self.global_batch / max(self.train_seconds, 1e-9)}
 
 

@@ -81,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     summary = train(cfg)
+    if summary["rank"] != 0:
+        return 0
     print(f"done: {summary['epochs']} epochs, {summary['iterations']} iterations, "
           f"{summary['train_minutes']:.1f} min, {summary['images_per_second']:.1f} img/s; "
           f"checkpoint: {cfg.output_dir}/checkpoint.pth")

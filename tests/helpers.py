@@ -1,0 +1,42 @@
+"""Small generated data for tests (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+TINY_VIT = ["--arch", "vit_custom", "--embed-dim", "32", "--depth", "2", "--num-heads", "2", "--patch-size", "8",
+            "--global-crop-size", "32", "--local-crop-size", "16", "--local-crops-number", "2", "--out-dim", "64",
+            "--head-hidden-dim", "32", "--head-bottleneck-dim", "16", "--num-workers", "0", "--precision", "fp32",
+            "--device", "cpu"]
+
+
+def make_image_folder(root: Path, n_per_class: int = 6, classes=("a", "b"), size=(40, 36), seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for ci, c in enumerate(classes):
+        d = root / c
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            base = np.zeros((size[1], size[0], 3), np.uint8)
+            base[..., ci % 3] = 200
+            noise = rng.integers(0, 55, size=base.shape, dtype=np.uint8)
+            Image.fromarray(base + noise).save(d / f"img{i:03d}.png")
+    return root
+
+
+def make_fashion_like(root: Path, n_train: int = 64, n_test: int = 32, seed: int = 0) -> Path:
+    """IDX files shaped like Fashion-MNIST (28x28 uint8, 10 classes) with class-dependent patterns."""
+    from dinokit.data import save_idx
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, size=n).astype(np.uint8)
+        imgs = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
+        for i, lab in enumerate(labels):
+            imgs[i, 2 * lab: 2 * lab + 8, 4:24] = 230
+        save_idx(root / f"{split}-images-idx3-ubyte.gz", imgs)
+        save_idx(root / f"{split}-labels-idx1-ubyte.gz", labels)
+    return root

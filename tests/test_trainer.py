@@ -1,0 +1,202 @@
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dinokit.cli import build_parser
+from dinokit.commands.train import config_from_args
+from dinokit.trainer import NonFiniteLossError, Trainer
+
+from .helpers import TINY_VIT, make_fashion_like, make_image_folder
+
+
+def cfg_for(argv):
+    return config_from_args(build_parser("train").parse_args(["train", *argv]))
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return make_image_folder(tmp_path / "imgs", n_per_class=6)
+
+
+def tiny(folder, out, *extra):
+    return cfg_for(["--data", str(folder), "--output-dir", str(out), *TINY_VIT, "--batch-size-per-gpu", "4",
+                    "--epochs", "2", "--warmup-epochs", "1", "--saveckp-freq", "1", "--log-every", "1", *extra])
+
+
+def test_end_to_end_folder_training_writes_logs_config_and_checkpoints(folder, tmp_path):
+    out = tmp_path / "out"
+    summary = Trainer(tiny(folder, out)).fit()
+    assert summary["epochs"] == 2 and summary["iterations"] == 6  # 12 images / batch 4 = 3 it/epoch
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    epochs = [r for r in lines if r["type"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    for r in epochs:
+        assert math.isfinite(r["loss"]) and r["images_per_s"] > 0 and 0 <= r["data_wait_frac"] <= 1
+        assert {"lr", "wd", "momentum", "teacher_temp", "teacher_entropy", "center_norm"} <= set(r)
+    assert (out / "config.yaml").exists()
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["iteration"] == 6
+    assert {"student", "teacher", "optimizer", "dino_loss", "rng", "config"} <= set(ckpt)
+    assert any(k.startswith("backbone.blocks.0") for k in ckpt["teacher"])
+    assert ckpt["dino_loss"]["center"].shape == (1, 64)
+    assert (out / "checkpoint0000.pth").exists() and (out / "checkpoint0001.pth").exists()
+
+
+def _state(out):
+    return torch.load(out / "checkpoint.pth", weights_only=True)
+
+
+def _assert_same(a, b):
+    for key in ("student", "teacher"):
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    assert torch.equal(a["dino_loss"]["center"], b["dino_loss"]["center"])
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for k in pa:
+            assert torch.equal(torch.as_tensor(pa[k]), torch.as_tensor(pb[k]))
+
+
+def test_resume_is_exact(folder, tmp_path):
+    full = tmp_path / "full"
+    Trainer(tiny(folder, full, "--epochs", "3")).fit()
+    # interrupted run: crash during iteration 5 (mid-epoch 1), then start again with the same command
+    part = tmp_path / "part"
+    t = Trainer(tiny(folder, part, "--epochs", "3", "--save-every-steps", "1"))
+    real_step = t.train_step
+
+    def crashing_step(crops):
+        if t.iteration == 4:
+            raise KeyboardInterrupt
+        return real_step(crops)
+
+    t.train_step = crashing_step
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    assert _state(part)["iteration"] == 4 and _state(part)["step_in_epoch"] == 1
+    resumed = Trainer(tiny(folder, part, "--epochs", "3", "--save-every-steps", "1"))
+    assert resumed.iteration == 4 and resumed.epoch == 1
+    resumed.fit()
+    _assert_same(_state(full), _state(part))
+
+
+def test_reference_mechanics_in_one_step(folder, tmp_path):
+    t = Trainer(tiny(folder, tmp_path / "o", "--freeze-last-layer", "1", "--clip-grad", "0"))
+    batch = next(iter(t.loader))
+    v0 = t.student.head.last_layer.weight_v.detach().clone()
+    w0 = t.student.backbone.blocks[0].attn.qkv.weight.detach().clone()
+    teacher0 = [p.clone() for p in t.teacher.parameters()]
+    stats = t.train_step(t._to_device(batch))
+    t.iteration += 1
+    assert stats["lr"] == 0.0  # the warm-up starts at exactly 0
+    assert t.optimizer.param_groups[1]["weight_decay"] == 0.0
+    assert t.optimizer.param_groups[0]["weight_decay"] == pytest.approx(0.04)
+    # lr 0: AdamW steps but nothing moves; the frozen last layer has no optimiser state at all
+    assert torch.equal(t.student.backbone.blocks[0].attn.qkv.weight, w0)
+    assert torch.equal(t.student.head.last_layer.weight_v, v0)
+    assert len(t.optimizer.state.get(t.student.head.last_layer.weight_v, {})) == 0
+    # teacher = m * teacher + (1 - m) * student (identical here since the student did not move)
+    for a, b in zip(teacher0, t.teacher.parameters()):
+        torch.testing.assert_close(a, b)
+    # second step: lr > 0, the backbone moves, the teacher follows with momentum 0.996-ish
+    stats2 = t.train_step(t._to_device(batch))
+    assert stats2["lr"] > 0
+    assert not torch.equal(t.student.backbone.blocks[0].attn.qkv.weight, w0)
+    assert stats2["momentum"] == pytest.approx(t.momentum_schedule[1])
+
+
+def test_teacher_sees_only_global_crops_and_no_drop_path(folder, tmp_path):
+    t = Trainer(tiny(folder, tmp_path / "o", "--drop-path-rate", "0.2"))
+    assert all(not hasattr(b.drop_path, "drop_prob") for b in t.teacher.backbone.blocks)
+    assert any(getattr(b.drop_path, "drop_prob", 0) > 0 for b in t.student.backbone.blocks)
+    seen = []
+    t.teacher.backbone.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[-1]))
+    t.train_step(t._to_device(next(iter(t.loader))))
+    assert seen == [32]
+
+
+def test_non_finite_loss_stops_with_message_and_skip_policy(folder, tmp_path):
+    out = tmp_path / "nan"
+    t = Trainer(tiny(folder, out, "--lr", "1e30", "--warmup-epochs", "0", "--clip-grad", "0"))
+    with torch.no_grad():
+        t.student.head.mlp[0].weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="epoch 0, iteration 0"):
+        t.fit()
+    t2 = Trainer(tiny(folder, tmp_path / "skip", "--nan-policy", "skip", "--epochs", "1"))
+    with torch.no_grad():
+        t2.student.head.mlp[0].weight.fill_(float("nan"))
+    center = t2.dino_loss.center.clone()
+    t2.fit()
+    assert t2.skipped_steps == 3
+    assert torch.equal(t2.dino_loss.center, center)
+
+
+def test_fast_batched_augmentation_on_fashion_mnist_files(tmp_path):
+    data = make_fashion_like(tmp_path / "fm")
+    out = tmp_path / "out"
+    cfg = cfg_for(["--data", f"fashion-mnist:{data}", "--output-dir", str(out), *TINY_VIT, "--global-crop-size",
+                   "24", "--local-crop-size", "8", "--batch-size-per-gpu", "16", "--epochs", "1", "--fast-augment"])
+    summary = Trainer(cfg).fit()
+    assert summary["iterations"] == 4
+    assert (out / "checkpoint.pth").exists()
+
+
+def test_time_budget_plans_the_schedule(folder, tmp_path):
+    out = tmp_path / "b"
+    t = Trainer(tiny(folder, out, "--time-budget-minutes", "0.03", "--epochs", "1000"))
+    t.fit()
+    assert t.planned_from_budget
+    assert t.iteration == t.plan.total_iters < 1000 * 3
+    assert len(t.lr_schedule) == t.plan.total_iters
+    assert t.lr_schedule[-1] == pytest.approx(t.cfg.min_lr, rel=0.5, abs=1e-6)
+
+
+def _run_cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "dinokit", "train", *args], capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+def test_cli_train_then_resume_and_clear_errors(folder, tmp_path):
+    out = tmp_path / "cli"
+    args = ["--data", str(folder), "--output-dir", str(out), *TINY_VIT, "--batch-size-per-gpu", "4"]
+    r = _run_cli(*args, "--epochs", "1")
+    assert r.returncode == 0, r.stderr
+    assert "done: 1 epochs" in r.stdout
+    r = _run_cli(*args, "--epochs", "2")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stderr
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 2
+
+    r = _run_cli("--data", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "x"), *TINY_VIT)
+    assert r.returncode == 2 and "missing" in r.stderr and "Traceback" not in r.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = _run_cli("--data", str(empty), "--output-dir", str(tmp_path / "y"), *TINY_VIT)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = _run_cli("--data", str(folder), "--output-dir", str(tmp_path / "z"), *TINY_VIT, "--batch-size-per-gpu", "999")
+    assert r.returncode == 2 and "fewer than one global batch" in r.stderr
+
+
+def test_resume_with_other_architecture_is_a_clear_error(folder, tmp_path):
+    out = tmp_path / "o"
+    Trainer(tiny(folder, out, "--epochs", "1")).fit()
+    r = _run_cli("--data", str(folder), "--output-dir", str(out), *TINY_VIT, "--embed-dim", "48",
+                 "--batch-size-per-gpu", "4", "--epochs", "2")
+    assert r.returncode == 2 and "cannot resume" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_two_process_gloo_training(folder, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "dinokit", "train", "--data", str(folder), "--output-dir", str(out), *TINY_VIT,
+           "--batch-size-per-gpu", "2", "--epochs", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["iteration"] == 3  # 12 images / (2 ranks x 2) = 3 iterations
+    assert "world 2" in r.stderr
+    assert r.stdout.count("done:") == 1  # only rank 0 reports
