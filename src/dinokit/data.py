@@ -1,16 +1,18 @@
 """Data sets for DINO pretraining and evaluation.
 
 * :class:`ImageFolderDataset`: a folder of images, with or without class sub-folders. The reference
-  (Caron et al. 2021, ``main_dino.py``) reads ``torchvision.datasets.ImageFolder``; with class sub-folders this
-  data set lists the same files in the same order with the same labels, and it also accepts a flat folder of
-  unlabelled images (labels ``-1``), which is what self-supervised pretraining really needs.
-  Loading is robust: EXIF orientation applied, every PIL mode converted to RGB (16-bit images are rescaled, not
-  clipped), and an unreadable file is skipped with one warning instead of crashing the epoch.
+  (Caron et al. 2021, ``main_dino.py``) reads ``torchvision.datasets.ImageFolder``; with class sub-folders
+  this data set lists the same files in the same order with the same labels, and it also accepts a flat folder
+  of unlabelled images (labels ``-1``), which is what self-supervised pretraining really needs.
+  Loading is robust: EXIF orientation applied, every PIL mode converted to RGB (16-bit images are rescaled,
+  not clipped), and an unreadable file is skipped with one warning instead of crashing the epoch.
 * Fashion-MNIST from its IDX files (:func:`load_idx`, :func:`load_fashion_mnist`) and
-  :class:`TensorImageDataset` for in-memory uint8 images (the fast batched augmentation path collates these raw).
+  :class:`TensorImageDataset` for in-memory uint8 images (the fast batched augmentation path collates these
+  raw).
 * :func:`build_dataset`: one string spec (``DIR``, ``fashion-mnist``, ``fashion-mnist:DIR``) to a data set.
 
-``python -m dinokit.data download-fashion-mnist DIR`` fetches Fashion-MNIST through torchvision (needs internet).
+``python -m dinokit.data download-fashion-mnist DIR`` fetches Fashion-MNIST through torchvision (needs
+internet).
 """
 
 from __future__ import annotations
@@ -92,8 +94,8 @@ def _to_uint8_gray(a: np.ndarray, mode: str) -> np.ndarray:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL image to 8-bit RGB, as the reference's ``ImageFolder`` loader does (``convert("RGB")``),
-    but without its pitfalls:
+    """Convert any PIL image to 8-bit RGB, as the reference's ``ImageFolder`` loader does
+    (``convert("RGB")``), but without its pitfalls:
 
     * 16-bit (``I;16*``), 32-bit integer (``I``) and float (``F``) images are **rescaled** to 0..255 (16-bit
       divides by 257; ``I``/``F`` keep 8-bit-valued data as is, treat values up to 65535 as 16-bit and
@@ -109,10 +111,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return Image.fromarray(_to_uint8_gray(np.asarray(img), mode), "L").convert("RGB")
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
-    elif mode in ("La", "PA"):
-        img = img.convert("RGBA") if mode == "PA" else Image.fromarray(np.asarray(img)[..., 0], "L")
-    elif mode == "RGBa":
+    elif mode in ("PA", "RGBa"):
         img = img.convert("RGBA")
+    elif mode == "La":  # premultiplied grey + alpha: PIL cannot convert it directly
+        img = Image.fromarray(np.ascontiguousarray(np.asarray(img)[..., 0]), "L")
     try:
         return img.convert("RGB")
     except (ValueError, OSError) as err:
@@ -120,10 +122,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open ``path`` with PIL, decode it fully, apply its EXIF orientation and convert it to RGB (:func:`to_rgb`).
+    """Open ``path`` with PIL, decode it fully, apply its EXIF orientation and convert it to RGB
+    (:func:`to_rgb`).
 
-    Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) is kept: an image above it is treated as
-    unreadable, like a corrupt, truncated, empty or non-image file. All of these raise :class:`DataError`
+    Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) is kept: an image above it is treated
+    as unreadable, like a corrupt, truncated, empty or non-image file. All of these raise :class:`DataError`
     naming the file.
     """
     path = os.fspath(path)
@@ -161,17 +164,17 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     * files directly in ``root`` come first (sorted by name) with label ``-1``;
     * then every top-level sub-folder is a class (``classes`` = their sorted names, label = index), walked
-      recursively exactly like ``torchvision.datasets.ImageFolder`` (``sorted(os.walk(...))``, files sorted), so
-      with class sub-folders the order and labels are the same as torchvision's.
+      recursively exactly like ``torchvision.datasets.ImageFolder`` (``sorted(os.walk(...))``, files sorted),
+      so with class sub-folders the order and labels are the same as torchvision's.
 
     Only files ending in :data:`IMAGE_EXTENSIONS` (any case) are listed. ``labels`` is an int64 tensor;
     ``has_labels`` is True when every image sits in a class folder.
 
     Unreadable files (corrupt, truncated, zero bytes, not an image, above the decompression-bomb limit): the
-    first time a file fails in a process, a ``UserWarning`` names it; it is recorded in ``skipped`` (and in the
-    process-wide :func:`count_skipped`) and the item returned instead is the next readable one in listing order
-    (wrapping around), so an epoch never crashes and the substitution is deterministic. If no file is readable
-    at all, :class:`DataError` is raised. ``transform=None`` returns the RGB PIL image.
+    first time a file fails in a process, a ``UserWarning`` names it; it is recorded in ``skipped`` (and in
+    the process-wide :func:`count_skipped`) and the item returned instead is the next readable one in listing
+    order (wrapping around), so an epoch never crashes and the substitution is deterministic. If no file is
+    readable at all, :class:`DataError` is raised. ``transform=None`` returns the RGB PIL image.
     """
 
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None):
@@ -310,8 +313,8 @@ def _find_idx(root: Path, stem: str) -> Path | None:
 
 def load_fashion_mnist(root: str | os.PathLike, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     """Fashion-MNIST ``split`` ("train": 60000 images, "test": 10000) from the IDX files in ``root``
-    (``train-images-idx3-ubyte.gz`` etc., gzipped or not; torchvision's ``FashionMNIST/raw`` layout also works).
-    Returns ``(images uint8 [N, 28, 28], labels int64 [N])``."""
+    (``train-images-idx3-ubyte.gz`` etc., gzipped or not; torchvision's ``FashionMNIST/raw`` layout also
+    works). Returns ``(images uint8 [N, 28, 28], labels int64 [N])``."""
     if split not in _FMNIST_FILES:
         raise ConfigError(f"unknown Fashion-MNIST split {split!r} (expected 'train' or 'test')")
     root = Path(root).expanduser()
@@ -337,17 +340,18 @@ class TensorImageDataset(torch.utils.data.Dataset):
     """In-memory uint8 images ``[N, H, W]`` or ``[N, C, H, W]`` (C = 1, 3 or 4) with optional labels.
 
     ``dataset[i] -> (x, label)``: with a ``transform``, ``x = transform(rgb PIL image)`` (grey images are
-    replicated to RGB, like the folder data set's loader); with ``transform=None``, ``x`` is the raw uint8 tensor
-    (what the batched augmentation collates). ``images``, ``labels`` (int64, -1 when unknown), ``has_labels``
-    and ``classes`` are attributes.
+    replicated to RGB, like the folder data set's loader); with ``transform=None``, ``x`` is the raw uint8
+    tensor (what the batched augmentation collates). ``images``, ``labels`` (int64, -1 when unknown),
+    ``has_labels`` and ``classes`` are attributes.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None, transform: Callable | None = None,
-                 classes: list[str] | tuple[str, ...] | None = None):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None,
+                 transform: Callable | None = None, classes: list[str] | tuple[str, ...] | None = None):
         images = torch.as_tensor(images)
         if images.dtype != torch.uint8 or images.ndim not in (3, 4) or (images.ndim == 4
                                                                       and images.shape[1] not in (1, 3, 4)):
-            raise DataError(f"TensorImageDataset needs uint8 images [N, H, W] or [N, C, H, W] with C in 1/3/4, "
+            raise DataError("TensorImageDataset needs uint8 images [N, H, W] or [N, C, H, W] with C in "
+                            f"1/3/4, "
                             f"got {images.dtype} {tuple(images.shape)}")
         if labels is None:
             labels = torch.full((len(images),), -1, dtype=torch.int64)
@@ -391,20 +395,21 @@ def build_dataset(spec: str | os.PathLike, transform: Callable | None = None, sp
     if not s:
         raise DataError("empty data spec: pass a folder of images, fashion-mnist or fashion-mnist:<dir>")
     head, sep, rest = s.partition(":")
-    if head.lower().replace("_", "-") in ("fashion-mnist", "fashionmnist") and (sep or not Path(s).exists()):
-        if rest:
-            root = Path(rest).expanduser()
+    if head.lower().replace("_", "-") in ("fashion-mnist", "fashionmnist"):
+        if split not in _FMNIST_FILES:
+            raise ConfigError(f"unknown Fashion-MNIST split {split!r} (expected 'train' or 'test')")
+        if rest.strip():
+            root = Path(rest.strip()).expanduser()
         else:
-            found = [Path(d) for d in DEFAULT_FASHION_MNIST_DIRS if _find_idx(Path(d), _FMNIST_FILES[split][0])] \
-                if split in _FMNIST_FILES else []
-            if split in _FMNIST_FILES and not found:
+            root = next((Path(d) for d in DEFAULT_FASHION_MNIST_DIRS
+                         if _find_idx(Path(d), _FMNIST_FILES[split][0]) is not None), None)
+            if root is None:
                 raise DataError("Fashion-MNIST not found in " + " or ".join(DEFAULT_FASHION_MNIST_DIRS)
                                 + ": run `make data` or `python -m dinokit.data download-fashion-mnist "
                                   "data/fashion-mnist`, or pass fashion-mnist:<dir>")
-            root = found[0] if found else Path(DEFAULT_FASHION_MNIST_DIRS[0])
         images, labels = load_fashion_mnist(root, split)
         return TensorImageDataset(images, labels, transform=transform, classes=FASHION_MNIST_CLASSES)
-    if sep and len(head) > 1 and not Path(s).exists():
+    if sep and len(head) > 1 and "/" not in head and "\\" not in head and not Path(s).exists():
         raise DataError(f"unknown data spec {s!r}: expected a folder of images, fashion-mnist or "
                         "fashion-mnist:<dir>")
     return ImageFolderDataset(s, transform=transform)
@@ -432,10 +437,10 @@ def download_fashion_mnist(dest: str | os.PathLike) -> Path:
                 for train in (True, False):
                     FashionMNIST(tmp, train=train, download=True)
         except Exception as err:  # URLError, HTTPError, RuntimeError("Error downloading ..."), socket errors
-            raise DataError(f"could not download Fashion-MNIST ({type(err).__name__}: {err}). Without internet, "
-                            "install Debian's dataset-fashion-mnist package or copy train-images-idx3-ubyte.gz, "
-                            f"train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz "
-                            f"into {dest}") from err
+            raise DataError(f"could not download Fashion-MNIST ({type(err).__name__}: {err}). Without "
+                            "internet, install Debian's dataset-fashion-mnist package or copy "
+                            "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+                            f"t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz into {dest}") from err
         raw = Path(tmp) / "FashionMNIST" / "raw"
         dest.mkdir(parents=True, exist_ok=True)
         for stem in wanted:
