@@ -48,7 +48,7 @@ lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks
 
 soak: venv
-	$(PY) -m pytest -m soak tests/test_soak.py -s
+	DINOKIT_SOAK=1 $(PY) -m pytest -m soak tests/test_soak.py -s
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,11 +1,19 @@
 """Training checkpoints: written atomically (temp file, flush, fsync, rename, fsync dir), loaded with
-``torch.load(weights_only=True)`` only, numbered copies rotated, corrupt files reported and skipped."""
+``torch.load(weights_only=True)`` only, numbered copies rotated, corrupt files reported and skipped.
+
+Fault injection for tests (see docs/reliability.md): ``DINOKIT_FAULT=kill_during_save:N`` SIGKILLs the process
+after writing half of its N-th checkpoint temp file; ``DINOKIT_FAULT=kill_after_iteration:K`` SIGKILLs the
+trainer right after iteration K (before that iteration's checkpoint, if any).
+"""
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import random
 import re
+import signal
 import tempfile
 import warnings
 from pathlib import Path
@@ -17,9 +25,36 @@ import torch
 from .errors import CheckpointError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "find_resume_checkpoint", "rng_state", "set_rng_state",
-           "rotate_checkpoints"]
+           "rotate_checkpoints", "remove_stale_temp_files"]
 
 _NUMBERED = re.compile(r"^checkpoint(\d+)\.pth$")
+_TEMP = re.compile(r"^\.checkpoint\d*\.pth\..+\.tmp$")  # save_checkpoint's mkstemp names
+_SAVES = [0]  # checkpoint writes in this process (for DINOKIT_FAULT=kill_during_save:N)
+
+
+def fault_kill(point: str, n: int) -> None:
+    """SIGKILL this process if ``DINOKIT_FAULT`` is ``<point>:<n>`` (test-only fault injection)."""
+    name, _, arg = os.environ.get("DINOKIT_FAULT", "").partition(":")
+    if name == point and arg.strip().isdigit() and int(arg) == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Writer:
+    """Write-through wrapper remembering an ``OSError`` (ENOSPC, EIO) from ``write``: ``torch.save`` may turn it
+    into an unrelated ``RuntimeError`` ("unexpected pos"), which would lose the cause."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -40,9 +75,25 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _SAVES[0] += 1
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            if os.environ.get("DINOKIT_FAULT", "").startswith("kill_during_save:"):
+                buf = io.BytesIO()
+                torch.save(state, buf)
+                f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                fault_kill("kill_during_save", _SAVES[0])
+                f.write(buf.getvalue()[len(buf.getvalue()) // 2:])
+            else:
+                w = _Writer(f)
+                try:
+                    torch.save(state, w)
+                except RuntimeError:
+                    if w.error is not None:
+                        raise w.error from None
+                    raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -63,7 +114,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
-    except Exception as e:  # truncated zip, unpickling refused, ...
+    except pickle.UnpicklingError as e:  # weights_only refused a global: loading it could run code
+        what = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                    type(e).__name__)
+        raise CheckpointError(f"refusing checkpoint {path}: it holds objects other than tensors and plain "
+                              f"containers, and unpickling it could run code ({what})") from None
+    except Exception as e:  # truncated zip, bad magic number, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot load checkpoint {path}: {first}") from None
     if not isinstance(obj, dict) or "student" not in obj:
@@ -73,7 +129,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def find_resume_checkpoint(output_dir: str | Path) -> tuple[dict[str, Any] | None, Path | None]:
     """The newest loadable checkpoint in ``output_dir``: ``checkpoint.pth`` first, then numbered ones, newest
-    first. Corrupt files are reported (warning naming the file) and skipped."""
+    first. Unusable files (truncated, corrupt, refused as unsafe) are reported (warning naming the file) and
+    skipped. If there are checkpoints but none is usable, :class:`CheckpointError` names them: starting afresh
+    would overwrite a file the user may still want, so they must move it away first."""
     out = Path(output_dir)
     candidates = []
     main = out / "checkpoint.pth"
@@ -82,12 +140,27 @@ def find_resume_checkpoint(output_dir: str | Path) -> tuple[dict[str, Any] | Non
     numbered = sorted((p for p in out.glob("checkpoint*.pth") if _NUMBERED.match(p.name)),
                       key=lambda p: int(_NUMBERED.match(p.name).group(1)), reverse=True)
     candidates += numbered
+    errors = []
     for cand in candidates:
         try:
             return load_checkpoint(cand), cand
         except CheckpointError as e:
             warnings.warn(f"skipping unusable checkpoint: {e}", stacklevel=2)
+            errors.append(str(e))
+    if errors:
+        more = f" (and {len(errors) - 1} more unusable, see the warnings)" if len(errors) > 1 else ""
+        raise CheckpointError(f"no usable checkpoint in {out}: {errors[0]}{more}. Not starting afresh over it: "
+                              f"move {'them' if more else 'it'} away or use another --output-dir")
     return None, None
+
+
+def remove_stale_temp_files(output_dir: str | Path) -> list[Path]:
+    """Delete temp files left by a checkpoint write that was killed (they are never loaded)."""
+    out = Path(output_dir)
+    stale = [p for p in out.glob(".checkpoint*.tmp") if _TEMP.match(p.name)] if out.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def rotate_checkpoints(output_dir: str | Path, keep_last: int) -> list[Path]:

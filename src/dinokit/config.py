@@ -83,12 +83,17 @@ class TrainConfig:
     fast_augment: bool = _f(False, "Augment whole uint8 batches with tensor ops (same distribution, far faster "
                             "for small images; used for tensor data sets such as Fashion-MNIST).")
     gpu_augment: bool = _f(False, "With fast_augment: run the batched augmentation on the training device.")
+    augment_impl: str = _f("reference", "Per-image multi-crop for folders of photos: reference (the PIL chain) | "
+                           "fast (dinokit.fast_augment: JPEG draft decoding, tensor ops; same parameter "
+                           "distributions, several times the images/s per worker; see docs/benchmarks.md).",
+                           choices=("reference", "fast"))
     blur_prob: tuple[float, float, float] = _f((1.0, 0.1, 0.5), "Gaussian-blur probability for global 1, "
                                                "global 2, locals (reference 1.0 / 0.1 / 0.5).")
     solarize_prob: float = _f(0.2, "Solarisation probability of global crop 2 (reference 0.2).")
     # --- data and run ----------------------------------------------------------------------------------
-    data_path: str = _f("", "Training images: a folder tree (class sub-folders optional; labels ignored) or "
-                        "fashion-mnist:<dir-with-idx-files>.")
+    data_path: str = _f("", "Training images: a folder tree (class sub-folders optional; labels ignored), "
+                        "fashion-mnist:<dir-with-idx-files>, or tar shards 'DIR/{000000..000099}.tar' "
+                        "(see dinokit shard).")
     output_dir: str = _f(".", "Where log.jsonl, config.yaml and checkpoints go; training resumes from "
                          "output_dir/checkpoint.pth automatically.")
     saveckp_freq: int = _f(20, "Keep an extra checkpointNNNN.pth every N epochs (0: never).")
@@ -103,7 +108,11 @@ class TrainConfig:
     use_fp16: bool | None = _f(None, "Reference flag: true = precision fp16, false = precision fp32.")
     compile: bool = _f(False, "torch.compile the student and teacher.")
     grad_checkpointing: bool = _f(False, "Activation checkpointing in the student ViT (less memory, ~30% slower).")
-    loss_chunk_pairs: bool = _f(False, "Evaluate the loss crop by crop (lower peak memory for large out_dim).")
+    fsdp: bool = _f(False, "Shard the student and teacher with FSDP2 (fully_shard per ViT block) instead of DDP "
+                    "when world > 1: parameters, gradients and optimiser state split over the ranks. No BatchNorm.")
+    loss_chunk_pairs: bool = _f(True, "Evaluate the loss crop by crop with a hand-written backward: the same values "
+                                "(to rounding), ~2.5x less peak memory in the loss and faster; false = plain "
+                                "autograd over all crop pairs.")
     time_budget_minutes: float = _f(0.0, "If > 0, plan the run (and all schedules) to end after this many "
                                     "minutes of training.")
     nan_policy: str = _f("stop", "On a non-finite loss: stop (keep the last good checkpoint) | skip the step.",
@@ -158,6 +167,9 @@ class TrainConfig:
             bad("temperatures must be positive")
         if self.num_workers < 0:
             bad("num_workers must be >= 0")
+        for name in ("keep_last", "save_every_steps", "saveckp_freq", "log_every"):
+            if getattr(self, name) < 0:
+                bad(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.use_fp16 is not None:
             self.precision = "fp16" if self.use_fp16 else "fp32"
         return self

@@ -205,17 +205,21 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.has_labels = bool((self.labels >= 0).all())
         self.skipped: set[str] = set()
         self._bad: set[int] = set()
+        # one flag per file in shared memory, so skips in DataLoader workers are counted in the main process
+        self._bad_shared = torch.zeros(len(samples), dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def count_skipped(self) -> int:
-        """Distinct unreadable files this data set object has skipped (in this process)."""
-        return len(self.skipped)
+        """Distinct unreadable files this data set object has skipped, in this process or in its DataLoader
+        workers."""
+        return max(len(self.skipped), int(self._bad_shared.sum()))
 
     def _mark_bad(self, index: int, err: Exception) -> None:
         path = self.samples[index][0]
         self._bad.add(index)
+        self._bad_shared[index] = True
         self.skipped.add(path)
         if path not in _SKIPPED:
             _SKIPPED.add(path)

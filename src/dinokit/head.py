@@ -7,7 +7,8 @@ bias whose gain ``g`` is fixed at 1 when ``norm_last_layer`` (every logit is the
 
 The weight norm is written out (``weight_g``, ``weight_v`` parameters) rather than taken from the deprecated
 ``nn.utils.weight_norm``: state-dict keys stay those of official checkpoints, it needs no hooks, and the
-normalised weight is computed once per forward (the multi-crop wrapper calls the head once per step).
+normalisation is computed once per forward (the multi-crop wrapper calls the head once per step), applied to the
+output instead of the weight when the batch has fewer rows than the layer has inputs (fewer elements to touch).
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ class WeightNormLinear(nn.Module):
         return v * (self.weight_g / torch.linalg.vector_norm(v, dim=1, keepdim=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // max(x.shape[-1], 1)
+        if rows < self.in_features:
+            # x (v * s)^T == (x v^T) * s with s = g / ||v||: scaling the [rows, out] output touches fewer
+            # elements than the [out, in] weight (and its gradient) when there are fewer rows than inputs
+            # (the DINO head at small per-process batches: 10 B rows against 256 inputs).
+            scale = (self.weight_g / torch.linalg.vector_norm(self.weight_v, dim=1, keepdim=True)).squeeze(1)
+            return F.linear(x, self.weight_v) * scale
         return F.linear(x, self.weight)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -66,15 +66,23 @@ def clip_gradients(model: nn.Module | Iterable[torch.Tensor], clip: float) -> to
     """Per-parameter clipping: each gradient whose L2 norm ``n`` exceeds ``clip`` is scaled by
     ``clip / (n + 1e-6)`` (reference ``utils.clip_gradients``; *not* global-norm clipping).
 
-    Vectorised with ``torch._foreach_norm`` and a single fused multiply, so it costs no host sync. Returns the
-    per-parameter norms (before clipping) as one tensor.
+    Vectorised with ``torch._foreach_norm`` and a single fused multiply, so it costs no host sync on a GPU; on
+    CPU only the gradients above the ceiling are multiplied. Returns the per-parameter norms (before clipping)
+    as one tensor.
     """
     params = model.parameters() if isinstance(model, nn.Module) else model
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(0)
     norms = torch.stack(torch._foreach_norm(grads, 2.0)).float()
-    coefs = (clip / (norms + 1e-6)).clamp(max=1.0)
+    coefs = clip / (norms + 1e-6)
+    if norms.device.type == "cpu":
+        # reading the coefficients costs nothing on CPU: scale only the gradients that exceed the ceiling
+        # (the multiplication by 1 of all the others is a full pass over the gradients)
+        for i in (coefs < 1.0).nonzero().flatten().tolist():
+            grads[i].mul_(coefs[i].to(grads[i].dtype))
+        return norms
+    coefs = coefs.clamp(max=1.0)
     torch._foreach_mul_(grads, [c.to(g.dtype) for c, g in zip(coefs.unbind(), grads)])
     return norms
 
@@ -89,13 +97,30 @@ def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer:
             p.grad = None
 
 
-def build_optimizer(name: str, param_groups: list[dict], fused: bool | None = None) -> torch.optim.Optimizer:
-    """``adamw`` (PyTorch defaults, ``foreach``/``fused`` kernels), ``sgd`` (momentum 0.9) or ``lars``.
+def _fused_supported(param_groups: list[dict]) -> bool:
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
-    lr and weight decay start at 0 and are set from the schedules every iteration, as in the reference.
+        devices = set(_get_fused_kernels_supported_devices())
+    except Exception:
+        devices = {"cuda"}
+    params = [p for g in param_groups for p in g["params"]]
+    return bool(params) and all(p.device.type in devices and p.is_floating_point() for p in params)
+
+
+def build_optimizer(name: str, param_groups: list[dict], fused: bool | None = None) -> torch.optim.Optimizer:
+    """``adamw`` (PyTorch defaults), ``sgd`` (momentum 0.9) or ``lars``.
+
+    AdamW uses PyTorch's fused kernel (one pass over parameter, gradient and both moments) wherever it exists for
+    the parameters' device, CPU included (``fused=None``, the default): on a 2-core CPU it steps ViT-S + head
+    ~5x faster than ``foreach`` (docs/benchmarks.md), same update to rounding. Otherwise PyTorch's default
+    (``foreach`` on GPUs). lr and weight decay start at 0 and are set from the schedules every iteration, as in
+    the reference.
     """
     if name == "adamw":
-        kwargs = {"fused": True} if fused else {"foreach": True}
+        if fused is None:
+            fused = _fused_supported(param_groups)
+        kwargs = {"fused": True} if fused else {}
         return torch.optim.AdamW(param_groups, lr=0.0, **kwargs)
     if name == "sgd":
         return torch.optim.SGD(param_groups, lr=0, momentum=0.9, foreach=True)

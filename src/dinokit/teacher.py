@@ -29,10 +29,12 @@ def build_teacher(student: nn.Module, teacher: nn.Module | None = None) -> nn.Mo
 @torch.no_grad()
 def ema_update(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
     """``theta_t <- m * theta_t + (1 - m) * theta_s`` over ``zip(student.parameters(), teacher.parameters())``
-    in two fused ``foreach`` kernels."""
+    in one ``foreach`` kernel: ``lerp(theta_t, theta_s, 1 - m) = theta_t + (1 - m)(theta_s - theta_t)``, the
+    same value to rounding in one pass over the teacher instead of two."""
     s_params = [p.detach() for p in student.parameters()]
     t_params = [p for p in teacher.parameters()]
     if len(s_params) != len(t_params):
         raise ValueError("student and teacher have different numbers of parameters")
-    torch._foreach_mul_(t_params, momentum)
-    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+    if momentum == 1.0:
+        return
+    torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)

@@ -30,7 +30,15 @@ import yaml
 from torch import nn
 
 from . import distributed as D
-from .checkpoint import find_resume_checkpoint, rng_state, rotate_checkpoints, save_checkpoint, set_rng_state
+from .checkpoint import (
+    fault_kill,
+    find_resume_checkpoint,
+    remove_stale_temp_files,
+    rng_state,
+    rotate_checkpoints,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import TrainConfig, config_to_dict
 from .errors import CheckpointError, ConfigError, DinokitError
 from .head import DINOHead
@@ -79,6 +87,24 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("precision fp16 needs a GPU (it uses a gradient scaler); use bf16 or fp32 on CPU")
     return precision
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed memory in glibc's heap instead of returning it to the kernel (``mallopt``: no ``mmap`` for large
+    blocks, no trimming). A CPU training step frees and re-allocates the same activation and gradient buffers every
+    iteration; by default each large one is an ``mmap``/``munmap`` pair whose pages the kernel faults in and zeroes
+    again on every step. Numerics are untouched. Returns whether it was applied (glibc only; set
+    ``DINOKIT_MALLOC_TUNING=0`` to opt out)."""
+    if os.environ.get("DINOKIT_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold, big = -1, -3, ctypes.c_int(2**31 - 1)
+        return bool(libc.mallopt(m_mmap_threshold, big)) and bool(libc.mallopt(m_trim_threshold, big))
+    except (OSError, AttributeError):
+        return False
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -236,7 +262,13 @@ def build_train_data(cfg: TrainConfig, rank: int, world: int):
 
     if not cfg.data_path:
         raise ConfigError("no training data: pass --data DIR (a folder of images) or fashion-mnist:<dir>")
+    from .shards import build_shard_loader, is_shard_spec
+
+    if is_shard_spec(cfg.data_path):  # WebDataset tar shards, streamed (see dinokit.shards)
+        return build_shard_loader(cfg, rank, world)
     base = build_dataset(cfg.data_path, transform=None, split="train")
+    if hasattr(base, "samples") and hasattr(base, "load"):
+        base.load(0)  # a folder of only unreadable files: one DataError now, not a worker's traceback later
     if len(base) < cfg.batch_size_per_gpu * world:
         raise ConfigError(f"the data set has {len(base)} images, fewer than one global batch "
                           f"({cfg.batch_size_per_gpu} x {world}); lower --batch-size-per-gpu")
@@ -254,9 +286,15 @@ def build_train_data(cfg: TrainConfig, rank: int, world: int):
         else:
             collate = BatchAugmentCollate(batch_aug)
     else:
-        aug = DINOAugmentation(global_crops_scale=cfg.global_crops_scale, local_crops_scale=cfg.local_crops_scale,
-                               local_crops_number=cfg.local_crops_number, global_crop_size=cfg.global_crop_size,
-                               local_crop_size=cfg.local_crop_size)
+        aug_kw = dict(global_crops_scale=cfg.global_crops_scale, local_crops_scale=cfg.local_crops_scale,
+                      local_crops_number=cfg.local_crops_number, global_crop_size=cfg.global_crop_size,
+                      local_crop_size=cfg.local_crop_size)
+        if cfg.augment_impl == "fast":
+            from .fast_augment import FastMultiCrop
+
+            aug = FastMultiCrop(**aug_kw, blur=tuple(cfg.blur_prob), solarize=(0.0, cfg.solarize_prob, 0.0))
+        else:
+            aug = DINOAugmentation(**aug_kw)
         dataset = AugmentedDataset(base, transform=aug)
         collate = collate_crops
     loader = torch.utils.data.DataLoader(
@@ -328,6 +366,8 @@ class Trainer:
         if self.device.type == "cuda" and self.world > 1:
             self.device = torch.device("cuda", self.local_rank)
         self.precision = resolve_precision(cfg.precision, self.device)
+        if self.device.type == "cpu":
+            tune_cpu_allocator()
         self.main = self.rank == 0
         self.out = Path(cfg.output_dir)
         self._check_output_dir()
@@ -346,12 +386,25 @@ class Trainer:
             self.student.backbone.set_grad_checkpointing(True)
         self.student_ddp: nn.Module = self.student
         self.teacher_fwd: nn.Module = self.teacher
-        if self.world > 1:
+        self.fsdp = bool(cfg.fsdp) and self.world > 1
+        if self.fsdp:
+            self._fully_shard()
+        elif self.world > 1:
             if has_batchnorms(self.student):
-                self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
-                self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
+                if self.device.type == "cuda":
+                    self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+                    self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
+                else:  # torch's SyncBatchNorm is GPU-only (DDP refuses it on CPU, its kernels are CUDA's)
+                    self._log_console("BatchNorm on CPU processes: SyncBatchNorm needs GPUs, so the batch "
+                                      "statistics are per process here")
+                # DDP refuses a module without trainable parameters: wrap the teacher while its parameters
+                # require grad (the reference wraps it before freezing it), then freeze them again.
+                for p in self.teacher.parameters():
+                    p.requires_grad_(True)
                 self.teacher_fwd = nn.parallel.DistributedDataParallel(
                     self.teacher, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+                for p in self.teacher.parameters():
+                    p.requires_grad_(False)
             self.student_ddp = nn.parallel.DistributedDataParallel(
                 self.student, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
         if cfg.compile:
@@ -363,7 +416,7 @@ class Trainer:
                                   min(cfg.warmup_teacher_temp_epochs, cfg.epochs), cfg.epochs,
                                   student_temp=cfg.student_temp, center_momentum=cfg.center_momentum).to(self.device)
         self.optimizer = build_optimizer(cfg.optimizer, get_params_groups(self.student),
-                                         fused=self.device.type == "cuda")
+                                         fused=None)  # fused AdamW wherever PyTorch has it (CPU, CUDA)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.global_batch = cfg.batch_size_per_gpu * self.world
         self.base_lr = cfg.lr * self.global_batch / 256.0
@@ -377,7 +430,9 @@ class Trainer:
         self.skipped_steps = 0
         self.planned_from_budget = False
         self.knn_history: list[dict] = []
+        self._epoch_progress: tuple[float, int, dict] = (0.0, 0, {})  # this epoch's loss sum, count, last stats
         self._resume()
+        self._check_same_resume_point()
         self._tb = None
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -385,6 +440,42 @@ class Trainer:
             self._init_tensorboard()
 
     # -- set-up -------------------------------------------------------------------------------------------
+    def _fully_shard(self) -> None:
+        """FSDP2: each ViT block, then the whole wrapper, of the student *and* of the teacher becomes a
+        ``fully_shard`` unit on the same 1-D mesh, so both hold matching local shards: the EMA runs shard by
+        shard, the teacher is all-gathered only for its forward (``reshard_after_forward``), gradients are
+        reduce-scattered and averaged over the ranks (what DDP's all-reduce computes)."""
+        from torch.distributed.fsdp import fully_shard
+
+        if has_batchnorms(self.student):
+            raise ConfigError("fsdp does not support BatchNorm (CNN backbones, --use-bn-in-head): use DDP "
+                              "(the default) for those")
+        if self.cfg.knn_every or self.cfg.knn_every_minutes:
+            raise ConfigError("the online k-NN monitor runs on rank 0 only and is not available with fsdp; "
+                              "evaluate checkpoints with dinokit knn instead")
+        for model, teacher in ((self.student, False), (self.teacher, True)):
+            for blk in getattr(model.backbone, "blocks", None) or []:
+                fully_shard(blk, reshard_after_forward=True)
+            # the teacher never runs backward: free its gathered root parameters right after the forward
+            fully_shard(model, reshard_after_forward=True if teacher else None)
+
+    def _clip(self, model: nn.Module, clip: float):
+        return D.clip_sharded_gradients(model, clip) if self.fsdp else clip_gradients(model, clip)
+
+    def _check_same_resume_point(self) -> None:
+        """Every rank reads the checkpoint itself; they must agree (an output_dir on a file system shared by
+        all nodes), else DDP would silently mix states."""
+        if self.world <= 1 or not D.is_dist():
+            return
+        dev = self.device if self.device.type == "cuda" else torch.device("cpu")
+        lo = torch.tensor([self.iteration], dtype=torch.int64, device=dev)
+        hi = lo.clone()
+        torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
+        if int(lo) != int(hi):
+            raise CheckpointError(f"ranks resumed at different iterations ({int(lo)}..{int(hi)}): every node must "
+                                  f"see the same {self.out} (a shared file system)")
+
     def _check_output_dir(self) -> None:
         if not self.main:
             return
@@ -393,6 +484,8 @@ class Trainer:
             probe = self.out / ".dinokit-write-test"
             probe.write_bytes(b"ok")
             probe.unlink()
+            for p in remove_stale_temp_files(self.out):  # left by a run killed while writing a checkpoint
+                self._log_console(f"removed {p.name}, an incomplete checkpoint write of a killed run")
         except OSError as e:
             raise ConfigError(f"output directory {self.out} is not writable: {e.strerror or e}") from None
 
@@ -425,11 +518,42 @@ class Trainer:
         self._tb = SummaryWriter(log_dir=str(self.out / "tensorboard"))
 
     # -- checkpoints --------------------------------------------------------------------------------------
+    def _model_states(self) -> tuple[dict, dict, dict]:
+        """Student, teacher and optimiser state dicts; under FSDP the full (unsharded) ones, gathered on rank 0
+        (a collective: every rank must call it), with the optimiser state keyed by parameter name."""
+        if not self.fsdp:
+            return self.student.state_dict(), self.teacher.state_dict(), self.optimizer.state_dict()
+        import torch.distributed.checkpoint.state_dict as dcp
+
+        opts = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (dcp.get_model_state_dict(self.student, options=opts),
+                dcp.get_model_state_dict(self.teacher, options=opts),
+                dcp.get_optimizer_state_dict(self.student, self.optimizer, options=opts))
+
+    def _load_optimizer(self, state: dict) -> None:
+        """Optimiser state from a plain (integer-keyed) or FSDP (name-keyed) checkpoint, into either mode."""
+        by_name = any(isinstance(k, str) for k in state.get("state", {})) or any(
+            isinstance(k, str) for g in state.get("param_groups", []) for k in g.get("params", []))
+        if not self.fsdp and not by_name:
+            self.optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        if not by_name:  # integer ids number the parameters in the order of the optimiser's groups
+            names = {id(p): n for n, p in self.student.named_parameters()}
+            order = [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+            state = {"state": {order[int(k)]: v for k, v in state["state"].items()},
+                     "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]}
+                                      for g in state["param_groups"]]}
+        set_optimizer_state_dict(self.student, self.optimizer, state,
+                                 options=StateDictOptions(full_state_dict=True))
+
     def state_dict(self) -> dict[str, Any]:
+        student, teacher, optimizer = self._model_states()
         return {
-            "student": self.student.state_dict(),
-            "teacher": self.teacher.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "student": student,
+            "teacher": teacher,
+            "optimizer": optimizer,
             "fp16_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "dino_loss": self.dino_loss.state_dict(),
             "epoch": self.epoch,
@@ -440,6 +564,8 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "skipped_steps": self.skipped_steps,
             "knn_history": self.knn_history,
+            "epoch_progress": {"loss": self._epoch_progress[0], "n": self._epoch_progress[1],
+                               "last": self._epoch_progress[2]},
             "rng": rng_state(),
             "config": config_to_dict(self.cfg),
             "dinokit_version": _version(),
@@ -450,9 +576,15 @@ class Trainer:
         if ckpt is None:
             return
         try:
-            self.student.load_state_dict(ckpt["student"])
-            self.teacher.load_state_dict(ckpt["teacher"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if self.fsdp:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+                for model, key in ((self.student, "student"), (self.teacher, "teacher")):
+                    set_model_state_dict(model, ckpt[key], options=StateDictOptions(full_state_dict=True))
+            else:
+                self.student.load_state_dict(ckpt["student"])
+                self.teacher.load_state_dict(ckpt["teacher"])
+            self._load_optimizer(ckpt["optimizer"])
             self.dino_loss.load_state_dict(ckpt["dino_loss"])
         except (RuntimeError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0]
@@ -466,6 +598,9 @@ class Trainer:
         self.train_seconds = float(ckpt.get("train_seconds", 0.0))
         self.skipped_steps = int(ckpt.get("skipped_steps", 0))
         self.knn_history = list(ckpt.get("knn_history", []))
+        progress = ckpt.get("epoch_progress")
+        if progress:
+            self._epoch_progress = (float(progress["loss"]), int(progress["n"]), dict(progress["last"]))
         plan = ckpt.get("plan")
         if plan and plan.get("from_budget"):
             self.plan = Plan(plan["niter_per_ep"], plan["epochs"], plan["total_iters"])
@@ -476,17 +611,21 @@ class Trainer:
         self._log_console(f"resumed from {path} at epoch {self.epoch}, iteration {self.iteration}")
 
     def save(self, numbered: bool = False) -> None:
+        if not self.main and not self.fsdp:
+            return
+        state = self.state_dict()  # under FSDP every rank takes part in gathering it
         if not self.main:
             return
-        state = self.state_dict()
         try:
             save_checkpoint(state, self.out / "checkpoint.pth")
             if numbered:
                 save_checkpoint(state, self.out / f"checkpoint{self.epoch - 1:04d}.pth")
                 rotate_checkpoints(self.out, self.cfg.keep_last)
         except OSError as e:
+            prev = self.out / "checkpoint.pth"
+            kept = f"the previous checkpoint {prev} is intact" if prev.exists() else "no checkpoint was written yet"
             raise DinokitError(f"could not write a checkpoint to {self.out} ({e.strerror or e}); training stopped, "
-                               f"the previous checkpoint is intact") from None
+                               f"{kept}") from None
         if self.cfg.report:
             try:
                 from .report import write_report
@@ -503,8 +642,12 @@ class Trainer:
     def log(self, record: dict[str, Any]) -> None:
         if not self.main:
             return
-        with open(self.out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise DinokitError(f"could not write {self.out / 'log.jsonl'} ({e.strerror or e}); training stopped, "
+                               f"the last checkpoint in {self.out} is intact") from None
         if self._tb is not None:
             kind = record.get("type", "train")
             for k, v in record.items():
@@ -531,6 +674,8 @@ class Trainer:
                 group["weight_decay"] = wd
         temp = self.teacher_temp_at(epoch, it)
         center_before = self.dino_loss.center.clone() if self.cfg.nan_policy == "skip" else None
+        # free the previous step's gradients before the forward: they are not held alongside the activations
+        self.optimizer.zero_grad(set_to_none=True)
 
         with autocast_context(self.device, self.precision):
             with torch.no_grad():
@@ -556,14 +701,14 @@ class Trainer:
             self.scaler.scale(loss).backward()
             if self.cfg.clip_grad:
                 self.scaler.unscale_(self.optimizer)
-                clip_gradients(self.student, self.cfg.clip_grad)
+                self._clip(self.student, self.cfg.clip_grad)
             cancel_gradients_last_layer(epoch, self.student, self.cfg.freeze_last_layer)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
             if self.cfg.clip_grad:
-                clip_gradients(self.student, self.cfg.clip_grad)
+                self._clip(self.student, self.cfg.clip_grad)
             cancel_gradients_last_layer(epoch, self.student, self.cfg.freeze_last_layer)
             self.optimizer.step()
         ema_update(self.student, self.teacher, momentum)
@@ -626,7 +771,9 @@ class Trainer:
             epoch = self.epoch
             self.sampler.set_epoch(epoch, self.step_in_epoch)
             n_this_epoch = min(self.plan.niter_per_ep, self.plan.total_iters - epoch * self.plan.niter_per_ep)
-            sums = {"loss": 0.0, "n": 0, "data_wait": 0.0, "step": 0.0}
+            sums = {"loss": 0.0, "loss_n": 0, "n": 0, "data_wait": 0.0, "step": 0.0}
+            if self.step_in_epoch:  # resumed mid-epoch: the epoch's mean loss goes on from the checkpoint's sums
+                sums["loss"], sums["loss_n"], last = self._epoch_progress
             bar = tqdm(total=n_this_epoch, initial=self.step_in_epoch, desc=f"epoch {epoch}", leave=False,
                        disable=not self.main or not sys.stderr.isatty(), dynamic_ncols=True)
             t_prev = time.perf_counter()
@@ -641,6 +788,7 @@ class Trainer:
                 self.step_in_epoch += 1
                 self.train_seconds += step_s + wait_s
                 sums["loss"] += stats["loss"] if math.isfinite(stats["loss"]) else 0.0
+                sums["loss_n"] += 1
                 sums["n"] += 1
                 sums["data_wait"] += wait_s
                 sums["step"] += step_s
@@ -648,6 +796,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{ips:.0f}")
                 last = stats
+                self._epoch_progress = (sums["loss"], sums["loss_n"], last)
                 if need_plan:
                     calib["n"] += 1
                     if calib["n"] > 2:  # skip warm-up iterations
@@ -662,6 +811,7 @@ class Trainer:
                     self.log({"type": "train", "epoch": epoch, "iteration": self.iteration,
                               "images_per_s": ips, "data_wait_frac": wait_s / max(step_s + wait_s, 1e-9),
                               **{k: v for k, v in stats.items() if k != "skipped"}})
+                fault_kill("kill_after_iteration", self.iteration)  # DINOKIT_FAULT, tests only
                 if cfg.save_every_steps and self.iteration % cfg.save_every_steps == 0:
                     self.save()
                 if self._knn_due(epoch_end=False):
@@ -674,12 +824,12 @@ class Trainer:
             self.epoch += 1
             self.step_in_epoch = 0
             record = {"type": "epoch", "epoch": epoch, "iteration": self.iteration,
-                      "loss": sums["loss"] / max(sums["n"], 1), "lr": last.get("lr"), "wd": last.get("wd"),
+                      "loss": sums["loss"] / max(sums["loss_n"], 1), "lr": last.get("lr"), "wd": last.get("wd"),
                       "momentum": last.get("momentum"), "teacher_temp": last.get("teacher_temp"),
                       "images_per_s": self.global_batch * sums["n"] / max(sums["step"] + sums["data_wait"], 1e-9),
                       "data_wait_frac": sums["data_wait"] / max(sums["step"] + sums["data_wait"], 1e-9),
                       "train_minutes": self.train_seconds / 60, "skipped_steps": self.skipped_steps,
-                      "skipped_images": _skipped_images()}
+                      "skipped_images": _skipped_images(self.dataset)}
             if getattr(self, "_last_teacher_output", None) is not None:
                 record.update(collapse_stats(self._last_teacher_output, self.dino_loss.center,
                                              last.get("teacher_temp", self.cfg.teacher_temp)))
@@ -689,8 +839,9 @@ class Trainer:
                                       "prototype); try a lower --teacher-temp, a higher --momentum-teacher, or a "
                                       "longer --freeze-last-layer")
             self.log(record)
+            lr_s = f"{record['lr']:.2e}" if record["lr"] is not None else "n/a"
             self._log_console(f"epoch {epoch}: loss {record['loss']:.4f}, {record['images_per_s']:.0f} img/s, "
-                              f"lr {record['lr']:.2e}")
+                              f"lr {lr_s}")
             if self._knn_due(epoch_end=True):
                 self.run_knn()
             numbered = bool(cfg.saveckp_freq) and epoch % cfg.saveckp_freq == 0
@@ -702,8 +853,11 @@ class Trainer:
                 "images_per_second": self.iteration * self.global_batch / max(self.train_seconds, 1e-9)}
 
 
-def _skipped_images() -> int:
+def _skipped_images(dataset=None) -> int:
+    """Unreadable images skipped by this run's data set (workers included), else by this process."""
     try:
+        if hasattr(dataset, "count_skipped"):
+            return int(dataset.count_skipped())
         from .data import count_skipped
 
         return int(count_skipped())
@@ -726,5 +880,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         D.cleanup()
 
 
-if os.environ.get("DINOKIT_DETERMINISTIC"):
+if os.environ.get("DINOKIT_DETERMINISTIC", "0") not in ("", "0"):
+    # deterministic kernels only (an op without one raises); cuBLAS needs a fixed workspace for that
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False

@@ -1,0 +1,111 @@
+"""``dinokit features``: frozen features of a folder of images (or Fashion-MNIST) to a ``.safetensors``
+file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from .knn import add_model_arguments, check_positive, eval_dataset, load_frozen_model, model_info
+
+HELP = "extract frozen features (CLS, last-n CLS, patch tokens) of images to a .safetensors file"
+DESCRIPTION = """Extract frozen features (fp32, eval mode) with the evaluation transform
+(Resize(image_size*256/224, bicubic) + CenterCrop(image_size) + ImageNet normalisation).
+
+Output (safetensors):
+  features      [N, D]: the CLS token after the final norm (pooled output for ResNets); with
+                --n-last-blocks n, the CLS tokens of the last n blocks concatenated (n*D)
+  labels        [N] int64, when every image has a class (folder layout: class sub-folders)
+  patch_tokens  [N, P, D] with --patch-tokens: the last block's patch tokens after the final norm
+metadata: the model (arch, patch size, weights), the settings, "classes" (JSON list) and "paths": a JSON list
+of the image paths relative to "root", in torchvision ImageFolder order (= the row order). When the list is
+very large it goes to <out>.paths.json instead ("paths_file").
+
+Read it back with safetensors.torch.load_file(out) and safetensors.safe_open(out, "pt").metadata().
+
+examples:
+  dinokit features --weights dino_deitsmall16_pretrain.pth --data photos/ --out feats.safetensors
+  dinokit features --weights run/checkpoint.pth --data fashion-mnist:data/fmnist --split test \\
+      --image-size 32 --out fmnist_test.safetensors"""
+
+# Keep the safetensors header well under its 100 MB limit.
+_MAX_INLINE_PATHS = 32 * 2**20
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    d = parser.add_argument_group("data and output")
+    d.add_argument("--data", required=True, metavar="SPEC", help="a folder of images or fashion-mnist:<dir>")
+    d.add_argument("--split", default="train", choices=["train", "test"],
+                   help="Fashion-MNIST split (ignored for folders; default: train)")
+    d.add_argument("--out", required=True, metavar="FILE", help="output .safetensors file")
+    d.add_argument("--n-last-blocks", type=int, default=1,
+                   help="concatenate the CLS tokens of the last n blocks (ViT; default: 1)")
+    d.add_argument("--patch-tokens", action="store_true", help="also save the last block's patch tokens")
+    d.add_argument("--image-size", type=int, default=224, help="center-crop size (default: 224)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    from ..errors import ConfigError, DataError
+    from ..eval.knn import extract_outputs, frozen_features, is_vit
+
+    check_positive("--n-last-blocks", args.n_last_blocks)
+    check_positive("--batch-size", args.batch_size)
+    model = load_frozen_model(args)
+    ds = eval_dataset(args.data, args.image_size, args.split)
+    vit = is_vit(model)
+    if (args.patch_tokens or args.n_last_blocks > 1) and not vit:
+        raise ConfigError("--patch-tokens / --n-last-blocks > 1 need a ViT backbone")
+    n = args.n_last_blocks
+
+    def fn(m, x):
+        if args.patch_tokens:
+            out = m.get_intermediate_layers(x, n)
+            return torch.cat([o[:, 0] for o in out], dim=-1), out[-1][:, 1:]
+        return frozen_features(m, x, n)
+
+    device = next(model.parameters()).device
+    outs, labels = extract_outputs(model, ds, fn, batch_size=args.batch_size, num_workers=args.num_workers,
+                                   device=device, progress=not args.no_progress)
+    tensors = {"features": outs[0].contiguous()}
+    if args.patch_tokens:
+        tensors["patch_tokens"] = outs[1].contiguous()
+    if getattr(ds, "has_labels", False):
+        tensors["labels"] = labels.to(torch.int64).contiguous()
+
+    out = Path(args.out).expanduser()
+    meta = {"format": "dinokit-features", "data": str(args.data), "n": str(len(ds)),
+            "feature": f"cls_last_{n}_blocks" if n > 1 else "cls", "n_last_blocks": str(n),
+            "image_size": str(args.image_size), "model": json.dumps(model_info(args, model))}
+    if ":" in str(args.data) and not Path(args.data).exists():
+        meta["split"] = args.split
+    classes = list(getattr(ds, "classes", []) or [])
+    if classes:
+        meta["classes"] = json.dumps(classes)
+    samples = getattr(ds, "samples", None)
+    if samples is not None:
+        root = Path(getattr(ds, "root", os.path.commonpath([p for p, _ in samples]) if samples else "."))
+        rel = [os.path.relpath(p, root) for p, _ in samples]
+        meta["root"] = str(root.resolve())
+        text = json.dumps(rel)
+        if len(text) <= _MAX_INLINE_PATHS:
+            meta["paths"] = text
+        else:
+            side = out.with_name(out.name + ".paths.json")
+            side.write_text(text)
+            meta["paths_file"] = side.name
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out), metadata=meta)
+    except OSError as e:
+        raise DataError(f"cannot write {out}: {e.strerror or e}") from None
+    shape = "x".join(map(str, tensors["features"].shape))
+    extra = f", patch_tokens {'x'.join(map(str, tensors['patch_tokens'].shape))}" if args.patch_tokens else ""
+    print(f"wrote {out}: features {shape}{extra}{', labels' if 'labels' in tensors else ''} "
+          f"({len(ds)} images)")
+    return 0

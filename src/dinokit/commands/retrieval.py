@@ -1,0 +1,180 @@
+"""``dinokit retrieval``: revisited Oxford/Paris mAP (Easy/Medium/Hard, mP@1/5/10) or place-recognition
+Recall@1/5/10 of a frozen backbone. Protocol: :mod:`dinokit.eval.retrieval` (reference §4.7).
+
+Also home of the small helpers the three evaluation commands share (model loading, device, JSON output)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from ..errors import ConfigError, DataError
+
+HELP = "image retrieval (revisited Oxford/Paris mAP) or place recognition (Recall@k) with frozen features"
+DESCRIPTION = """Image retrieval with frozen features (DINO paper, Table 5).
+
+examples:
+  dinokit retrieval --weights dino_vits16.pth --dataset roxford5k --root data/roxford5k --imsize 224
+  dinokit retrieval --weights dino_vits16.pth --dataset rparis6k --root data/rparis6k --imsize 512 --multiscale
+  dinokit retrieval --weights run/checkpoint.pth --dataset folder --root data/places --whiten data/places/train
+
+Revisited datasets (roxford5k, rparis6k): ROOT/gnd_<dataset>.json or .pkl (revisitop's file; read with a
+restricted unpickler) and ROOT/jpg/<name>.jpg. Reports mAP and mP@1/5/10 for the Easy, Medium and Hard
+protocols. As in the reference, queries are not cropped to their boxes unless --query-crop.
+Place recognition (folder): ROOT/queries/, ROOT/database/ and ROOT/positives.json (query file -> list of
+database files) or ROOT/ground_truth.csv (query,db1[,db2...]); reports Recall@1/5/10 and mAP.
+Metrics are printed in percent and written as fractions to the JSON file (--output)."""
+
+
+# ----------------------------------------------------------------------------------- shared helpers
+
+def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True, workers: bool = True) -> None:
+    """``--weights/--arch/--patch-size/--checkpoint-key/--device`` as every evaluation command takes them."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--weights", required=required, metavar="FILE",
+                   help="backbone weights: a dinokit/official DINO checkpoint (.pth), a backbone state dict or "
+                        "a .safetensors file; the architecture is inferred unless --arch is given")
+    g.add_argument("--arch", default=None, help="architecture (vit_small, vit_base, ...); default: inferred")
+    g.add_argument("--patch-size", "--patch_size", dest="patch_size", type=int, default=None,
+                   help="ViT patch size; default: inferred from the weights")
+    g.add_argument("--checkpoint-key", "--checkpoint_key", dest="checkpoint_key", default="teacher",
+                   help="which network of a full training checkpoint to evaluate (default: teacher)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    if workers:
+        g.add_argument("--num-workers", type=int, default=2, help="image-decoding worker processes (default: 2)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda requested but CUDA is not available")
+    return dev
+
+
+def load_model(args: argparse.Namespace, need_patches: bool = False):
+    """The frozen backbone named by ``--weights`` (via :func:`dinokit.weights.load_backbone`), in eval mode on
+    the chosen device."""
+    if not args.weights:
+        raise ConfigError("--weights is required")
+    if not Path(args.weights).exists():
+        raise DataError(f"weights file {args.weights} does not exist")
+    from ..weights import load_backbone
+
+    model = load_backbone(args.weights, arch=args.arch, patch_size=args.patch_size,
+                          checkpoint_key=args.checkpoint_key)
+    if need_patches and not (hasattr(model, "get_intermediate_layers") and getattr(model, "patch_size", None)):
+        raise ConfigError(f"this evaluation needs a ViT (patch tokens); {type(model).__name__} has none")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval().to(resolve_device(args.device))
+
+
+def jsonable(obj):
+    """Replace NaN/inf by None (strict JSON) and make tuples/paths plain."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(jsonable(payload), indent=2) + "\n")
+    return path
+
+
+def pct(x) -> str:
+    return "  n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * x:5.2f}"
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
+                               for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+def model_settings(args: argparse.Namespace) -> dict:
+    return {"weights": str(args.weights), "arch": args.arch, "patch_size": args.patch_size,
+            "checkpoint_key": args.checkpoint_key}
+
+
+# ------------------------------------------------------------------------------------------- command
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--dataset", required=True, choices=["roxford5k", "rparis6k", "folder"],
+                        help="revisited Oxford/Paris, or a query/database folder for place recognition")
+    parser.add_argument("--root", "--data-path", dest="root", required=True, metavar="DIR", help="dataset folder")
+    parser.add_argument("--imsize", type=int, default=224,
+                        help="thumbnail size: longer side <= imsize, aspect kept (reference: 224 for ROxford, "
+                             "512 with --multiscale for RParis)")
+    parser.add_argument("--multiscale", action="store_true",
+                        help="average descriptors at scales 1, 1/sqrt(2), 1/2 (reference utils.multi_scale)")
+    parser.add_argument("--descriptor", choices=["cls", "gem", "cls+gem"], default="cls",
+                        help="CLS token (reference), GeM(p=4) of the patch tokens, or both (default: cls)")
+    parser.add_argument("--whiten", nargs="?", const="", default=None, metavar="DIR",
+                        help="learn PCA whitening on the images of DIR (default DIR: ROOT/whitening); off by "
+                             "default, as in the reference")
+    parser.add_argument("--whiten-mode", choices=["reference", "centered"], default="reference",
+                        help="reference: uncentred second moment as DINO's copy-detection script; centered: "
+                             "textbook PCA whitening")
+    parser.add_argument("--whiten-dim", type=int, default=None, help="keep this many whitened dimensions")
+    parser.add_argument("--query-crop", action="store_true",
+                        help="crop queries to their ground-truth boxes (standard revisitop; the DINO reference "
+                             "does not)")
+    parser.add_argument("--output", default=None, metavar="FILE",
+                        help="JSON result file (default: ./retrieval_<dataset>.json)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..eval.retrieval import evaluate_place_recognition, evaluate_revisited
+
+    root = Path(args.root)
+    if not root.is_dir():
+        raise DataError(f"dataset root {root} does not exist")
+    if args.imsize < 1:
+        raise ConfigError("--imsize must be positive")
+    whiten_dir = None
+    if args.whiten is not None:
+        whiten_dir = Path(args.whiten) if args.whiten else root / "whitening"
+        if not whiten_dir.is_dir():
+            raise DataError(f"whitening folder {whiten_dir} does not exist")
+    model = load_model(args, need_patches=args.descriptor != "cls")
+    device = resolve_device(args.device)
+    common = dict(imsize=args.imsize, multiscale=args.multiscale, descriptor=args.descriptor, whiten_dir=whiten_dir,
+                  whiten_mode=args.whiten_mode, whiten_dim=args.whiten_dim, device=device,
+                  num_workers=args.num_workers, progress=not args.no_progress)
+    if args.dataset == "folder":
+        res = evaluate_place_recognition(model, root, **common)
+        rows = [["Recall@" + k, pct(v)] for k, v in res["recall@k"].items()] + [["mAP", pct(res["mAP"])]]
+        table = format_table([f"place recognition ({res['n_scored_queries']} queries, {res['n_database']} db)",
+                              "%"], rows)
+    else:
+        res = evaluate_revisited(model, root, args.dataset, query_crop=args.query_crop, **common)
+        ks = list(res["mP@k"]["medium"])
+        rows = [[name.capitalize(), pct(res["mAP"][name]), *(pct(res["mP@k"][name][k]) for k in ks)]
+                for name in ("easy", "medium", "hard")]
+        table = format_table([f"{args.dataset} ({res['n_queries']} queries, {res['n_database']} db)", "mAP",
+                              *(f"mP@{k}" for k in ks)], rows)
+    print(table)
+    res["model"] = model_settings(args)
+    out = write_json(args.output or f"retrieval_{args.dataset}.json", res)
+    print(f"results written to {out}")
+    return 0

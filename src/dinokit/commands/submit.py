@@ -1,0 +1,107 @@
+"""``dinokit submit``: run ``dinokit train`` on SLURM through submitit, requeued on preemption / time-out."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import ConfigError
+
+HELP = "submit dinokit train to SLURM with submitit (auto-requeue and auto-resume)"
+DESCRIPTION = """Submit a multi-node, multi-GPU DINO pretraining job to SLURM through submitit: one task per GPU,
+torch.distributed set up from SLURM's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), requeued
+on preemption or time-out and resumed from OUTPUT_DIR/checkpoint.pth. Options after `--` are `dinokit train`'s.
+
+examples:
+  dinokit submit --nodes 2 --gpus-per-node 8 --partition learnfair --timeout-min 2800 --output-dir /ckpt/dino \\
+      -- --data /datasets/imagenet/train --arch vit_small --epochs 100 --batch-size-per-gpu 64 --save-every-steps 1000
+  dinokit submit --dry-run --nodes 2 --gpus-per-node 8 --partition P --output-dir OUT -- --data DIR   # print sbatch
+  dinokit submit --cluster local --gpus-per-node 0 --output-dir OUT --wait -- --data DIR ...          # this machine
+
+Logs: OUTPUT_DIR/submitit/<job id>/. OUTPUT_DIR must be on a file system every node sees. Needs submitit:
+pip install 'dinokit[slurm]'."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True, metavar="DIR",
+                        help="training output (checkpoints, logs; passed to dinokit train) and submitit logs")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes (default: 1)")
+    parser.add_argument("--gpus-per-node", "--ngpus", dest="gpus_per_node", type=int, default=8,
+                        help="GPUs per node (default: 8)")
+    parser.add_argument("--tasks-per-node", type=int, default=None,
+                        help="processes per node (default: one per GPU, at least 1)")
+    parser.add_argument("--cpus-per-task", type=int, default=10, help="CPU cores per process (default: 10)")
+    parser.add_argument("--mem-gb", type=float, default=None, help="memory per node in GB (default: 40 per task)")
+    parser.add_argument("--timeout-min", "--timeout", dest="timeout_min", type=int, default=2800,
+                        help="time limit of each job in minutes (default: 2800)")
+    parser.add_argument("--partition", default=None, help="SLURM partition")
+    parser.add_argument("--constraint", default=None, help="SLURM constraint, e.g. volta32gb")
+    parser.add_argument("--comment", default=None, help="SLURM comment")
+    parser.add_argument("--account", default=None, help="SLURM account")
+    parser.add_argument("--qos", default=None, help="SLURM quality of service")
+    parser.add_argument("--exclude", default=None, help="SLURM nodes to exclude")
+    parser.add_argument("--job-name", default="dinokit", help="job name (default: dinokit)")
+    parser.add_argument("--signal-delay-s", type=int, default=120,
+                        help="seconds before the time limit at which SLURM signals the job to requeue (default: 120)")
+    parser.add_argument("--max-requeues", type=int, default=30,
+                        help="time-outs after which the job is not requeued again (default: 30)")
+    parser.add_argument("--setup", action="append", default=[], metavar="CMD",
+                        help="shell line run before the job (repeatable), e.g. 'source ~/venv/bin/activate'")
+    parser.add_argument("--cluster", default="auto", choices=("auto", "slurm", "local"),
+                        help="auto (SLURM when srun exists), slurm, or local (submitit's local executor)")
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch script and exit")
+    parser.add_argument("--wait", action="store_true", help="wait for the job to end and print its result")
+    parser.add_argument("train_args", nargs=argparse.REMAINDER, metavar="-- TRAIN_OPTIONS",
+                        help="dinokit train options")
+
+
+def _train_argv(args: argparse.Namespace) -> list[str]:
+    argv = list(args.train_args)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if any(a.split("=")[0] in ("--output-dir", "--output_dir") for a in argv):
+        raise ConfigError("give --output-dir to dinokit submit (before --), not to the train options")
+    # validate the training options now rather than in the queue
+    from ..cli import build_parser
+    from .train import config_from_args
+
+    try:
+        cfg = config_from_args(build_parser("train").parse_args(["train", *argv, "--output-dir", args.output_dir]))
+    except SystemExit as e:  # argparse already printed the problem
+        raise ConfigError("invalid train options after --") from e
+    if not cfg.data_path:
+        raise ConfigError("no training data: add -- --data DIR ... (the train options)")
+    return argv
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..submitit_launcher import SubmitSettings, require_submitit, sbatch_script, submit_training
+
+    require_submitit()
+    if args.nodes < 1 or args.gpus_per_node < 0 or (args.tasks_per_node is not None and args.tasks_per_node < 1):
+        raise ConfigError("--nodes and --tasks-per-node must be >= 1 and --gpus-per-node >= 0")
+    argv = _train_argv(args)
+    out = Path(args.output_dir).expanduser().absolute()
+    s = SubmitSettings(output_dir=str(out), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                       tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb,
+                       timeout_min=args.timeout_min, partition=args.partition, constraint=args.constraint,
+                       comment=args.comment, account=args.account, qos=args.qos, exclude=args.exclude,
+                       job_name=args.job_name, signal_delay_s=args.signal_delay_s, max_requeues=args.max_requeues,
+                       setup=args.setup, cluster=args.cluster)
+    if args.dry_run:
+        print(sbatch_script(s), end="")
+        print(f"# job: dinokit train {' '.join(argv)} --output-dir {out}")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    job = submit_training(argv, s)
+    world = s.nodes * s.ntasks
+    print(f"submitted job {job.job_id}: {s.nodes} node(s) x {s.ntasks} task(s) = world {world}; "
+          f"output {out}; logs {s.folder}")
+    if not any(a.split("=")[0] in ("--save-every-steps", "--save_every_steps") for a in argv):
+        print("hint: add --save-every-steps N to the train options so a requeue redoes at most N steps")
+    if args.wait:
+        results = job.results()  # one summary per task; rank 0's is the run's
+        result = next((r for r in results if r.get("rank") == 0), results[0])
+        print(f"job {job.job_id} done: {result['epochs']} epochs, {result['iterations']} iterations, "
+              f"{result['train_minutes']:.1f} min")
+    return 0

@@ -1,0 +1,79 @@
+"""torch.hub-style constructors of the released DINO architectures (reference ``hubconf.py``,
+dino-reference.md §4.8), that **never download**: pass the path of a local weights file (any format
+:func:`dinokit.weights.safe_load` reads: the official ``dino_deitsmall16_pretrain.pth`` etc., a full
+training checkpoint, a dinokit export) or get random weights.
+
+| entry point | model | loading |
+|---|---|---|
+| ``dino_vits16`` | ``vit_small``, patch 16, ``num_classes=0`` | strict |
+| ``dino_vits8`` | ``vit_small``, patch 8 | strict |
+| ``dino_vitb16`` | ``vit_base``, patch 16 | strict |
+| ``dino_vitb8`` | ``vit_base``, patch 8 | strict |
+| ``dino_resnet50`` | torchvision ``resnet50``, ``fc = Identity`` | only ``fc.*`` may differ (*) |
+
+(*) the reference loads ResNet-50 with ``strict=False`` because the release has no ``fc``; here only the
+``fc.*`` keys are allowed to be missing or extra.
+
+As in the reference the models return the CLS token (ResNet: the pooled 2048-d feature) from ``forward``; use
+``get_intermediate_layers`` / ``get_last_selfattention`` for patch tokens and attention. The repository's
+top-level ``hubconf.py`` exposes the same functions for ``torch.hub.load(<repo dir>, "dino_vits16",
+source="local", weights=...)``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+Path = str | os.PathLike
+
+__all__ = ["dino_vits16", "dino_vits8", "dino_vitb16", "dino_vitb8", "dino_resnet50"]
+
+
+def _load_into(model: nn.Module, weights: Path | None, checkpoint_key: str, what: str) -> nn.Module:
+    if weights is not None:
+        from .weights import extract_backbone_state_dict, load_state_dict_strict, safe_load
+
+        sd = extract_backbone_state_dict(safe_load(weights), checkpoint_key)
+        load_state_dict_strict(model, sd, source=f"weights in {weights}", describe=what)
+    return model
+
+
+def _vit(arch: str, patch_size: int, weights, checkpoint_key: str, **kwargs) -> nn.Module:
+    from .models import build_backbone
+
+    model = build_backbone(arch, patch_size=patch_size, num_classes=0, **kwargs)
+    return _load_into(model, weights, checkpoint_key, f"{arch} (patch {patch_size})")
+
+
+def dino_vits16(weights: Path | None = None, checkpoint_key: str = "teacher", **kwargs) -> nn.Module:
+    """ViT-S/16 (21M parameters; reference release: 74.5 k-NN / 77.0 linear on ImageNet)."""
+    return _vit("vit_small", 16, weights, checkpoint_key, **kwargs)
+
+
+def dino_vits8(weights: Path | None = None, checkpoint_key: str = "teacher", **kwargs) -> nn.Module:
+    """ViT-S/8 (21M parameters; 78.3 k-NN / 79.7 linear)."""
+    return _vit("vit_small", 8, weights, checkpoint_key, **kwargs)
+
+
+def dino_vitb16(weights: Path | None = None, checkpoint_key: str = "teacher", **kwargs) -> nn.Module:
+    """ViT-B/16 (85M parameters; 76.1 k-NN / 78.2 linear)."""
+    return _vit("vit_base", 16, weights, checkpoint_key, **kwargs)
+
+
+def dino_vitb8(weights: Path | None = None, checkpoint_key: str = "teacher", **kwargs) -> nn.Module:
+    """ViT-B/8 (85M parameters; 77.4 k-NN / 80.1 linear)."""
+    return _vit("vit_base", 8, weights, checkpoint_key, **kwargs)
+
+
+def dino_resnet50(weights: Path | None = None, checkpoint_key: str = "teacher",
+                  **kwargs) -> nn.Module:
+    """torchvision ResNet-50 with ``fc = Identity`` (2048-d output; 67.5 k-NN / 75.3 linear). The reference
+    loads with ``strict=False`` because the release has no ``fc``; here only ``fc.*`` may differ."""
+    from torchvision.models import resnet50
+
+    model = resnet50(weights=None, **kwargs)
+    model.fc = nn.Identity()
+    model.num_features = 2048
+    return _load_into(model, weights, checkpoint_key, "resnet50")

@@ -1,0 +1,272 @@
+"""Multi-process training on torch.distributed (CPU, gloo), launched by ``torchrun`` as users launch it.
+
+Every launch runs ``python -m torch.distributed.run --standalone --nproc_per_node=2 WORKER <train options>``;
+WORKER builds the same ``Trainer`` as ``dinokit train``, trains, then saves what each rank holds
+(``rankN.pt``: student, teacher, centre, resume point, wrapper types), so per-rank state can be compared.
+
+Tolerances (fp32, CPU): 2 ranks x batch B against 1 process x batch 2B differ only by the order of floating-point
+sums (gradient all-reduce, per-rank loss means, centre sum): measured <= 1.2e-7 after 8 AdamW steps (peak lr
+7.8e-4); the tests allow 2e-6 absolute (``TOL``), while every compared weight moved by > 1e-3 from its initial
+value. The attention key bias is left out of these comparisons (see ``_comparable``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinokit.cli import build_parser
+from dinokit.commands.train import config_from_args
+from dinokit.trainer import Trainer
+
+from .helpers import TINY_VIT, make_image_folder
+
+TOL = 2e-6
+
+WORKER = r'''
+import os, sys, pathlib, torch
+from dinokit.cli import build_parser
+from dinokit.commands.train import config_from_args
+from dinokit.trainer import Trainer
+from dinokit import distributed as D
+
+torch.set_num_threads(1)
+cfg = config_from_args(build_parser("train").parse_args(["train", *sys.argv[1:]]))
+t = Trainer(cfg)
+resumed_at = t.iteration
+crash = os.environ.get("DINOKIT_TEST_CRASH")  # "rank:iteration:marker": die once, like a lost node
+if crash:
+    rank, it, marker = crash.split(":", 2)
+    if t.rank == int(rank) and not os.path.exists(marker):
+        real_step = t.train_step
+
+        def step(crops):
+            if t.iteration == int(it):
+                open(marker, "w").close()
+                os._exit(13)
+            return real_step(crops)
+
+        t.train_step = step
+t.fit()
+student, teacher, _ = t._model_states()
+is_ddp = lambda m: isinstance(m, torch.nn.parallel.DistributedDataParallel)
+torch.save({"resumed_at": resumed_at, "iteration": t.iteration, "center": t.dino_loss.center.cpu(),
+            "student": student, "teacher": teacher, "fsdp": t.fsdp,
+            "syncbn": [any(isinstance(m, torch.nn.SyncBatchNorm) for m in x.modules()) for x in (t.student, t.teacher)],
+            "student_ddp": is_ddp(t.student_ddp), "teacher_ddp": is_ddp(t.teacher_fwd),
+            "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", -1))},
+           pathlib.Path(cfg.output_dir) / f"rank{t.rank}.pt")
+D.cleanup()
+'''
+
+# 16 images: 2 ranks x 2 = 1 process x 4 = 4 iterations per epoch; 2 epochs = 8 AdamW steps. No drop path (random
+# per rank), fp32, a high lr and a fast teacher so that the weights move far more than the tolerance.
+COMMON = [*TINY_VIT, "--drop-path-rate", "0", "--epochs", "2", "--warmup-epochs", "1", "--lr", "0.05",
+          "--momentum-teacher", "0.9", "--saveckp-freq", "0", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    make_image_folder(root / "imgs", n_per_class=8)
+    (root / "worker.py").write_text(WORKER)
+    return root
+
+
+def torchrun(work: Path, out: Path, *args: str, nproc: int = 2, launcher: tuple[str, ...] = (), env=None,
+             timeout: int = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *launcher,
+           str(work / "worker.py"), "--data", str(work / "imgs"), "--output-dir", str(out), *COMMON, *args]
+    # own session: on a time-out the launcher *and* its workers are killed (no orphaned ranks)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    try:
+        stdout, stderr = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        stdout, stderr = p.communicate()
+    r = subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r
+
+
+def rank_state(out: Path, rank: int) -> dict:
+    return torch.load(out / f"rank{rank}.pt", weights_only=True)
+
+
+def _comparable(key: str, t: torch.Tensor) -> torch.Tensor:
+    """The attention *key* bias (the middle third of ``qkv.bias``) gets an exactly-zero gradient (softmax is
+    invariant to a constant added to every logit of a row), so in both runs its gradient is rounding noise that
+    AdamW normalises into lr-sized steps: it is excluded from comparisons between different reductions."""
+    if key.endswith("attn.qkv.bias"):
+        d = t.shape[0] // 3
+        return torch.cat([t[:d], t[2 * d:]])
+    return t
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float((_comparable(k, a[k]).float() - _comparable(k, b[k]).float()).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(work):
+    """2 processes x batch 2, 8 steps (shared by the equivalence, resume, elastic and FSDP tests)."""
+    out = work / "ddp"
+    r = torchrun(work, out, "--batch-size-per-gpu", "2")
+    return out, r
+
+
+@pytest.fixture(scope="module")
+def single_run(work):
+    """The same training in one process with batch 4 (global batch equal to the 2-process run)."""
+    argv = ["--data", str(work / "imgs"), "--output-dir", str(work / "single"), *COMMON, "--batch-size-per-gpu", "4"]
+    t = Trainer(config_from_args(build_parser("train").parse_args(["train", *argv])))
+    init = {k: v.clone() for k, v in t.student.state_dict().items()}
+    t.fit()
+    return t, init
+
+
+def test_two_ranks_equal_one_process_with_the_global_batch(ddp_run, single_run):
+    out, _ = ddp_run
+    single, init = single_run
+    r0, r1 = rank_state(out, 0), rank_state(out, 1)
+    assert r0["student_ddp"] and not r0["teacher_ddp"] and r0["iteration"] == single.iteration == 8
+    ref_student, ref_teacher = single.student.state_dict(), single.teacher.state_dict()
+    # the weights really moved, so agreement below TOL is meaningful
+    assert min(float((ref_student[k] - init[k]).abs().max()) for k in init if "weight_g" not in k) > 1e-3
+    # student (DDP) and teacher (EMA on every rank) identical on both ranks and equal to the 1-process run
+    for key, ref in (("student", ref_student), ("teacher", ref_teacher)):
+        assert max_diff(r0[key], r1[key]) == 0.0, key
+        assert max_diff(r0[key], ref) < TOL, key
+    # the centre is all-reduced: the same on both ranks and equal to the single-process centre
+    assert torch.equal(r0["center"], r1["center"])
+    torch.testing.assert_close(r0["center"], single.dino_loss.center, rtol=0, atol=TOL)
+    assert float(single.dino_loss.center.abs().max()) > 1e-3
+    # lr is scaled by the global batch: the same peak lr in both runs
+    assert single.base_lr == pytest.approx(0.05 * 4 / 256)
+
+
+def resume_copy(src: Path, dst: Path, work: Path, *args: str) -> Path:
+    """Copy a finished run and launch it again with ``--epochs 3`` (one more epoch): it must resume."""
+    shutil.copytree(src, dst)
+    for f in dst.glob("rank*.pt"):
+        f.unlink()
+    torchrun(work, dst, "--batch-size-per-gpu", "2", "--epochs", "3", *args)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def ddp_resumed(work, ddp_run):
+    return resume_copy(ddp_run[0], work / "resumed", work)
+
+
+def test_rank0_alone_writes_and_every_rank_resumes_from_the_same_checkpoint(ddp_run, ddp_resumed):
+    out, r = ddp_run
+    assert r.stdout.count("done:") == 0  # the worker does not print; the CLI prints on rank 0 only (test_trainer)
+    logs = (out / "log.jsonl").read_text().splitlines()
+    assert sum('"type": "epoch"' in line for line in logs) == 2  # one writer, not two
+    assert sum('"type": "train"' in line for line in logs) == 8
+    assert r.stderr.count("world 2, global batch 4") == 1  # rank 0's console only
+    resumed = ddp_resumed
+    r0, r1 = rank_state(resumed, 0), rank_state(resumed, 1)
+    assert r0["resumed_at"] == r1["resumed_at"] == 8
+    assert r0["iteration"] == 12 and max_diff(r0["student"], r1["student"]) == 0.0
+    ckpt = torch.load(resumed / "checkpoint.pth", weights_only=True)
+    assert ckpt["iteration"] == 12 and ckpt["epoch"] == 3
+
+
+def test_elastic_restart_resumes_from_the_last_checkpoint(work, ddp_run):
+    """Rank 1 dies once at iteration 5; torchrun (--max-restarts 1) restarts both workers, which resume from the
+    iteration-4 checkpoint and finish with exactly the weights of the uninterrupted run."""
+    out = work / "elastic"
+    marker = work / "crashed-once"
+    r = torchrun(work, out, "--batch-size-per-gpu", "2", "--save-every-steps", "2", launcher=("--max-restarts", "1"),
+                 env={"DINOKIT_TEST_CRASH": f"1:5:{marker}"})
+    assert marker.exists(), r.stderr[-2000:]
+    r0, r1 = rank_state(out, 0), rank_state(out, 1)
+    assert r0["restart"] == r1["restart"] == 1  # the second attempt finished
+    assert r0["resumed_at"] == r1["resumed_at"] == 4
+    assert r0["iteration"] == 8
+    ref = rank_state(ddp_run[0], 0)
+    for key in ("student", "teacher"):
+        assert max_diff(r0[key], ref[key]) < TOL, key
+    torch.testing.assert_close(r0["center"], ref["center"], rtol=0, atol=TOL)
+
+
+def test_batchnorm_head_on_cpu_processes_keeps_the_reference_wrapping(work):
+    """``--use-bn-in-head`` under 2 CPU processes: the teacher is DDP-wrapped as the reference does (its BN
+    buffers broadcast from rank 0), training runs. torch's SyncBatchNorm is GPU-only (DDP raises "SyncBatchNorm
+    layers only work with GPU modules"), so on CPU the statistics stay per process and the trainer says so."""
+    out = work / "bn"
+    r = torchrun(work, out, "--batch-size-per-gpu", "2", "--use-bn-in-head", "--epochs", "1")
+    r0, r1 = rank_state(out, 0), rank_state(out, 1)
+    assert r0["syncbn"] == [False, False] and "SyncBatchNorm needs GPUs" in r.stderr
+    assert r0["student_ddp"] and r0["teacher_ddp"]
+    assert r0["iteration"] == 4
+    # DDP keeps the parameters in step (BN buffers are broadcast from rank 0 before each forward, then each rank's
+    # forward updates its own copy)
+    params = [k for k in r0["student"] if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(params) < len(r0["student"])
+    assert all(torch.equal(r0["student"][k], r1["student"][k]) for k in params)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="SyncBatchNorm needs 2 GPUs (torch supports it on GPU only)")
+def test_syncbatchnorm_on_gpus(work):
+    out = work / "syncbn"
+    torchrun(work, out, "--batch-size-per-gpu", "2", "--use-bn-in-head", "--epochs", "1", "--device", "cuda")
+    r0, r1 = rank_state(out, 0), rank_state(out, 1)
+    assert r0["syncbn"] == [True, True] and r0["student_ddp"] and r0["teacher_ddp"]
+    stats = [k for k in r0["student"] if k.endswith("running_mean")]
+    assert stats and all(torch.equal(r0["student"][k], r1["student"][k]) for k in stats)
+
+
+def test_fsdp_and_activation_checkpointing_train_like_ddp(work, ddp_run, ddp_resumed, single_run, tmp_path):
+    """FSDP2 (fully_shard on gloo) with activation checkpointing gives the DDP weights (same tolerance); a DDP
+    checkpoint resumes under FSDP and an FSDP checkpoint (full state dicts, name-keyed optimiser) in a plain
+    process; activation checkpointing alone changes nothing in one process."""
+    out = work / "fsdp"
+    torchrun(work, out, "--batch-size-per-gpu", "2", "--fsdp", "--grad-checkpointing")
+    r0 = rank_state(out, 0)
+    assert r0["fsdp"] and not r0["student_ddp"]
+    ref = rank_state(ddp_run[0], 0)
+    for key in ("student", "teacher"):
+        assert max_diff(r0[key], ref[key]) < TOL, key
+    torch.testing.assert_close(r0["center"], ref["center"], rtol=0, atol=TOL)
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert max_diff(ckpt["student"], ref["student"]) < TOL
+    assert all(isinstance(k, str) for k in ckpt["optimizer"]["state"])
+
+    # a DDP checkpoint (integer-keyed optimiser state) resumes under FSDP and continues like DDP does
+    both = resume_copy(ddp_run[0], work / "ddp_then_fsdp", work, "--fsdp")
+    r0, r1 = rank_state(both, 0), rank_state(both, 1)
+    assert r0["fsdp"] and r0["resumed_at"] == r1["resumed_at"] == 8 and r0["iteration"] == 12
+    ref = rank_state(ddp_resumed, 0)
+    for key in ("student", "teacher"):
+        assert max_diff(r0[key], ref[key]) < TOL, key
+
+    # the FSDP checkpoint resumes without FSDP in one process (batch 4 = the same global batch)
+    plain = tmp_path / "plain"
+    shutil.copytree(out, plain)
+    argv = ["--data", str(work / "imgs"), "--output-dir", str(plain), *COMMON, "--batch-size-per-gpu", "4",
+            "--epochs", "3"]
+    t = Trainer(config_from_args(build_parser("train").parse_args(["train", *argv])))
+    assert t.iteration == 8
+    qkv = t.student.backbone.blocks[0].attn.qkv.weight
+    assert len(t.optimizer.state[qkv]) == 3 and float(t.optimizer.state[qkv]["exp_avg_sq"].abs().max()) > 0
+
+    # activation checkpointing alone: identical to the plain single-process run
+    single, _ = single_run
+    argv = ["--data", str(work / "imgs"), "--output-dir", str(tmp_path / "ckpt"), *COMMON,
+            "--batch-size-per-gpu", "4", "--grad-checkpointing"]
+    t = Trainer(config_from_args(build_parser("train").parse_args(["train", *argv])))
+    assert t.student.backbone.grad_checkpointing
+    t.fit()
+    assert max_diff(t.student.state_dict(), single.student.state_dict()) < TOL

@@ -1,0 +1,182 @@
+"""End to end: ``dinokit knn | linear | features | attention | export`` on a tiny generated ImageFolder with a
+tiny saved model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from dinokit.cli import main
+from dinokit.head import DINOHead
+from dinokit.models import build_backbone
+from dinokit.wrapper import MultiCropWrapper
+
+from .helpers import make_fashion_like, make_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["--image-size", "32", "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evalcli")
+    torch.manual_seed(0)
+    train = make_image_folder(tmp / "train", n_per_class=4, classes=("a", "b", "c"), size=(40, 36), seed=0)
+    val = make_image_folder(tmp / "val", n_per_class=2, classes=("a", "b", "c"), size=(36, 40), seed=1)
+
+    def wrapper():
+        backbone = build_backbone("vit_custom", patch_size=8, embed_dim=32, depth=2, num_heads=2, img_size=32)
+        return MultiCropWrapper(backbone, DINOHead(32, 64, hidden_dim=32, bottleneck_dim=16))
+
+    student, teacher = wrapper(), wrapper()
+    ckpt = tmp / "checkpoint.pth"
+    torch.save({"student": student.state_dict(), "teacher": teacher.state_dict(), "epoch": 1,
+                "config": {"arch": "vit_custom", "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
+                           "global_crop_size": 32}}, ckpt)
+    return tmp, train, val, ckpt, teacher.backbone.eval()
+
+
+def test_knn_cli(setup, capsys):
+    tmp, train, val, ckpt, _ = setup
+    out = tmp / "knn.json"
+    rc = main(["knn", "--weights", str(ckpt), "--train-data", str(train), "--val-data", str(val), "--k", "1", "5",
+               "--num-workers", "0", "--batch-size", "5", *COMMON, "--output", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and "top-1" in text and "12 train / 6 val images, 3 classes" in text
+    res = json.loads(out.read_text())
+    assert set(res["knn"]) == {"1", "5"} and res["units"] == "percent" and res["num_classes"] == 3
+    # three colour classes (helpers.make_image_folder): even a random tiny ViT separates them
+    assert res["knn"]["1"]["top1"] == pytest.approx(100.0)
+    assert res["knn"]["5"]["top5"] == pytest.approx(100.0)  # 3 classes: top-5 covers all
+    assert res["model"]["arch"] == "vit_custom" and res["feature_dim"] == 32
+
+
+def test_linear_cli(setup, capsys):
+    tmp, train, val, ckpt, _ = setup
+    out = tmp / "linear.json"
+    rc = main(["linear", "--weights", str(ckpt), "--train-data", str(train), "--val-data", str(val),
+               "--n-last-blocks", "2", "--epochs", "5", "--lr", "1", "10", "--batch-size", "4",
+               "--num-workers", "0", *COMMON, "--output", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and "cached-features" in text and "best:" in text
+    res = json.loads(out.read_text())["linear"]
+    assert res["feature_dim"] == 64 and res["num_labels"] == 3 and [r["lr"] for r in res["results"]] == [1, 10]
+    assert res["best"]["best"]["top1"] > 50.0  # chance: 33 %
+    # the reference's augmented protocol (ViT-B style features: CLS interleaved with the mean patch token)
+    rc = main(["linear", "--weights", str(ckpt), "--train-data", str(train), "--val-data", str(val),
+               "--n-last-blocks", "1", "--avgpool-patchtokens", "--augment", "--epochs", "1", "--batch-size", "6",
+               "--num-workers", "0", *COMMON, "--output", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())["linear"]
+    assert res["mode"] == "augment" and res["feature_dim"] == 64 and len(res["results"][0]["history"]) == 1
+
+
+def test_features_cli(setup, capsys):
+    from dinokit.augmentation import eval_transform
+    from dinokit.data import ImageFolderDataset
+
+    tmp, train, _, ckpt, backbone = setup
+    out = tmp / "feats.safetensors"
+    rc = main(["features", "--weights", str(ckpt), "--data", str(train), "--out", str(out), "--patch-tokens",
+               "--num-workers", "0", *COMMON])
+    assert rc == 0 and "features 12x32" in capsys.readouterr().out
+    t = load_file(str(out))
+    assert t["features"].shape == (12, 32) and t["patch_tokens"].shape == (12, 16, 32)
+    assert t["labels"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    ds = ImageFolderDataset(train, transform=eval_transform(32))
+    assert json.loads(meta["paths"]) == [os.path.relpath(p, train) for p, _ in ds.samples]
+    assert json.loads(meta["classes"]) == ["a", "b", "c"] and json.loads(meta["model"])["num_heads"] == 2
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        assert torch.allclose(t["features"], backbone(x), atol=1e-5)
+    rc = main(["features", "--weights", str(ckpt), "--data", str(train), "--out", str(out), "--n-last-blocks", "2",
+               "--num-workers", "0", *COMMON])
+    assert rc == 0 and load_file(str(out))["features"].shape == (12, 64)
+
+
+def test_attention_cli(setup, capsys):
+    tmp, train, _, ckpt, _ = setup
+    wide = tmp / "wide.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8)).save(wide)
+    out = tmp / "attn"
+    rc = main(["attention", "--weights", str(ckpt), "--image", str(train / "a" / "img000.png"), "--image", str(wide),
+               "--out", str(out), "--threshold", "0.6", "--image-size", "24", "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    assert np.load(out / "wide-attn.npy").shape == (2, 3, 5)  # 24 x 40 px, patch 8
+    assert Image.open(out / "wide-overlay-mean.png").size == (40, 24)
+    assert (out / "img000-mask-th0.6-head1.png").exists() and (out / "img000-attn-head0.png").exists()
+
+
+def test_export_cli_then_knn_on_export(setup, capsys):
+    tmp, train, val, ckpt, _ = setup
+    out = tmp / "backbone.safetensors"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    assert "vit_custom/8" in capsys.readouterr().out
+    rc = main(["knn", "--weights", str(out), "--train-data", str(train), "--val-data", str(val), "--k", "3",
+               "--num-workers", "0", *COMMON])
+    assert rc == 0 and "top-1" in capsys.readouterr().out
+
+
+def test_knn_and_features_on_fashion_mnist_spec(setup, capsys):
+    tmp, _, _, ckpt, _ = setup
+    fm = make_fashion_like(tmp / "fmnist", n_train=40, n_test=20)
+    rc = main(["knn", "--weights", str(ckpt), "--train-data", f"fashion-mnist:{fm}", "--val-data",
+               f"fashion-mnist:{fm}", "--k", "5", "--num-workers", "0", "--batch-size", "20", *COMMON])
+    assert rc == 0 and "40 train / 20 val images" in capsys.readouterr().out
+    out = tmp / "fm.safetensors"
+    rc = main(["features", "--weights", str(ckpt), "--data", f"fashion-mnist:{fm}", "--split", "test",
+               "--out", str(out), "--num-workers", "0", *COMMON])
+    assert rc == 0 and load_file(str(out))["features"].shape == (20, 32)
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["split"] == "test" and "paths" not in meta and len(json.loads(meta["classes"])) == 10
+
+
+@pytest.mark.parametrize("cmd", [
+    ["knn", "--train-data", "{train}", "--val-data", "{train}"],
+    ["linear", "--train-data", "{train}", "--val-data", "{train}"],
+    ["features", "--data", "{train}", "--out", "{tmp}/f.safetensors"],
+    ["attention", "--image", "{train}/a/img000.png", "--out", "{tmp}/att"],
+])
+def test_bad_weights_exit_2_one_line(setup, capsys, cmd):
+    tmp, train, _, _, _ = setup
+    args = [c.format(train=train, tmp=tmp) for c in cmd]
+    (tmp / "notes.txt").write_text("not weights")
+    for weights in (tmp / "missing.pth", tmp / "notes.txt"):
+        rc = main([*args, "--weights", str(weights), "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and str(weights) in err and "Traceback" not in err
+
+
+def test_missing_inputs_exit_2(setup, capsys):
+    tmp, train, _, ckpt, _ = setup
+    rc = main(["knn", "--weights", str(ckpt), "--train-data", str(tmp / "nope"), "--val-data", str(train),
+               "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nope" in err and err.count("\n") == 1
+    rc = main(["export", "--checkpoint", str(tmp / "missing.pth"), "--out", str(tmp / "x.safetensors")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "missing.pth" in err and err.count("\n") == 1
+    rc = main(["attention", "--weights", str(ckpt), "--image", str(tmp / "nope.png"), "--out", str(tmp / "a")])
+    assert rc == 2 and "nope.png" in capsys.readouterr().err
+
+
+def test_subprocess_bad_weights_no_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    p = subprocess.run([sys.executable, "-m", "dinokit", "knn", "--weights", str(tmp_path / "missing.pth"),
+                        "--train-data", str(tmp_path), "--val-data", str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().count("\n") == 0 and "missing.pth" in p.stderr

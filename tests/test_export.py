@@ -1,0 +1,108 @@
+"""Backbone export to safetensors (dinokit.export), timm compatibility, and the hub entry points."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from dinokit.errors import CheckpointError
+from dinokit.export import export_backbone, timm_name_for
+from dinokit.head import DINOHead
+from dinokit.models import build_backbone
+from dinokit.weights import load_backbone
+from dinokit.wrapper import MultiCropWrapper
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_export_roundtrip_bit_exact(tmp_path):
+    def wrapper():
+        backbone = build_backbone("vit_custom", patch_size=8, embed_dim=32, depth=2, num_heads=2, img_size=32)
+        return MultiCropWrapper(backbone, DINOHead(32, 64, hidden_dim=32, bottleneck_dim=16))
+
+    student, teacher = wrapper(), wrapper()
+    torch.save({"student": {"module." + k: v for k, v in student.state_dict().items()},
+                "teacher": teacher.state_dict(), "epoch": 1,
+                "config": {"arch": "vit_custom", "patch_size": 8, "embed_dim": 32, "depth": 2,
+                           "num_heads": 2}},
+               tmp_path / "checkpoint.pth")
+    info = export_backbone(tmp_path / "checkpoint.pth", tmp_path / "backbone.safetensors")
+    tensors = load_file(str(tmp_path / "backbone.safetensors"))
+    want = teacher.backbone.state_dict()
+    assert set(tensors) == set(want)
+    assert all(torch.equal(tensors[k], want[k]) for k in want)
+    with safe_open(str(tmp_path / "backbone.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "dinokit" and meta["arch"] == "vit_custom" and meta["num_heads"] == "2"
+    assert (meta["patch_size"], meta["embed_dim"], meta["depth"], meta["img_size"]) == ("8", "32", "2", "32")
+    assert info["n_tensors"] == len(want) and "timm_name" not in info
+    # loading the export needs no --arch and gives bit-identical features
+    m = load_backbone(tmp_path / "backbone.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(m(x), teacher.backbone.eval()(x))
+    # the student, via --checkpoint-key
+    export_backbone(tmp_path / "checkpoint.pth", tmp_path / "student.safetensors", checkpoint_key="student")
+    s = load_file(str(tmp_path / "student.safetensors"))
+    assert all(torch.equal(s[k], v) for k, v in student.backbone.state_dict().items())
+    # exporting an export is the identity
+    export_backbone(tmp_path / "backbone.safetensors", tmp_path / "again.safetensors")
+    again = load_file(str(tmp_path / "again.safetensors"))
+    assert all(torch.equal(again[k], tensors[k]) for k in tensors)
+
+
+def test_export_refuses_garbage(tmp_path):
+    (tmp_path / "x.pth").write_text("nope")
+    with pytest.raises(CheckpointError, match="x.pth"):
+        export_backbone(tmp_path / "x.pth", tmp_path / "y.safetensors")
+    assert not (tmp_path / "y.safetensors").exists()
+
+
+def test_timm_name_for():
+    assert timm_name_for({"arch": "vit_small", "patch_size": 16}) == "vit_small_patch16_224.dino"
+    assert timm_name_for({"arch": "vit_small", "patch_size": 8}) == "vit_small_patch8_224.dino"
+    assert timm_name_for({"arch": "vit_base", "patch_size": "16"}) == "vit_base_patch16_224.dino"
+    assert timm_name_for({"arch": "deit_base", "patch_size": 8}) == "vit_base_patch8_224.dino"
+    assert timm_name_for({"arch": "vit_tiny", "patch_size": 16}) == "vit_tiny_patch16_224"
+    assert timm_name_for({"arch": "vit_custom", "patch_size": 16}) is None
+    assert timm_name_for({"arch": "resnet50", "patch_size": None}) is None
+
+
+def test_timm_loads_the_export_with_equal_features(tmp_path):
+    timm = pytest.importorskip("timm")
+    model = build_backbone("vit_tiny", patch_size=16).eval()
+    teacher = {"backbone." + k: v for k, v in model.state_dict().items()}
+    torch.save({"teacher": teacher}, tmp_path / "ckpt.pth")
+    info = export_backbone(tmp_path / "ckpt.pth", tmp_path / "vit_tiny16.safetensors")
+    assert info["timm_name"] == "vit_tiny_patch16_224"
+    path = str(tmp_path / "vit_tiny16.safetensors")
+    # file= makes timm read the local file (no network); num_classes=0 on both sides keeps its load strict
+    tm = timm.create_model(info["timm_name"], pretrained=True, num_classes=0,
+                           pretrained_cfg_overlay=dict(file=path, num_classes=0)).eval()
+    assert set(tm.state_dict()) == set(load_file(path))
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ours, theirs = model(x), tm(x)
+    assert ours.shape == theirs.shape == (1, 192)
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_hub_entry_points_load_local_weights(tmp_path):
+    from dinokit import hub
+
+    vit = build_backbone("vit_small", patch_size=16).eval()
+    torch.save(vit.state_dict(), tmp_path / "dino_deitsmall16_pretrain.pth")
+    m = torch.hub.load(str(ROOT), "dino_vits16", source="local",
+                       weights=str(tmp_path / "dino_deitsmall16_pretrain.pth"))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(m.eval()(x), vit(x))
+    with pytest.raises(CheckpointError, match="do not fit vit_base"):
+        hub.dino_vitb16(weights=tmp_path / "dino_deitsmall16_pretrain.pth")
+    assert hub.dino_vits8().patch_embed.proj.kernel_size == (8, 8)
+    rn = hub.dino_resnet50()
+    assert isinstance(rn.fc, torch.nn.Identity)

@@ -1,0 +1,116 @@
+"""Weighted k-NN (reference eval_knn.py, dino-reference.md §4.1) against an independent loop
+implementation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinokit.eval.knn import extract_features, frozen_features, knn_classifier, knn_eval
+
+
+def loop_knn(train, train_labels, test, test_labels, k, T, num_classes):
+    """Straightforward per-image implementation: sorted neighbours, exp(s/T) votes, stable descending order of
+    classes (ties -> lower class index), top-5 over min(5, k, C) classes."""
+    top1 = top5 = 0
+    k = min(k, len(train))
+    for x, y in zip(test.tolist(), test_labels.tolist()):
+        sims = [sum(a * b for a, b in zip(x, t)) for t in train.tolist()]
+        order = sorted(range(len(sims)), key=lambda j: -sims[j])[:k]
+        scores = [0.0] * num_classes
+        for j in order:
+            scores[int(train_labels[j])] += math.exp(sims[j] / T)
+        ranked = sorted(range(num_classes), key=lambda c: (-scores[c], c))
+        top1 += ranked[0] == y
+        top5 += y in ranked[:min(5, k, num_classes)]
+    n = len(test_labels)
+    return 100.0 * top1 / n, 100.0 * top5 / n
+
+
+def _data(n_train, n_test, dim, classes, seed, noise=1.5):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(classes, dim, generator=g)
+    ytr = torch.randint(0, classes, (n_train,), generator=g)
+    yte = torch.randint(0, classes, (n_test,), generator=g)
+    xtr = F.normalize(centers[ytr] + noise * torch.randn(n_train, dim, generator=g), dim=1).double()
+    xte = F.normalize(centers[yte] + noise * torch.randn(n_test, dim, generator=g), dim=1).double()
+    return xtr, ytr, xte, yte
+
+
+@pytest.mark.parametrize("classes,k", [(7, 10), (7, 3), (3, 10), (2, 1), (4, 4), (12, 20)])
+def test_matches_loop_implementation(classes, k):
+    xtr, ytr, xte, yte = _data(60, 25, 8, classes, seed=classes * 31 + k)
+    got = knn_classifier(xtr, ytr, xte, yte, k, 0.07, num_classes=classes)
+    want = loop_knn(xtr, ytr, xte, yte, k, 0.07, classes)
+    assert got == pytest.approx(want, abs=1e-9)
+
+
+def test_inferred_num_classes_and_k_larger_than_train():
+    xtr, ytr, xte, yte = _data(8, 10, 4, 3, seed=3)
+    assert knn_classifier(xtr, ytr, xte, yte, 50, 0.1) == pytest.approx(
+        loop_knn(xtr, ytr, xte, yte, 50, 0.1, int(max(ytr.max(), yte.max())) + 1))
+
+
+def test_chunked_equals_unchunked():
+    xtr, ytr, xte, yte = _data(200, 97, 16, 10, seed=1)
+    full = knn_classifier(xtr.float(), ytr, xte.float(), yte, 20, 0.07, chunk_size=10_000)
+    for chunk in (1, 7, 32):
+        assert knn_classifier(xtr.float(), ytr, xte.float(), yte, 20, 0.07, chunk_size=chunk) == full
+
+
+def test_hand_computed_three_points():
+    # train: two points of class 0 near (1, 0), one of class 1 at (0, 1); test at 45 degrees, label 1.
+    train = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 1])
+    test = torch.tensor([[math.sqrt(0.5), math.sqrt(0.5)]])
+    # similarities: 0.7071, 0.9899, 0.7071. k=1 -> class 0 (wrong); k=3, T=1: class 0 gets
+    # e^0.7071 + e^0.9899 = 4.719, class 1 gets e^0.7071 = 2.028 -> class 0 (wrong); top-5 contains class 1.
+    assert knn_classifier(train, labels, test, torch.tensor([1]), 1, 1.0) == (0.0, 0.0)
+    assert knn_classifier(train, labels, test, torch.tensor([1]), 3, 1.0) == (0.0, 100.0)
+    assert knn_classifier(train, labels, test, torch.tensor([0]), 3, 1.0) == (100.0, 100.0)
+    # k=2: only class 0 votes; class 1 has 0 votes but fills the second top-5 slot (min(5, k=2, C=2) = 2)
+    assert knn_classifier(train, labels, test, torch.tensor([1]), 2, 1.0) == (0.0, 100.0)
+    # a low temperature does not change the argmax here
+    assert knn_classifier(train, labels, test, torch.tensor([0]), 3, 0.07) == (100.0, 100.0)
+
+
+def test_knn_eval_normalises_and_reports_every_k():
+    xtr, ytr, xte, yte = _data(80, 30, 8, 5, seed=2, noise=0.5)
+    scaled_tr = xtr.float() * (torch.rand(len(xtr), 1) * 10 + 0.1)
+    res = knn_eval(scaled_tr, ytr, xte.float() * 3, yte, ks=(1, 5, 20))
+    assert set(res) == {1, 5, 20}
+    for k in (1, 5, 20):
+        want = loop_knn(xtr, ytr, xte, yte, k, 0.07, 5)
+        assert (res[k]["top1"], res[k]["top5"]) == pytest.approx(want, abs=1e-9)
+    assert res[1]["top1"] > 50  # clusters are separable enough
+
+
+def test_rejects_unlabelled():
+    xtr, ytr, xte, yte = _data(10, 4, 4, 2, seed=0)
+    with pytest.raises(ValueError, match="labels"):
+        knn_classifier(xtr, ytr, xte, torch.full_like(yte, -1), 5, 0.07)
+
+
+def test_extract_features_order_and_multiblock():
+    from dinokit.models import build_backbone
+
+    model = build_backbone("vit_custom", patch_size=8, embed_dim=32, depth=2, num_heads=2, img_size=16)
+    images = torch.randn(5, 3, 16, 16)
+    ds = torch.utils.data.TensorDataset(images, torch.arange(5))
+    feats, labels = extract_features(model, ds, batch_size=2, progress=False)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(feats, model(images), atol=1e-5)
+        assert labels.tolist() == [0, 1, 2, 3, 4]
+        f2, _ = extract_features(model, ds, batch_size=3, n_last_blocks=2, progress=False)
+        inter = model.get_intermediate_layers(images, 2)
+        assert torch.allclose(f2, torch.cat([inter[0][:, 0], inter[1][:, 0]], 1), atol=1e-5)
+        # n=1 + avgpool interleaves cls and mean patch token (reference eval_linear.py)
+        f3 = frozen_features(model, images, 1, True)
+        cls, avg = inter[1][:, 0], inter[1][:, 1:].mean(1)
+        assert f3.shape == (5, 64) and torch.allclose(f3[:, 0::2], cls) and torch.allclose(f3[:, 1::2], avg)
+        pt, _ = extract_features(model, ds, batch_size=4, patch_tokens=True, progress=False)
+        assert pt.shape == (5, 4, 32) and torch.allclose(pt, inter[1][:, 1:], atol=1e-5)

@@ -1,0 +1,315 @@
+"""Performance properties checked by counting, never by timing: FLOPs, kernel calls, tensor sizes, peak bytes.
+
+The speed figures themselves are in docs/benchmarks.md (benchmarks/run_all.py); these tests pin down the
+mechanisms that produce them, and that each keeps the maths unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from dinokit.head import DINOHead, WeightNormLinear
+from dinokit.loss import DINOLoss
+from dinokit.models import build_backbone
+from dinokit.optim import build_optimizer, clip_gradients
+from dinokit.teacher import build_teacher, ema_update
+
+aten = torch.ops.aten
+
+
+class OpLog(TorchDispatchMode):
+    """Records every ATen call: (overload packet name, output shapes, output dtypes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, list, list]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        self.calls.append((func.overloadpacket.__name__, [tuple(o.shape) for o in outs if isinstance(o, torch.Tensor)],
+                           [o.dtype for o in outs if isinstance(o, torch.Tensor)]))
+        return out
+
+    def count(self, name: str) -> int:
+        return sum(1 for c in self.calls if c[0] == name)
+
+
+def _cpu_flash_flop_counter() -> FlopCounterMode:
+    """The counter of benchmarks/train_step.py: CPU flash attention counted as 2 matmuls forward, 4 backward."""
+    def fwd(q, k, v, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(q, k, v)
+
+    def bwd(g, q, k, v, *args, out_shape=None, **kwargs):
+        return 2 * sdpa_flop_count(q, k, v)
+
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: fwd,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: bwd})
+
+
+def _vit():
+    torch.manual_seed(0)
+    return build_backbone("vit_custom", patch_size=8, embed_dim=48, depth=2, num_heads=3, img_size=32)
+
+
+def _fwd_bwd(model, x):
+    model(x).sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def test_step_flops_equal_the_explicit_attention_count_and_the_formula():
+    """The benchmark's model FLOPs: SDPA (CPU flash kernel) counted with the registered formula equals the math
+    decomposition (explicit bmm + softmax, as the reference computes it), and the closed form."""
+    m = _vit()
+    x = torch.randn(2, 3, 32, 32)
+    with _cpu_flash_flop_counter() as fc:
+        _fwd_bwd(m, x)
+    flash = fc.get_total_flops()
+    m.zero_grad()
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc2:
+        _fwd_bwd(m, x)
+    assert flash == fc2.get_total_flops()
+    # closed form of the forward: per block 24 N D^2 (qkv, proj, MLP) + 4 N^2 D (q k^T, a v); patch embedding
+    B, N, D, depth, P = 2, 17, 48, 2, 8
+    with _cpu_flash_flop_counter() as fc3, torch.no_grad():
+        m.forward_features(x)
+    full = B * depth * (24 * N * D * D + 4 * N * N * D) + B * 2 * (N - 1) * D * 3 * P * P
+    assert fc3.get_total_flops() == full
+    # forward() (the CLS feature) runs the last block for token 0 only: keys/values of all tokens, one query,
+    # one attention row, projection and MLP of one token
+    with _cpu_flash_flop_counter() as fc4, torch.no_grad():
+        m(x)
+    last_full = 24 * N * D * D + 4 * N * N * D
+    last_cls = 4 * N * D * D + 2 * D * D + 4 * N * D + 2 * D * D + 16 * D * D
+    assert fc4.get_total_flops() == full - B * (last_full - last_cls)
+
+
+def test_cls_forward_equals_the_full_last_block_values_and_gradients():
+    torch.manual_seed(0)
+    m = build_backbone("vit_custom", patch_size=8, embed_dim=48, depth=3, num_heads=3, img_size=32,
+                       drop_path_rate=0.3).double().train()  # float64: equal up to rounding means ~1e-12 here
+    x = torch.randn(4, 3, 32, 40, dtype=torch.float64)
+    torch.manual_seed(1)
+    out = m(x)  # the last block for token 0 only
+    out.pow(2).sum().backward()
+    g = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    torch.manual_seed(1)  # the same drop-path draws
+    ref = m.forward_features(x)[:, 0]  # every token through every block, as the reference
+    ref.pow(2).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    for a, b in zip(g, [p.grad for p in m.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    m.set_grad_checkpointing(True)
+    m.zero_grad()
+    torch.manual_seed(1)
+    m(x).pow(2).sum().backward()
+    for a, b in zip(g, [p.grad for p in m.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# attention
+
+
+def test_bf16_cpu_attention_skips_the_flash_kernel_keeps_fp32_logits_and_agrees():
+    m = _vit()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = m.forward_features(x)  # fp32: SDPA
+    with OpLog() as log, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m.forward_features(x)  # with gradients: the explicit path
+    assert log.count("_scaled_dot_product_flash_attention_for_cpu") == 0
+    softmaxes = [c for c in log.calls if c[0] == "_softmax"]
+    assert len(softmaxes) == 2 and all(c[2] == [torch.float32] for c in softmaxes)  # one per block, fp32
+    assert (out.detach().float() - ref).norm() / ref.norm() < 2e-2  # bf16 matmuls
+    for ctx in (torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16)):  # fp32, or no gradients: SDPA
+        with OpLog() as log2, torch.no_grad(), ctx:
+            m.forward_features(x)
+        assert log2.count("_scaled_dot_product_flash_attention_for_cpu") == 2 and log2.count("_softmax") == 0
+
+
+def test_bf16_attention_gradients_agree_with_fp32():
+    m = _vit()
+    x = torch.randn(2, 3, 32, 32)
+    _fwd_bwd(m, x)
+    g32 = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    y.float().sum().backward()
+    for a, b in zip(g32, [p.grad for p in m.parameters()]):
+        assert (a - b).norm() <= 5e-2 * a.norm() + 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------------
+# head
+
+
+def test_head_normalises_once_and_scales_the_output_for_small_batches():
+    head = DINOHead(16, 4096, hidden_dim=32, bottleneck_dim=64)
+    x = torch.randn(10, 16)  # 10 rows < 64 inputs of the last layer
+    with OpLog() as log:
+        out = head(x)
+    assert log.count("linalg_vector_norm") == 2  # the bottleneck's F.normalize and ||v|| once
+    assert (4096, 64) not in [s for c in log.calls for s in c[1]]  # v * g / ||v|| never materialised
+    ll = head.last_layer
+    expected = F.linear(F.normalize(head.mlp(x), dim=-1), ll.weight_v * (ll.weight_g / ll.weight_v.norm(dim=1,
+                                                                                                        keepdim=True)))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    big = torch.randn(100, 64)  # more rows than inputs: the weight is normalised (fewer elements)
+    with OpLog() as log2:
+        ll(big)
+    assert (4096, 64) in [s for c in log2.calls for s in c[1]]
+
+
+def test_weight_norm_gradients_equal_the_weight_form():
+    torch.manual_seed(0)
+    a = WeightNormLinear(8, 50)
+    with torch.no_grad():
+        a.weight_g.uniform_(0.5, 2)
+    x = torch.randn(3, 8)
+    a(x).pow(2).sum().backward()
+    gv, gg = a.weight_v.grad.clone(), a.weight_g.grad.clone()
+    a.zero_grad()
+    F.linear(x, a.weight).pow(2).sum().backward()
+    torch.testing.assert_close(gv, a.weight_v.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gg, a.weight_g.grad, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loss
+
+
+def _peak_bytes(fn) -> int:
+    """Peak of the bytes allocated by ``fn`` on the CPU, from the profiler's allocation records (each op's own
+    net allocation and every free, in time order)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    cur = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        cur += e.self_cpu_memory_usage
+        peak = max(peak, cur)
+    return peak
+
+
+def test_loss_log_softmax_once_per_crop_not_per_pair():
+    V, B, K = 10, 4, 256
+    loss = DINOLoss(K, V, 0.04, 0.04, 0, 10)
+    s, t = torch.randn(V * B, K, requires_grad=True), torch.randn(2 * B, K)
+    with OpLog() as log:
+        loss(s, t, 0, chunk_pairs=False)
+    assert log.count("_log_softmax") == V  # the reference recomputes it for every pair: 2 (V - 1) = 18
+
+
+def test_loss_chunk_pairs_same_loss_and_gradients_lower_peak_memory():
+    V, B, K = 10, 8, 16384
+    torch.manual_seed(0)
+    s0, t, center = torch.randn(V * B, K), torch.randn(2 * B, K), 0.1 * torch.randn(1, K)
+    res, peaks = {}, {}
+    for chunk in (False, True):
+        loss = DINOLoss(K, V, 0.04, 0.04, 0, 10)
+        loss.center.copy_(center)
+        x = s0.clone().requires_grad_()
+
+        def run(loss=loss, x=x, chunk=chunk):
+            value = loss(x, t, 0, chunk_pairs=chunk)
+            value.backward()
+            res[chunk] = (value.detach(), x.grad, loss.center.clone())
+
+        peaks[chunk] = _peak_bytes(run)
+    torch.testing.assert_close(res[True][0], res[False][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(res[True][1], res[False][1], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(res[True][2], res[False][2])
+    one = V * B * K * 4  # one [V B, K] float32 tensor
+    assert peaks[True] <= 1.2 * one  # the gradient (+ one crop's temporaries)
+    assert peaks[False] >= 3 * one and peaks[True] < 0.5 * peaks[False]
+
+
+def test_chunked_loss_backward_under_bf16_student_output():
+    V, B, K = 4, 3, 64
+    torch.manual_seed(0)
+    s = torch.randn(V * B, K).bfloat16().requires_grad_()
+    t = torch.randn(2 * B, K)
+    g = {}
+    for chunk in (False, True):
+        s.grad = None
+        DINOLoss(K, V, 0.04, 0.04, 0, 10)(s, t, 0, chunk_pairs=chunk).backward()
+        g[chunk] = s.grad.float()
+    assert s.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(g[True], g[False], rtol=2e-2, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# optimiser, clipping, EMA
+
+
+def test_adamw_is_fused_on_cpu_and_matches_the_per_parameter_loop():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 4)), torch.nn.Parameter(torch.randn(3))]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = build_optimizer("adamw", [{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.0}])
+    assert opt.defaults["fused"] is True
+    loop = torch.optim.AdamW([{"params": ref[:1]}, {"params": ref[1:], "weight_decay": 0.0}], lr=0.0, foreach=False)
+    for o in (opt, loop):
+        for g in o.param_groups:
+            g["lr"] = 1e-2
+        o.param_groups[0]["weight_decay"] = 0.04
+    for _ in range(3):
+        for p, r in zip(params, ref):
+            p.grad = torch.randn_like(p)
+            r.grad = p.grad.clone()
+        opt.step()
+        loop.step()
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)
+
+
+def test_cpu_clipping_multiplies_only_the_gradients_above_the_ceiling():
+    ps = [torch.nn.Parameter(torch.zeros(10)) for _ in range(4)]
+    for p, scale in zip(ps, (0.1, 5.0, 0.5, 10.0)):
+        p.grad = torch.full((10,), scale)
+    expected = []
+    for p in ps:
+        n = p.grad.norm()
+        c = 3.0 / (n + 1e-6)
+        expected.append(p.grad * c if c < 1 else p.grad.clone())
+    with OpLog() as log:
+        clip_gradients(ps, 3.0)
+    assert log.count("mul_") == 2  # the two gradients with norm > 3
+    for p, e in zip(ps, expected):
+        torch.testing.assert_close(p.grad, e)
+
+
+def test_ema_is_one_foreach_kernel_and_equals_the_formula():
+    student = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    teacher = build_teacher(student)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    before = [p.clone() for p in teacher.parameters()]
+    with OpLog() as log:
+        ema_update(student, teacher, 0.99)
+    assert log.count("_foreach_lerp_") == 1 and log.count("_foreach_mul_") == 0 and log.count("_foreach_add_") == 0
+    for b, s, t in zip(before, student.parameters(), teacher.parameters()):
+        torch.testing.assert_close(t, 0.99 * b + 0.01 * s.detach())
+
+
+def test_allocator_tuning_is_optional_and_harmless(monkeypatch):
+    from dinokit.trainer import tune_cpu_allocator
+
+    monkeypatch.setenv("DINOKIT_MALLOC_TUNING", "0")
+    assert tune_cpu_allocator() is False
+    monkeypatch.delenv("DINOKIT_MALLOC_TUNING")
+    assert tune_cpu_allocator() in (True, False)  # glibc: True
+    x = torch.randn(1000, 1000)
+    assert torch.isfinite(x @ x).all()

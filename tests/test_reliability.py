@@ -1,0 +1,459 @@
+"""Fault injection (issue 6): SIGKILL mid-epoch and during a checkpoint write, corrupt and malicious checkpoints,
+--keep-last, unwritable output dir, disk full, non-finite loss, bad images, bad options, and a property test of
+the data pipeline. Every test here fails without the behaviour it names; see docs/reliability.md."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import math
+import os
+import pickle
+import shlex
+import signal
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import dinokit.checkpoint
+import dinokit.loss
+from dinokit.cli import build_parser, main
+from dinokit.commands.train import config_from_args
+from dinokit.errors import DataError, DinokitError
+from dinokit.trainer import Trainer
+
+from .fault_injection import (
+    assert_same_training_state,
+    epoch_records,
+    iteration_losses,
+    load_state,
+    run_cli,
+    temp_files,
+    train_args,
+)
+from .helpers import make_image_folder
+
+# ---------------------------------------------------------------------------------------------------------
+# shared set-up: 12 images, batch 4 -> 3 iterations per epoch, 3 epochs = 9 iterations
+
+
+def cfg_for(argv):
+    return config_from_args(build_parser("train").parse_args(["train", *argv]))
+
+
+def cli_main(argv, capsys) -> tuple[int, str]:
+    """The real ``dinokit train`` entry point, in-process (fast): exit code and what it wrote on stderr."""
+    capsys.readouterr()
+    try:
+        rc = main(["train", *argv])
+    except SystemExit as e:  # argparse errors
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("reliability") / "imgs", n_per_class=6)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """The uninterrupted run every interrupted one must match bit for bit."""
+    out = tmp_path_factory.mktemp("reference")
+    Trainer(cfg_for(train_args(data, out, "--save-every-steps", "2"))).fit()
+    return out
+
+
+class _RunsCode:
+    """Unpickling this object runs ``touch MARKER`` (the classic malicious-checkpoint payload)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+def write_malicious_checkpoint(path: Path, marker: Path, fmt: str = "torch") -> None:
+    payload = {"student": _RunsCode(marker), "epoch": 0}
+    if fmt == "torch":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload))
+    # the file really is malicious: an unrestricted load runs the command
+    if fmt == "torch":
+        torch.load(path, weights_only=False)
+    else:
+        pickle.loads(path.read_bytes())
+    assert marker.exists(), "test set-up: the payload should run under an unrestricted load"
+    marker.unlink()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# kill and resume
+
+
+def test_sigkill_mid_epoch_then_same_command_ends_bitwise_identical_with_any_worker_count(data, reference, tmp_path):
+    out = tmp_path / "run"
+    args = train_args(data, out, "--save-every-steps", "2")
+    # SIGKILL right after iteration 5 (mid-epoch 1), before it is checkpointed: its work is lost and redone
+    r = run_cli(args, fault="kill_after_iteration:5")
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    ck = load_state(out)
+    assert (ck["epoch"], ck["iteration"], ck["step_in_epoch"]) == (1, 4, 1)
+    # restart with the same command, now with 2 data-loader workers (per-sample seeds: same crops)
+    r = run_cli([*args, "--num-workers", "2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr and "iteration 4" in r.stderr
+    assert_same_training_state(load_state(reference), load_state(out))
+    # the loss curve too; iteration 5 was logged twice (before the kill and when redone) with the same loss
+    assert iteration_losses(out) == iteration_losses(reference)
+    assert len(iteration_losses(out)) == 9
+    # and the per-epoch means, although epoch 1 was split over two processes
+    assert epoch_records(out) == epoch_records(reference)
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(data, reference, tmp_path):
+    out = tmp_path / "run"
+    args = train_args(data, out, "--save-every-steps", "3")
+    # writes: iteration 3 (last of epoch 0) -> #1; end of epoch 0 -> #2 checkpoint.pth, killed after half of its
+    # temp file is on disk (then #3 would have been checkpoint0000.pth)
+    r = run_cli(args, fault="kill_during_save:2")
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    (tmp,) = temp_files(out)
+    assert tmp.stat().st_size > 0
+    with pytest.raises(Exception):  # noqa: B017 - it really is half a checkpoint
+        torch.load(tmp, weights_only=True)
+    assert sorted(p.name for p in out.glob("*.pth")) == ["checkpoint.pth"]
+    ck = load_state(out)  # the previous checkpoint, intact: all of epoch 0 done, its end not yet recorded
+    assert (ck["epoch"], ck["iteration"], ck["step_in_epoch"]) == (0, 3, 3)
+    r = run_cli(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert tmp.name in r.stderr and not temp_files(out)  # the stray temp file is reported and removed
+    assert_same_training_state(load_state(reference), load_state(out))
+    assert epoch_records(out) == epoch_records(reference)  # epoch 0 was logged twice, identically
+
+
+def test_unusable_checkpoints_are_named_and_the_newest_intact_one_is_used_keep_last(data, reference, tmp_path):
+    out = tmp_path / "run"
+    argv = train_args(data, out, "--save-every-steps", "2", "--keep-last", "2")
+    t = Trainer(cfg_for(argv))
+    real_step = t.train_step
+
+    def crash_in_epoch_2(crops):
+        if t.iteration == 7:
+            raise KeyboardInterrupt
+        return real_step(crops)
+
+    t.train_step = crash_in_epoch_2
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    assert sorted(p.name for p in out.glob("*.pth")) == ["checkpoint.pth", "checkpoint0000.pth",
+                                                         "checkpoint0001.pth"]
+    # newest: truncated; next: a pickle that would run code; oldest: intact (iteration 3)
+    main_ckpt = out / "checkpoint.pth"
+    main_ckpt.write_bytes(main_ckpt.read_bytes()[: main_ckpt.stat().st_size // 2])
+    marker = tmp_path / "MARKER"
+    write_malicious_checkpoint(out / "checkpoint0001.pth", marker)
+    with pytest.warns(UserWarning) as rec:
+        resumed = Trainer(cfg_for(argv))
+    messages = " | ".join(str(w.message) for w in rec)
+    assert str(main_ckpt) in messages and str(out / "checkpoint0001.pth") in messages
+    assert "could run code" in messages
+    assert not marker.exists()
+    assert (resumed.epoch, resumed.iteration) == (1, 3)
+    resumed.fit()
+    assert_same_training_state(load_state(reference), load_state(out))
+    # --keep-last 2: only the two newest numbered checkpoints remain (checkpoint0000 was rotated away)
+    assert sorted(p.name for p in out.glob("checkpoint*.pth")) == ["checkpoint.pth", "checkpoint0001.pth",
+                                                                   "checkpoint0002.pth"]
+    assert load_state(out / "checkpoint0001.pth")["iteration"] == 6
+
+
+@pytest.mark.parametrize("fmt", ["torch", "raw-pickle"])
+def test_a_checkpoint_that_would_run_code_is_refused_by_name_and_nothing_runs(data, tmp_path, capsys, fmt):
+    out = tmp_path / "run"
+    out.mkdir()
+    marker = tmp_path / "MARKER"
+    evil = out / "checkpoint.pth"
+    write_malicious_checkpoint(evil, marker, fmt)
+    before = evil.read_bytes()
+    rc, err = cli_main(train_args(data, out), capsys)
+    assert rc == 2
+    assert not marker.exists()  # the payload never ran
+    last = err.strip().splitlines()[-1]
+    assert str(evil) in last and "move" in last and "Traceback" not in err
+    assert "could run code" in err  # the warning says why it was refused
+    assert evil.read_bytes() == before  # the user's file is not overwritten
+    assert not (out / "log.jsonl").exists()  # stopped before training
+
+
+# ---------------------------------------------------------------------------------------------------------
+# unwritable output dir, disk full
+
+
+@pytest.mark.parametrize("case", ["inside-a-file", "is-a-file", "read-only"])
+def test_unwritable_output_dir_is_one_line_exit_2_before_training(data, tmp_path, capsys, case):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    out = {"inside-a-file": blocker / "out", "is-a-file": blocker, "read-only": tmp_path / "ro"}[case]
+    if case == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root ignores directory permissions (the other cases cover this)")
+        out.mkdir()
+        out.chmod(0o500)
+    rc, err = cli_main(train_args(data, out), capsys)
+    assert rc == 2
+    assert err.strip().splitlines() == [err.strip()]  # exactly one line
+    assert "not writable" in err and str(out) in err and "Traceback" not in err
+
+
+class _DiskFull:
+    """A checkpoint file on a disk with ``room`` bytes left: the write that overflows raises ENOSPC."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, b):
+        b = bytes(b)
+        if len(b) > self.room:
+            self.f.write(b[: self.room])
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(b)
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
+
+    def fileno(self):
+        return self.f.fileno()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_disk_full_at_save_stops_saying_the_previous_checkpoint_is_intact(data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    t = Trainer(cfg_for(train_args(data, out, "--save-every-steps", "1", "--epochs", "1")))
+    ckpt_fds, saves = set(), []
+    real_mkstemp, real_fdopen = dinokit.checkpoint.tempfile.mkstemp, dinokit.checkpoint.os.fdopen
+
+    def mkstemp(*a, **k):
+        fd, name = real_mkstemp(*a, **k)
+        ckpt_fds.add(fd)
+        return fd, name
+
+    def fdopen(fd, *a, **k):
+        f = real_fdopen(fd, *a, **k)
+        if fd not in ckpt_fds:
+            return f
+        ckpt_fds.discard(fd)
+        saves.append(fd)
+        return _DiskFull(f, room=20_000) if len(saves) == 3 else f  # the disk fills during the 3rd write
+
+    monkeypatch.setattr(dinokit.checkpoint.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(dinokit.checkpoint.os, "fdopen", fdopen)
+    with pytest.raises(DinokitError) as e:
+        t.fit()
+    msg = str(e.value)
+    assert "No space left on device" in msg and f"previous checkpoint {out / 'checkpoint.pth'} is intact" in msg
+    assert t.iteration == 3 and load_state(out)["iteration"] == 2  # it is intact
+    assert not temp_files(out)  # the partial temp file was removed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# non-finite loss
+
+
+def _poison_loss(monkeypatch, calls: set[int]):
+    """Make the DINO loss non-finite on the given (0-based) calls."""
+    real = dinokit.loss.DINOLoss.forward
+    n = [0]
+
+    def forward(self, *a, **k):
+        loss = real(self, *a, **k)
+        n[0] += 1
+        return loss * float("nan") if n[0] - 1 in calls else loss
+
+    monkeypatch.setattr(dinokit.loss.DINOLoss, "forward", forward)
+
+
+def test_non_finite_loss_stops_naming_epoch_and_iteration_with_hint_last_checkpoint_kept(data, tmp_path, capsys,
+                                                                                        monkeypatch):
+    out = tmp_path / "nan"
+    _poison_loss(monkeypatch, {4})  # the 5th iteration: epoch 1, iteration 4 (0-based)
+    rc, err = cli_main(train_args(data, out, "--save-every-steps", "1", "--epochs", "2"), capsys)
+    assert rc == 3 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert "epoch 1, iteration 4" in last and str(out) in last
+    for hint in ("--lr", "fp32", "--clip-grad", "--nan-policy skip"):
+        assert hint in last
+    ck = load_state(out)
+    assert ck["iteration"] == 4  # the last good checkpoint
+    for key in ("student", "teacher"):
+        assert all(torch.isfinite(v).all() for v in ck[key].values() if v.is_floating_point())
+    assert torch.isfinite(ck["dino_loss"]["center"]).all()
+
+
+def test_nan_policy_skip_counts_skipped_steps_in_the_log(data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "skip"
+    _poison_loss(monkeypatch, {1, 4})
+    rc, err = cli_main(train_args(data, out, "--nan-policy", "skip", "--epochs", "2"), capsys)
+    assert rc == 0, err
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records if r["type"] == "epoch"] == [1, 2]
+    nan_iters = [r["iteration"] for r in records if r["type"] == "train" and not math.isfinite(r["loss"])]
+    assert nan_iters == [2, 5]
+    ck = load_state(out)
+    assert ck["skipped_steps"] == 2 and ck["iteration"] == 6
+    assert all(torch.isfinite(v).all() for v in ck["student"].values() if v.is_floating_point())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bad data
+
+
+def _add_bad_files(folder: Path) -> list[Path]:
+    """A zero-byte .jpg, a text file named .png and a truncated JPEG, in ``folder/b``, listed after its images."""
+    jpeg = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(jpeg, "JPEG")
+    (folder / "b").mkdir(parents=True, exist_ok=True)
+    bad = [folder / "b" / "zz_empty.jpg", folder / "b" / "zz_text.png", folder / "b" / "zz_truncated.jpg"]
+    bad[0].write_bytes(b"")
+    bad[1].write_text("this is not an image\n")
+    bad[2].write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    return bad
+
+
+def test_bad_images_are_skipped_with_warnings_naming_them_and_counted_in_the_log(tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", n_per_class=6)
+    bad = _add_bad_files(folder)  # listed last: only the data-loader workers meet them
+    out = tmp_path / "out"
+    # 15 files, batch 5: one epoch reads every file; the skips happen in 2 worker processes
+    r = run_cli(train_args(folder, out, "--epochs", "1", "--batch-size-per-gpu", "5", "--num-workers", "2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for p in bad:
+        assert f"skipping unreadable image {p}" in r.stderr
+    epoch = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][-1]
+    assert epoch["type"] == "epoch" and epoch["skipped_images"] == 3
+    assert load_state(out)["iteration"] == 3
+
+
+def test_a_folder_of_only_unreadable_files_is_one_clear_error_before_training(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    _add_bad_files(folder)
+    out = tmp_path / "out"
+    rc, err = cli_main(train_args(folder, out, "--num-workers", "2", "--batch-size-per-gpu", "1"), capsys)
+    assert rc == 2
+    assert "Traceback" not in err  # not re-raised from a worker with its traceback
+    last = err.strip().splitlines()[-1]
+    assert "none of the 3 image files" in last and str(folder) in last
+    assert not (out / "log.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# options
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["--no-such-option", "1"], "unrecognized arguments"),
+    (["--epochs", "three"], "invalid int value"),
+    (["--lr", "fast"], "invalid float value"),
+    (["--set", "epochs=abc"], "'epochs'"),
+    (["--precision", "fp64"], "invalid choice"),
+    (["--global-crop-size", "100", "--patch-size", "16"], "not divisible by patch_size"),
+    (["--local-crop-size", "40"], "larger than global_crop_size"),
+    (["--batch-size-per-gpu", "0"], "must be positive"),
+    (["--batch-size-per-gpu", "-4"], "must be positive"),
+    (["--set", "no_such_key=1"], "unknown option 'no_such_key'"),
+    (["--set", "epoch=3"], "did you mean epochs"),
+    (["--keep-last", "-1"], "keep_last must be >= 0"),
+    (["--save-every-steps", "-5"], "save_every_steps must be >= 0"),
+    ("yaml", "YAML syntax error"),
+])
+def test_bad_options_are_one_line_exit_2_no_traceback(data, tmp_path, capsys, argv, expect):
+    if argv == "yaml":
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("epochs: 3\nlr: [0.1, 0.2\n")
+        argv = ["--config", str(bad)]
+    # argv goes last: it overrides the tiny-ViT defaults (global crop 32)
+    rc, err = cli_main([*train_args(data, tmp_path / "out"), *argv], capsys)
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert expect in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing was started
+
+
+# ---------------------------------------------------------------------------------------------------------
+# property: random files through data set + augmentation + loader
+
+
+def _image_file(kind: str, w: int, h: int, seed: int, cut: float) -> tuple[bytes, str]:
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+    if kind == "junk":
+        return rng.integers(0, 256, int(cut * 300), dtype=np.uint8).tobytes(), ".jpg"
+    mode, fmt, ext = kind.split("/")
+    if mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
+    elif mode == "I":
+        img = Image.fromarray(rng.integers(-(2**20), 2**20, (h, w), dtype=np.int32))
+    elif mode == "F":
+        img = Image.fromarray(rng.normal(0, 100, (h, w)).astype(np.float32))
+    else:
+        img = rgb.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    raw = buf.getvalue()
+    if cut < 1.0:  # truncated file
+        raw = raw[: int(len(raw) * cut)]
+    return raw, ext
+
+
+_KINDS = ["RGB/PNG/.png", "L/PNG/.png", "LA/PNG/.png", "P/PNG/.png", "RGBA/PNG/.png", "1/PNG/.png",
+          "I;16/PNG/.png", "I/TIFF/.tif", "F/TIFF/.tiff", "CMYK/JPEG/.jpg", "L/JPEG/.jpeg", "RGB/JPEG/.jpg",
+          "RGB/BMP/.bmp", "P/GIF/.gif", "RGBA/WEBP/.webp", "CMYK/TIFF/.tif", "junk"]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(files=st.lists(st.tuples(st.sampled_from(_KINDS), st.integers(1, 48), st.integers(1, 48),
+                                st.integers(0, 2**31), st.sampled_from([1.0, 1.0, 0.5, 0.05, 0.0])),
+                      min_size=1, max_size=4),
+       batch=st.integers(1, 3))
+def test_property_random_files_through_dataset_augmentation_and_loader(files, batch):
+    from dinokit.augmentation import DINOAugmentation
+    from dinokit.data import ImageFolderDataset
+    from dinokit.trainer import AugmentedDataset, EpochSampler, collate_crops
+
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, spec in enumerate(files):
+            raw, ext = _image_file(*spec)
+            (Path(d) / f"f{i}{ext}").write_bytes(raw)
+        aug = DINOAugmentation(global_crop_size=16, local_crop_size=8, local_crops_number=1)
+        try:
+            base = ImageFolderDataset(d)
+            sampler = EpochSampler(len(base), min(batch, len(base)), seed=files[0][3] % 1000)
+            loader = torch.utils.data.DataLoader(AugmentedDataset(base, aug), batch_size=sampler.batch_size,
+                                                 sampler=sampler, collate_fn=collate_crops, drop_last=True)
+            batches = list(loader)
+        except DataError as e:  # the one documented error: no file at all is readable
+            assert "could be read" in str(e)
+            return
+        assert len(batches) == len(base) // sampler.batch_size
+        for crops in batches:
+            assert [tuple(c.shape) for c in crops] == [(sampler.batch_size, 3, 16, 16)] * 2 + [
+                (sampler.batch_size, 3, 8, 8)]
+            assert all(c.dtype == torch.float32 and torch.isfinite(c).all() for c in crops)

@@ -1,0 +1,124 @@
+"""``dinokit submit``: the sbatch job it builds, and real runs through submitit's local executor (a job process
+started by a controller, as on SLURM), including a preemption that requeues the job and resumes training."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinokit.cli import main
+from dinokit.submitit_launcher import SubmitSettings, TrainJob, submit_training
+
+from .helpers import TINY_VIT, make_image_folder
+
+needs_submitit = pytest.mark.skipif(importlib.util.find_spec("submitit") is None,
+                                    reason="submitit not installed (pip install 'dinokit[slurm]')")
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return make_image_folder(tmp_path / "imgs", n_per_class=6)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the job processes inherit it
+
+
+@needs_submitit
+def test_dry_run_prints_the_multi_node_sbatch_job(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["submit", "--dry-run", "--nodes", "2", "--gpus-per-node", "8", "--partition", "P",
+                 "--timeout-min", "600", "--output-dir", str(out), "--", "--data", "/data/imagenet",
+                 "--arch", "vit_small"]) == 0
+    script = capsys.readouterr().out
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=P", "#SBATCH --time=600", "#SBATCH --signal=USR2@120",
+                 "#SBATCH --cpus-per-task=10", "#SBATCH --mem=320GB", "srun --unbuffered",
+                 "-m submitit.core._submit"):
+        assert line in script, line
+    assert f"dinokit train --data /data/imagenet --arch vit_small --output-dir {out}" in script
+
+
+def test_clear_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "submitit", None)  # as if not installed
+    assert main(["submit", "--dry-run", "--output-dir", str(tmp_path), "--", "--data", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "needs submitit" in err and "dinokit[slurm]" in err and "Traceback" not in err
+    monkeypatch.undo()
+    if importlib.util.find_spec("submitit") is None:
+        return
+    assert main(["submit", "--dry-run", "--output-dir", str(tmp_path), "--", "--arch", "vit_small"]) == 2
+    assert "no training data" in capsys.readouterr().err
+    assert main(["submit", "--dry-run", "--output-dir", str(tmp_path), "--", "--data", "x", "--output-dir",
+                 "y"]) == 2
+    assert "give --output-dir to dinokit submit" in capsys.readouterr().err
+    assert main(["submit", "--cluster", "local", "--nodes", "2", "--output-dir", str(tmp_path), "--", "--data",
+                 "x"]) == 2
+    assert "--nodes 1" in capsys.readouterr().err
+
+
+@needs_submitit
+def test_local_executor_runs_a_two_task_job_to_completion(folder, tmp_path, capsys):
+    """2 tasks, as SLURM would start on a node with 2 GPUs: each gets RANK / WORLD_SIZE / MASTER_* from submitit's
+    JobEnvironment, they form one gloo process group of world 2 and train together."""
+    out = tmp_path / "run"
+    assert main(["submit", "--cluster", "local", "--gpus-per-node", "0", "--tasks-per-node", "2",
+                 "--timeout-min", "10", "--output-dir", str(out), "--wait", "--", "--data", str(folder), *TINY_VIT,
+                 "--batch-size-per-gpu", "2", "--epochs", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "world 2" in printed and "done: 1 epochs, 3 iterations" in printed  # 12 images / (2 x 2)
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == 3
+    logs = {p.name: p.read_text() for p in (out / "submitit").glob("*_log.err")}
+    assert len(logs) == 2  # one log per task; rank 0 alone reports
+    assert sum("world 2, global batch 4" in text for text in logs.values()) == 1
+
+
+class PreemptedOnce(TrainJob):
+    """Like TrainJob, but the first time the iteration-2 checkpoint is written the job receives SIGUSR2, the
+    signal SLURM sends before preempting or timing out a job."""
+
+    def __init__(self, train_argv, marker):
+        super().__init__(train_argv)
+        self.marker = marker
+
+    def __call__(self):
+        import dinokit.trainer as T
+
+        marker, real_save = Path(self.marker), T.Trainer.save
+
+        def save(trainer, numbered=False):
+            real_save(trainer, numbered)
+            if trainer.iteration == 2 and not marker.exists():
+                marker.touch()
+                os.kill(os.getpid(), signal.SIGUSR2)
+
+        T.Trainer.save = save
+        return super().__call__()
+
+
+@needs_submitit
+def test_preemption_requeues_and_resumes_from_the_checkpoint(folder, tmp_path):
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the job process need not import this test
+    out = tmp_path / "run"
+    marker = tmp_path / "preempted"
+    settings = SubmitSettings(output_dir=str(out), gpus_per_node=0, timeout_min=60, cluster="local")
+    argv = ["--data", str(folder), *TINY_VIT, "--batch-size-per-gpu", "4", "--epochs", "2", "--save-every-steps", "1"]
+    job = submit_training(argv, settings, job_class=lambda a: PreemptedOnce(a, str(marker)))
+    result = job.result()
+    assert marker.exists()
+    assert result["iterations"] == 6 and result["epochs"] == 2
+    log = (job.stderr() or "") + (job.stdout() or "")
+    # a preemption (well within the time limit): checkpoint() requeues without using up a time-out
+    assert "this job is preempted" in log and "Calling checkpoint method" in log
+    assert "Requeued job" in log and "(30 remaining timeouts)" in log
+    assert "resumed from" in log and "at epoch 0, iteration 2" in log
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == 6
