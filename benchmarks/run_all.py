@@ -153,6 +153,52 @@ def _fmt(x, nd=2):
     return "n/a" if x is None else f"{x:.{nd}f}"
 
 
+def _targets(results: dict) -> list[str]:
+    """Issue 5's targets against this run."""
+    rows = []
+    train = {c["name"]: c for c in results.get("train", [])}
+
+    def ratio(cfg_prefix, key):
+        for name, c in train.items():
+            if name.startswith(cfg_prefix) and key in c["ratios"]:
+                r = c["ratios"][key]
+                return r["median"], r["iqr_rel"], r.get("best_of")
+        return None
+
+    def row(what, target, got):
+        if got is None:
+            rows.append(f"| {what} | {target:.2f}x | not measured | |")
+            return
+        med, spread, best = got
+        ok = "yes" if med >= target else "no"
+        rows.append(f"| {what} | {target:.2f}x | {med:.2f}x (spread {_fmt(spread)}; best steps {_fmt(best)}x) | {ok} |")
+
+    row("ViT-S/16 fp32 step vs reference fp32", 1.15, ratio("ViT-S/16", "dinokit/fp32 vs reference/fp32"))
+    row("ViT-S/16 bf16 step vs reference bf16 (same autocast)", 1.3,
+        ratio("ViT-S/16", "dinokit/bf16 vs reference/bf16"))
+    row("ViT-S/16 bf16 step vs reference's default (fp32)", 2.5, ratio("ViT-S/16", "dinokit/bf16 vs reference/fp32"))
+    row("ViT-S/8 small crops fp32 vs reference fp32", 1.15, ratio("ViT-S/8", "dinokit/fp32 vs reference/fp32"))
+    row("ViT-S/8 small crops bf16 vs reference bf16", 1.3, ratio("ViT-S/8", "dinokit/bf16 vs reference/bf16"))
+    row("ViT-T/16 small crops fp32 vs reference fp32", 1.4, ratio("ViT-T/16", "dinokit/fp32 vs reference/fp32"))
+    row("ViT-T/16 small crops bf16 vs reference bf16", 1.4, ratio("ViT-T/16", "dinokit/bf16 vs reference/bf16"))
+    aug = results.get("augment", {}).get("ratios", {}).get("fast vs reference")
+    rows.append(f"| multi-crop augmentation per process, fast vs reference | 3.00x | "
+                f"{_fmt(aug)}x | {'yes' if aug and aug >= 3 else 'no'} |")
+    mem = []
+    for name, c in train.items():
+        by = {(r["impl"], r["precision"]): r for r in c["rows"] if "peak_rss_mib" in r}
+        for prec in PRECISIONS:
+            d, r = by.get(("dinokit", prec)), by.get(("reference", prec))
+            if d and r:
+                mem.append(f"{name.split(',')[0]} {prec}: {d['peak_rss_mib']:.0f} vs {r['peak_rss_mib']:.0f} MiB"
+                           + ("" if d["peak_rss_mib"] <= r["peak_rss_mib"] else " (above)"))
+    ok = all("above" not in m for m in mem) if mem else None
+    rows.append(f"| peak RSS <= reference's (dinokit vs reference) | <= | {'; '.join(mem) or 'not measured'} | "
+                f"{'yes' if ok else 'no' if ok is False else ''} |")
+    return ["### Targets of issue 5 in this run", "",
+            "| target | wanted | measured (median of paired rounds) | reached |", "|---|---|---|---|", *rows, ""]
+
+
 def render(results: dict) -> str:
     m = results["machine"]
     lines = [BEGIN, "",
@@ -161,6 +207,7 @@ def render(results: dict) -> str:
              f"torchvision {m['torchvision']}, timm {m['timm']}, lightly {m['lightly']}, Pillow {m['pillow']}, "
              f"numpy {m['numpy']}; git {m['git']}. Load average at the start: {m['loadavg_1m']:.2f} "
              f"(the machine was shared: read the ratios, which pair candidates measured under the same load).", ""]
+    lines += _targets(results)
     if "matmul" in results:
         lines += ["### Matmul ceiling (`F.linear` at the ViT block's shapes)", "",
                   "| shapes | fp32 GFLOP/s | bf16 GFLOP/s | bf16 / fp32 |", "|---|---|---|---|"]
