@@ -24,18 +24,52 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = "fashion-mnist:/usr/share/datasets/fashion-mnist"
 
 
+def train_images(base: str, sets: list[str], out: str, images: int, seed: int) -> None:
+    """Train for exactly ``images`` images (rounded down to whole batches), every schedule planned for that many
+    iterations as the time budget would plan them: an *iteration-matched* run, independent of the machine's
+    load. Writes OUT/sweep_train.json with the wall and CPU seconds of ``fit``."""
+    import math
+    import resource
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from dinokit.config import TrainConfig, apply_overrides, load_yaml, parse_set_items
+    from dinokit.trainer import Plan, Trainer
+
+    cfg = apply_overrides(TrainConfig(), load_yaml(base))
+    cfg = apply_overrides(cfg, {"data_path": DATA, "output_dir": out, "seed": seed, "time_budget_minutes": 0,
+                                "epochs": 1000})
+    cfg = apply_overrides(cfg, parse_set_items(sets)).validate()
+    tr = Trainer(cfg)
+    total = max(images // tr.global_batch, 1)
+    tr.plan = Plan(tr.plan.niter_per_ep, math.ceil(total / tr.plan.niter_per_ep), total)
+    tr.planned_from_budget = True
+    tr._build_schedules()
+    r0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    summary = tr.fit()
+    r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - w0
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    info = {**summary, "fit_wall_s": wall, "fit_cpu_s": cpu, "threads": __import__("torch").get_num_threads(),
+            "images": total * tr.global_batch}
+    Path(out, "sweep_train.json").write_text(json.dumps(info))
+
+
 def run_one(name: str, base: str, sets: list[str], minutes: float, seed: int, out_root: Path, val_split: int,
-            test: bool, keep: bool) -> dict:
+            test: bool, keep: bool, images: int = 0) -> dict:
     out = out_root / f"{name}-s{seed}"
     if out.exists():
         shutil.rmtree(out)
-    cmd = [str(ROOT / ".venv/bin/dinokit"), "train", "--config", base, "--data", DATA, "--output-dir", str(out),
-           "--set", f"time_budget_minutes={minutes}", f"seed={seed}", *sets]
+    if images:
+        cmd = [sys.executable, __file__, "--name", "_train", "--base", base, "--train-images", str(images),
+               "--out", str(out), "--seeds", str(seed), "--set", *sets]
+    else:
+        cmd = [str(ROOT / ".venv/bin/dinokit"), "train", "--config", base, "--data", DATA, "--output-dir",
+               str(out), "--set", f"time_budget_minutes={minutes}", f"seed={seed}", *sets]
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.time() - t0
-    rec: dict = {"name": name, "seed": seed, "minutes": minutes, "set": sets, "base": base,
-                 "date": time.strftime("%Y-%m-%d %H:%M"), "wall_train_s": round(wall, 1)}
+    rec: dict = {"name": name, "seed": seed, "minutes": minutes, "images_planned": images, "set": sets,
+                 "base": base, "date": time.strftime("%Y-%m-%d %H:%M"), "wall_train_s": round(wall, 1)}
     if proc.returncode != 0:
         rec["error"] = (proc.stderr or proc.stdout)[-2000:]
         return rec
@@ -48,6 +82,11 @@ def run_one(name: str, base: str, sets: list[str], minutes: float, seed: int, ou
                                     "train_minutes", "images_per_second", "epochs", "iterations",
                                     "data_wait_fraction", "final_loss")})
     rec["split"] = res["knn_protocol"]["split"]
+    if (out / "sweep_train.json").is_file():
+        info = json.loads((out / "sweep_train.json").read_text())
+        rec["fit_cpu_s"], rec["fit_wall_s"] = info["fit_cpu_s"], info["fit_wall_s"]
+        # throughput if the process had its threads' cores to itself (CPU seconds / threads): load-independent
+        rec["cpu_images_per_second"] = info["images"] / max(info["fit_cpu_s"] / info["threads"], 1e-9)
     rec["curve"] = res["knn_curve"]
     rec["load1"] = os.getloadavg()[0]
     if not keep:
@@ -68,12 +107,18 @@ def main() -> int:
     p.add_argument("--keep", action="store_true", help="keep the checkpoints")
     p.add_argument("--out", default="runs/sweep")
     p.add_argument("--log", default="runs/sweep/results.jsonl")
+    p.add_argument("--images", type=int, default=0, help="iteration-matched: train on exactly this many images "
+                   "(schedules planned for them) instead of a time budget")
+    p.add_argument("--train-images", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.name == "_train":
+        train_images(args.base, args.set, args.out, args.train_images, args.seeds[0])
+        return 0
     out_root = ROOT / args.out
     out_root.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         rec = run_one(args.name, args.base, args.set, args.minutes, seed, out_root, args.val_split, args.test,
-                      args.keep)
+                      args.keep, args.images)
         with open(ROOT / args.log, "a") as f:
             f.write(json.dumps(rec) + "\n")
         if "error" in rec:
@@ -81,6 +126,7 @@ def main() -> int:
             continue
         print(f"{args.name} s{seed}: concat {rec['knn_top1_concat']:.2f} cls {rec['knn_top1_cls']:.2f} "
               f"avg {rec['knn_top1_avgpool']:.2f} | {rec['images_per_second']:.0f} img/s, {rec['epochs']:.2f} ep, "
+              f"cpu-based {rec.get('cpu_images_per_second', float('nan')):.0f} img/s, "
               f"wait {100 * rec['data_wait_fraction']:.1f}%, loss {rec['final_loss']:.3f} [{rec['split']}]",
               flush=True)
     return 0

@@ -1,14 +1,15 @@
 """``make bench``: every benchmark side by side, written to docs/benchmarks.md and benchmarks/results.json.
 
-    python benchmarks/run_all.py [--rounds 3] [--steps 3] [--only train,augment,extract,knn,matmul] [--quick]
+    python benchmarks/run_all.py [--steps 6] [--rounds 2] [--only matmul,train,augment,extract,knn] [--quick]
 
 1. matmul ceilings, fp32 and bf16, at ViT-T and ViT-S shapes (``benchmarks/matmul.py``);
 2. one full DINO training step for ViT-T/16, ViT-S/16 and ViT-S/8 (small crops), fp32 and bf16, dinokit vs the
-   reference's implementation vs lightly + timm (``benchmarks/train_step.py``). Every (implementation, precision)
-   runs in its own process, so that process-wide choices (allocator, threads) belong to the candidate; processes
-   alternate round by round with a rotating order, each timing ``--steps`` steps after a warm-up step and probing
-   the matmul ceiling between steps. Verdict: the median over rounds of the per-round ratio (paired, same load);
-   images/s, achieved GFLOP/s and fraction of the ceiling are medians over rounds; peak RSS per process;
+   reference's implementation vs lightly + timm (``benchmarks/train_step.py``): all six candidates interleaved
+   step by step in one process (``--steps`` rounds, rotating order, the matmul ceiling probed between rounds) give
+   images/s, achieved GFLOP/s, the fraction of the ceiling and the verdict, the median of the per-round ratios
+   (paired: same round, same load); then every candidate in its own process (``--rounds`` alternating rounds)
+   gives its peak RSS and its own-process images/s, which includes process-wide choices (dinokit's allocator
+   setting applies to the whole interleaved process, so the interleaved ratios understate dinokit there);
 3. the multi-crop augmentation on photographs (``benchmarks/augment.py``), one thread per process;
 4. feature extraction (``benchmarks/extract.py``) and, when present, ``benchmarks/knn.py``.
 
@@ -85,67 +86,73 @@ def _iqr(xs):
     return (q[2] - q[0]) / max(q[1], 1e-12)
 
 
-def bench_train(rounds: int, steps: int, impls, precisions, configs, log) -> list[dict]:
+def bench_train(rounds: int, steps: int, impls, precisions, configs, log, mem_steps: int = 2) -> list[dict]:
+    """Per configuration: (1) every candidate interleaved step by step in one process, ``steps`` rounds with a
+    rotating order and the ceiling probed between rounds -> images/s, GFLOP/s, ceiling fraction and the paired
+    per-round ratios (the verdict); (2) every candidate in its own process (``rounds`` alternating rounds of a
+    warm-up + ``mem_steps`` steps) -> peak RSS and its own-process images/s (process-wide settings included)."""
     out = []
     for name, cfg in configs:
         base = [PY, str(BENCH / "train_step.py"), *_args(cfg), "--json"]
         fl = _run_json(base + ["--impl", "reference", "--flops-only"], 1800)
         gflop = fl.get("gflop_per_step")
         log(f"[train] {name}: {gflop:.1f} GFLOP per step" if gflop else f"[train] {name}: FLOP count failed {fl}")
+        extra = ["--gflop-per-step", repr(gflop)] if gflop else []
+        inter = _run_json(base + ["--impl", ",".join(impls), "--precision", ",".join(precisions), "--steps",
+                                  str(steps), "--warmup", "1", *extra], 7200)
+        res = {(r["impl"], r["precision"]): r for r in inter.get("results", [])}
+        log(f"[train] {name} interleaved: " + (", ".join(f"{i}/{p} {r['img_per_s']:.2f} img/s" for (i, p), r in
+                                                       res.items()) or str(inter.get("error") or inter)))
         cands = [(i, p) for i in impls for p in precisions]
-        runs: dict[tuple, list[dict]] = {c: [] for c in cands}
+        own: dict[tuple, list[dict]] = {c: [] for c in cands}
         for r in range(rounds):
             k = r % len(cands)
             for impl, prec in cands[k:] + cands[:k]:
-                cmd = base + ["--impl", impl, "--precision", prec, "--steps", str(steps), "--warmup", "1"]
-                if gflop:
-                    cmd += ["--gflop-per-step", repr(gflop)]
-                rec = _run_json(cmd, 3600)
-                rec["round"] = r
-                runs[(impl, prec)].append(rec)
-                msg = (f"{rec['img_per_s']:.2f} img/s, {rec['achieved_gflops']:.0f} GFLOP/s, peak RSS "
-                       f"{rec['peak_rss_mib']:.0f} MiB" if "img_per_s" in rec else f"skipped/failed: "
-                       f"{rec.get('skipped') or rec.get('error')}")
-                log(f"[train] {name} round {r + 1}/{rounds} {impl}/{prec}: {msg}")
+                rec = _run_json(base + ["--impl", impl, "--precision", prec, "--steps", str(mem_steps), "--warmup",
+                                        "1", "--no-ceiling", *extra], 3600)
+                own[(impl, prec)].append(rec)
+                log(f"[train] {name} own process {r + 1}/{rounds} {impl}/{prec}: " +
+                    (f"{rec['img_per_s']:.2f} img/s, peak RSS {rec['peak_rss_mib']:.0f} MiB" if "img_per_s" in rec
+                     else f"skipped/failed: {rec.get('skipped') or rec.get('error')}"))
         rows = []
-        for (impl, prec), recs in runs.items():
-            ok = [x for x in recs if "img_per_s" in x]
-            if not ok:
-                rows.append({"impl": impl, "precision": prec, "missing": recs[0].get("skipped") or
-                             recs[0].get("error")})
+        for impl, prec in cands:
+            ok = [x for x in own[(impl, prec)] if "img_per_s" in x]
+            r = res.get((impl, prec))
+            if r is None and not ok:
+                rows.append({"impl": impl, "precision": prec,
+                             "missing": (inter.get("skipped") or own[(impl, prec)][0].get("skipped")
+                                         or own[(impl, prec)][0].get("error"))})
                 continue
-            rows.append({"impl": impl, "precision": prec, "img_per_s": _med([x["img_per_s"] for x in ok]),
-                         "img_per_s_best": max(x.get("img_per_s_best", x["img_per_s"]) for x in ok),
-                         "img_per_s_rounds": [x["img_per_s"] for x in ok],
-                         "achieved_gflops": _med([x["achieved_gflops"] for x in ok]),
-                         "ceiling_gflops": _med([x["ceiling_gflops"] for x in ok]),
-                         "frac_of_ceiling": _med([x["frac_of_ceiling"] for x in ok]),
-                         "peak_rss_mib": _med([x["peak_rss_mib"] for x in ok]),
-                         "peak_rss_delta_mib": _med([x["peak_rss_delta_mib"] for x in ok]),
-                         "step_iqr_rel": _med([x["step_iqr_rel"] for x in ok])})
-        # paired per-round ratios
-        def rate(impl, prec, r, runs=runs):
-            for x in runs.get((impl, prec), []):
-                if x.get("round") == r and "img_per_s" in x:
-                    return x["img_per_s"]
-            return None
-
-        ratios = {}
+            row = {"impl": impl, "precision": prec}
+            if r is not None:
+                row.update({k: r[k] for k in ("img_per_s", "img_per_s_best", "achieved_gflops", "ceiling_gflops",
+                                              "frac_of_ceiling", "step_iqr_rel", "step_s_all")})
+            if ok:
+                row.update(own_img_per_s=_med([x["img_per_s"] for x in ok]),
+                           peak_rss_mib=_med([x["peak_rss_mib"] for x in ok]),
+                           peak_rss_delta_mib=_med([x["peak_rss_delta_mib"] for x in ok]))
+            rows.append(row)
+        by = {(r["impl"], r["precision"]): r for r in rows}
         pairs = [(("dinokit", p), ("reference", p)) for p in precisions]
         pairs += [(("dinokit", p), ("lightly", p)) for p in precisions]
         pairs += [(("lightly", p), ("reference", p)) for p in precisions]
         if "bf16" in precisions and "fp32" in precisions:
             pairs += [(("dinokit", "bf16"), ("reference", "fp32")), (("dinokit", "bf16"), ("dinokit", "fp32")),
                       (("reference", "bf16"), ("reference", "fp32"))]
-        best = {(r["impl"], r["precision"]): r.get("img_per_s_best") for r in rows}
-        for (a, b) in pairs:
-            per_round = [rate(*a, r) / rate(*b, r) for r in range(rounds) if rate(*a, r) and rate(*b, r)]
-            if per_round:
-                ratios[f"{a[0]}/{a[1]} vs {b[0]}/{b[1]}"] = {
-                    "median": _med(per_round), "rounds": per_round, "iqr_rel": _iqr(per_round),
-                    "best_of": best[a] / best[b] if best.get(a) and best.get(b) else None}
+        ratios = {}
+        for a, b in pairs:
+            ra, rb = by.get(a, {}), by.get(b, {})
+            if not (ra.get("step_s_all") and rb.get("step_s_all")):
+                continue
+            per_round = [tb / ta for ta, tb in zip(ra["step_s_all"], rb["step_s_all"])]  # same round, same load
+            own_a = ra.get("own_img_per_s")
+            own_b = rb.get("own_img_per_s")
+            ratios[f"{a[0]}/{a[1]} vs {b[0]}/{b[1]}"] = {
+                "median": _med(per_round), "rounds": per_round, "iqr_rel": _iqr(per_round),
+                "best_of": ra["img_per_s_best"] / rb["img_per_s_best"],
+                "own_process": own_a / own_b if own_a and own_b else None}
         out.append({"name": name, "config": cfg, "gflop_per_step": gflop, "rows": rows, "ratios": ratios,
-                    "raw": {f"{i}/{p}": v for (i, p), v in runs.items()}})
+                    "raw": {"interleaved": inter, "own_process": {f"{i}/{p}": v for (i, p), v in own.items()}}})
     return out
 
 
@@ -219,21 +226,24 @@ def render(results: dict) -> str:
     for cfg in results.get("train", []):
         when = f", measured {cfg['measured']}" if cfg.get("measured") else ""
         lines += [f"### Training step: {cfg['name']} ({_fmt(cfg['gflop_per_step'], 1)} GFLOP per step{when})", "",
-                  "| implementation | precision | images/s | achieved GFLOP/s | fraction of ceiling | "
-                  "peak RSS MiB (above baseline) | step IQR/median |", "|---|---|---|---|---|---|---|"]
+                  "| implementation | precision | images/s (interleaved) | achieved GFLOP/s | fraction of ceiling | "
+                  "step IQR/median | images/s (own process) | peak RSS MiB (above baseline) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in cfg["rows"]:
             if "missing" in r:
-                lines.append(f"| {r['impl']} | {r['precision']} | not run: {r['missing']} | | | | |")
+                lines.append(f"| {r['impl']} | {r['precision']} | not run: {r['missing']} | | | | | |")
                 continue
-            lines.append(f"| {r['impl']} | {r['precision']} | {_fmt(r['img_per_s'])} | {_fmt(r['achieved_gflops'], 0)} "
-                         f"| {_fmt(r['frac_of_ceiling'] * 100 if r['frac_of_ceiling'] else None, 0)}% of "
-                         f"{_fmt(r['ceiling_gflops'], 0)} | {_fmt(r['peak_rss_mib'], 0)} "
-                         f"({_fmt(r['peak_rss_delta_mib'], 0)}) | {_fmt(r['step_iqr_rel'])} |")
-        lines += ["", "| ratio (paired per round) | median | per round | spread (IQR or range / median) | "
-                  "best step vs best step |", "|---|---|---|---|---|"]
+            frac = r.get("frac_of_ceiling")
+            lines.append(f"| {r['impl']} | {r['precision']} | {_fmt(r.get('img_per_s'))} | "
+                         f"{_fmt(r.get('achieved_gflops'), 0)} | {_fmt(frac * 100 if frac else None, 0)}% of "
+                         f"{_fmt(r.get('ceiling_gflops'), 0)} | {_fmt(r.get('step_iqr_rel'))} | "
+                         f"{_fmt(r.get('own_img_per_s'))} | {_fmt(r.get('peak_rss_mib'), 0)} "
+                         f"({_fmt(r.get('peak_rss_delta_mib'), 0)}) |")
+        lines += ["", "| ratio | median of paired rounds | per round | spread (IQR / median) | best step vs best "
+                  "step | own processes |", "|---|---|---|---|---|---|"]
         for k, v in cfg["ratios"].items():
             lines.append(f"| {k} | **{v['median']:.2f}x** | {', '.join(f'{x:.2f}' for x in v['rounds'])} | "
-                         f"{_fmt(v['iqr_rel'])} | {_fmt(v.get('best_of'))}x |")
+                         f"{_fmt(v['iqr_rel'])} | {_fmt(v.get('best_of'))}x | {_fmt(v.get('own_process'))}x |")
         c = cfg["config"]
         lines += ["", "Command (one candidate): `python benchmarks/train_step.py " + " ".join(_args(c))
                   + " --impl IMPL --precision PREC --json`.", ""]
@@ -287,8 +297,9 @@ def write_doc(block: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3, help="alternating process rounds per training candidate")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per training process")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating own-process rounds per training candidate "
+                    "(peak memory, own-process images/s)")
+    ap.add_argument("--steps", type=int, default=6, help="interleaved rounds (one step per candidate each)")
     ap.add_argument("--only", default="matmul,train,augment,extract,knn")
     ap.add_argument("--configs", default="", help="comma list of config indices (default: all)")
     ap.add_argument("--quick", action="store_true", help="1 round, 2 steps, ViT-T only (smoke test)")

@@ -336,7 +336,7 @@ def main(argv=None) -> int:
         ceil = median(ceilings[prec]) if ceilings.get(prec) else None
         ach = flops / s / 1e9
         out.append({"impl": impl, "precision": prec, "img_per_s": a.batch_size / s, "step_s": s,
-                    "img_per_s_best": a.batch_size / min(ts), "step_s_min": min(ts),
+                    "img_per_s_best": a.batch_size / min(ts), "step_s_min": min(ts), "step_s_all": ts,
                     "step_iqr_rel": spread(ts), "gflop_per_step": flops / 1e9, "achieved_gflops": ach,
                     "ceiling_gflops": ceil, "frac_of_ceiling": ach / ceil if ceil else None, "n_steps": len(ts)})
     by = {(o["impl"], o["precision"]): o for o in out}

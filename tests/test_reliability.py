@@ -196,6 +196,19 @@ def test_a_checkpoint_that_would_run_code_is_refused_by_name_and_nothing_runs(da
     assert not (out / "log.jsonl").exists()  # stopped before training
 
 
+def test_a_checkpoint_of_another_architecture_lists_the_first_differing_keys_and_shapes(data, reference, tmp_path,
+                                                                                       capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pth").write_bytes((reference / "checkpoint.pth").read_bytes())
+    rc, err = cli_main([*train_args(data, out), "--embed-dim", "48"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "cannot resume from" in err
+    assert "backbone.cls_token (1, 1, 32) in the checkpoint, (1, 1, 48) here" in err
+    rc, err = cli_main([*train_args(data, out), "--depth", "3"], capsys)
+    assert rc == 2 and "missing from the checkpoint: backbone.blocks.2." in err
+
+
 # ---------------------------------------------------------------------------------------------------------
 # unwritable output dir, disk full
 

@@ -330,8 +330,8 @@ def _json_safe(x):
 def format_summary(res: dict[str, Any]) -> str:
     """The console table: k-NN top-1 per feature for the trained teacher and the random init, raw pixels, and
     the training figures."""
-    lines = ["", "DINO on Fashion-MNIST: weighted k-NN (k=%d, T=%g), %s" % (
-        res["knn_protocol"]["k"], res["knn_protocol"]["T"], res["knn_protocol"]["split"]),
+    proto = res["knn_protocol"]
+    lines = ["", f"DINO on Fashion-MNIST: weighted k-NN (k={proto['k']}, T={proto['T']:g}), {proto['split']}",
         f"{'features':<34}{'trained':>10}{'random init':>13}"]
     for name in FEATURES:
         mark = "  <- knn_top1" if name == res["knn_feature"] else ""

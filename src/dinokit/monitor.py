@@ -9,7 +9,7 @@ import torch
 
 from .config import TrainConfig
 
-__all__ = ["online_knn", "knn_transform"]
+__all__ = ["online_knn", "knn_transform", "tensor_eval_batch"]
 
 _CACHE: dict[tuple, Any] = {}
 
@@ -34,6 +34,36 @@ def _subset(ds, n: int, seed: int = 0):
     return torch.utils.data.Subset(ds, idx.tolist()), ds.labels[idx]
 
 
+def tensor_eval_batch(images: torch.Tensor, size: int, mean=None, std=None) -> torch.Tensor:
+    """:func:`knn_transform` on a batch of same-size uint8 images ``[B, H, W]`` / ``[B, C, H, W]`` with tensor ops
+    (identical at the native size; antialiased bicubic otherwise): ``[B, 3, size, size]`` float, normalised."""
+    from .augmentation import IMAGENET_MEAN, IMAGENET_STD
+
+    x = images.unsqueeze(1) if images.ndim == 3 else images[:, :3]
+    x = x.float().div_(255.0)
+    if x.shape[-2:] != (size, size):
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False,
+                                            antialias=True).clamp_(0, 1)
+    x = x.expand(-1, 3, -1, -1)
+    mean = torch.tensor(IMAGENET_MEAN if mean is None else mean, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD if std is None else std, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def _tensor_features(backbone, ds, cfg: TrainConfig, device, batch_size: int = 1000):
+    """Fast path for in-memory tensor data sets (Fashion-MNIST): no PIL, whole batches; None otherwise."""
+    base, idx = (ds.dataset, ds.indices) if isinstance(ds, torch.utils.data.Subset) else (ds, None)
+    images = getattr(base, "images", None)
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+        return None
+    if idx is not None:
+        images = images[torch.as_tensor(idx)]
+    out = [backbone(tensor_eval_batch(images[i:i + batch_size], cfg.global_crop_size).to(device)).float().cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out)
+
+
 def online_knn(backbone: torch.nn.Module, cfg: TrainConfig, device: torch.device, k: int = 20,
                T: float = 0.07) -> dict[str, Any]:
     from .data import build_dataset
@@ -49,8 +79,10 @@ def online_knn(backbone: torch.nn.Module, cfg: TrainConfig, device: torch.device
     was_training = backbone.training
     backbone.eval()
     try:
-        ftrain, _ = extract_features(backbone, train_ds, batch_size=256, device=device, progress=False)
-        fval, _ = extract_features(backbone, val_ds, batch_size=256, device=device, progress=False)
+        ftrain, fval = (_tensor_features(backbone, ds, cfg, device) for ds in (train_ds, val_ds))
+        if ftrain is None or fval is None:
+            ftrain, _ = extract_features(backbone, train_ds, batch_size=256, device=device, progress=False)
+            fval, _ = extract_features(backbone, val_ds, batch_size=256, device=device, progress=False)
     finally:
         backbone.train(was_training)
     ftrain = torch.nn.functional.normalize(ftrain, dim=1)

@@ -588,6 +588,8 @@ class Trainer:
             self.dino_loss.load_state_dict(ckpt["dino_loss"])
         except (RuntimeError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0]
+            student = ckpt.get("student") if isinstance(ckpt.get("student"), dict) else {}
+            first = _state_mismatch(self.student.state_dict(), student) or first
             raise CheckpointError(f"cannot resume from {path}: it does not match this configuration ({first}). "
                                   f"Use another --output-dir or the same options as that run.") from None
         if self.scaler is not None and ckpt.get("fp16_scaler"):
@@ -816,6 +818,7 @@ class Trainer:
                     self.save()
                 if self._knn_due(epoch_end=False):
                     self.run_knn()
+                    t_prev = time.perf_counter()  # the monitor is neither data wait nor training time
                 if self.step_in_epoch >= n_this_epoch or self.iteration >= self.plan.total_iters:
                     break
             bar.close()
@@ -851,6 +854,20 @@ class Trainer:
         return {"rank": self.rank, "epochs": self.epoch, "iterations": self.iteration,
                 "train_minutes": self.train_seconds / 60,
                 "images_per_second": self.iteration * self.global_batch / max(self.train_seconds, 1e-9)}
+
+
+def _state_mismatch(expected: dict, found: dict, limit: int = 3) -> str:
+    """The first keys/shapes where a checkpoint's state dict differs from the model's (for error messages)."""
+    shapes = [f"{k} {tuple(found[k].shape)} in the checkpoint, {tuple(v.shape)} here" for k, v in expected.items()
+              if k in found and hasattr(found[k], "shape") and tuple(found[k].shape) != tuple(v.shape)]
+    parts = []
+    for name, items in (("shape mismatch", shapes), ("missing from the checkpoint", [k for k in expected
+                                                                                   if k not in found]),
+                        ("not in this model", [k for k in found if k not in expected])):
+        if items:
+            more = f" and {len(items) - limit} more" if len(items) > limit else ""
+            parts.append(f"{name}: {', '.join(items[:limit])}{more}")
+    return "; ".join(parts)
 
 
 def _skipped_images(dataset=None) -> int:
