@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 DEMO_OUT ?= runs/demo
 
-.PHONY: venv test demo bench lint soak data clean help
+.PHONY: venv test demo bench lint soak data browser clean help
 
 help:
 	@echo "make demo   - set up, pretrain a small ViT on Fashion-MNIST (~10 min on 2 CPU cores), evaluate, report"
@@ -33,7 +33,15 @@ data:
 	  echo "Fashion-MNIST: installed $(FMNIST_DIR)"; \
 	else $(MAKE) venv && $(PY) -m dinokit.data download-fashion-mnist data/fashion-mnist; fi
 
-test: venv
+# Headless Chromium for the report test (Debian's package; skipped quietly where apt is not usable).
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -qq chromium || (apt-get update -qq && apt-get install -y -qq chromium)) >/dev/null 2>&1 \
+	  || echo "warning: could not install chromium; the browser test will be skipped"; \
+	else echo "warning: chromium missing; the browser test will be skipped"; fi
+
+test: venv browser
 	$(PY) -m pytest
 
 demo: venv data

@@ -1,0 +1,293 @@
+"""The run report: one self-contained HTML page per run (``OUT/report.html``), no network needed to view it.
+
+Sections (stable ids): ``results`` (results.json of the demo, if any), ``curves`` (loss, lr, wd, momentum,
+teacher temperature, online k-NN, collapse diagnostics), ``attention`` (test images with the last block's
+CLS attention per head and the 0.6 threshold masks), ``projection`` (PCA of test features coloured by class),
+``config`` and ``environment``. Pictures are PNGs embedded as base64 ``data:`` URIs.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import platform
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+__all__ = ["write_report", "read_log"]
+
+_SECTIONS = ("results", "curves", "attention", "projection", "config", "environment")
+
+
+def read_log(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "log.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+    return out
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _pil_png(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _curves(log: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    train = [r for r in log if r.get("type") == "train"]
+    epochs = [r for r in log if r.get("type") == "epoch"]
+    knn = [r for r in log if r.get("type") == "knn"]
+    pics = []
+
+    def series(records, key):
+        pts = [(r["iteration"], r[key]) for r in records if isinstance(r.get(key), (int, float))
+               and math.isfinite(r[key])]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    src = train if train else epochs
+    for key, title in (("loss", "DINO loss"), ("lr", "learning rate"), ("wd", "weight decay"),
+                       ("momentum", "teacher momentum"), ("teacher_temp", "teacher temperature")):
+        x, y = series(src, key)
+        if not x:
+            continue
+        fig, ax = plt.subplots(figsize=(4.2, 2.8))
+        ax.plot(x, y, lw=1.2)
+        ax.set_xlabel("iteration")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        pics.append((title, _png(fig)))
+    if knn:
+        fig, ax = plt.subplots(figsize=(4.2, 2.8))
+        ax.plot([r.get("train_minutes", 0) for r in knn], [r["knn_top1"] for r in knn], "o-", lw=1.2)
+        ax.set_xlabel("training minutes")
+        ax.set_ylabel("top-1 %")
+        ax.set_title("online weighted k-NN")
+        ax.grid(alpha=0.3)
+        pics.append(("online k-NN", _png(fig)))
+    if epochs and "teacher_entropy" in epochs[-1]:
+        ep = [r["epoch"] for r in epochs]
+        fig, axes = plt.subplots(1, 3, figsize=(10, 2.8))
+        axes[0].plot(ep, [r["teacher_entropy"] for r in epochs], "o-", label="teacher entropy")
+        axes[0].plot(ep, [r["entropy_max"] for r in epochs], "--", label="ln K (uniform collapse)")
+        axes[0].legend(fontsize=7)
+        axes[0].set_title("teacher entropy")
+        axes[1].plot(ep, [r["kl_mean_to_uniform"] for r in epochs], "o-")
+        axes[1].set_title("KL(mean target || uniform)")
+        axes[2].plot(ep, [r["distinct_prototypes"] for r in epochs], "o-")
+        axes[2].set_title("distinct argmax prototypes")
+        for a in axes:
+            a.set_xlabel("epoch")
+            a.grid(alpha=0.3)
+        pics.append(("collapse diagnostics", _png(fig)))
+    return pics
+
+
+def _load_model(run_dir: Path):
+    from .config import TrainConfig, apply_overrides
+    from .trainer import build_student_teacher
+
+    ckpt_path = run_dir / "checkpoint.pth"
+    if not ckpt_path.exists():
+        return None, None, "no checkpoint.pth yet"
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    cfg = apply_overrides(TrainConfig(), ckpt.get("config", {}))
+    _, teacher, _ = build_student_teacher(cfg)
+    teacher.load_state_dict(ckpt["teacher"])
+    return teacher.backbone.eval(), cfg, ""
+
+
+def _test_images(cfg, n: int):
+    """Up to ``n`` (PIL image, label) pairs from the k-NN validation data or the training data's test split."""
+    from .data import build_dataset
+
+    spec = cfg.knn_val or cfg.data_path
+    ds = build_dataset(spec, transform=None, split="test")
+    n_total = len(ds)
+    idx = np.linspace(0, n_total - 1, num=min(n, n_total)).astype(int).tolist()
+    out = []
+    for i in idx:
+        if hasattr(ds, "to_pil"):
+            out.append((ds.to_pil(i).convert("RGB"), int(ds.labels[i])))
+        else:
+            img, lab = ds[i]
+            out.append((img.convert("RGB"), int(lab)))
+    return out, ds
+
+
+def _attention_section(backbone, cfg, images, threshold: float = 0.6) -> str:
+    from PIL import Image
+
+    from .eval.attention import attention_maps, colormap, threshold_masks
+    from .monitor import knn_transform
+
+    tf = knn_transform(cfg)
+    rows = []
+    for img, label in images:
+        x = tf(img)
+        attn = attention_maps(backbone, x)
+        masks = threshold_masks(attn, threshold)
+        size = (x.shape[-1] * 4, x.shape[-2] * 4) if x.shape[-1] < 96 else (x.shape[-1], x.shape[-2])
+        cells = [f'<td><img src="{_pil_png(img.resize(size))}" alt="input"><br>class {label}</td>']
+        for h in range(attn.shape[0]):
+            heat = Image.fromarray(colormap(attn[h].numpy())).resize(size, Image.NEAREST)
+            mask = Image.fromarray((masks[h].numpy() * 255).astype(np.uint8)).resize(size, Image.NEAREST)
+            cells.append(f'<td><img src="{_pil_png(heat)}" alt="head {h}"><br>head {h}</td>'
+                         f'<td><img src="{_pil_png(mask)}" alt="mask {h}"><br>mask {h}</td>')
+        mean = Image.fromarray(colormap(attn.mean(0).numpy())).resize(size, Image.NEAREST)
+        cells.append(f'<td><img src="{_pil_png(mean)}" alt="mean"><br>mean</td>')
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return (f"<p>Last-block CLS attention per head (viridis) and masks keeping {threshold:.0%} of the attention "
+            f"mass (reference method).</p><table class='grid'>" + "".join(rows) + "</table>")
+
+
+@torch.no_grad()
+def _projection_section(backbone, cfg, ds, n: int = 1000) -> str:
+    import matplotlib.pyplot as plt
+
+    from .monitor import knn_transform
+
+    tf = knn_transform(cfg)
+    idx = np.linspace(0, len(ds) - 1, num=min(n, len(ds))).astype(int)
+    feats, labels = [], []
+    for start in range(0, len(idx), 256):
+        chunk = idx[start:start + 256]
+        imgs = [ds.to_pil(int(i)).convert("RGB") if hasattr(ds, "to_pil") else ds[int(i)][0] for i in chunk]
+        feats.append(backbone(torch.stack([tf(im) for im in imgs])).float())
+        labels += [int(ds.labels[int(i)]) for i in chunk]
+    f = torch.nn.functional.normalize(torch.cat(feats), dim=1)
+    f = f - f.mean(0, keepdim=True)
+    _, _, v = torch.linalg.svd(f, full_matrices=False)
+    xy = (f @ v[:2].T).numpy()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    lab = np.array(labels)
+    if (lab >= 0).all():
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=lab, cmap="tab10", s=6)
+        fig.colorbar(sc, ax=ax, label="class")
+    else:
+        ax.scatter(xy[:, 0], xy[:, 1], s=6)
+    ax.set_title(f"PCA of {len(lab)} teacher CLS features")
+    return f'<img src="{_png(fig)}" alt="projection">'
+
+
+def _environment() -> dict[str, str]:
+    env = {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
+           "processor": platform.processor() or platform.machine(),
+           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+           "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
+    try:
+        import torchvision
+
+        env["torchvision"] = torchvision.__version__
+    except Exception:
+        pass
+    return env
+
+
+def _table(d: dict[str, Any]) -> str:
+    def cell(v):
+        return html.escape(v if isinstance(v, str) else json.dumps(v))
+
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{cell(v)}</td></tr>" for k, v in d.items())
+    return f"<table class='kv'>{rows}</table>"
+
+
+def write_report(run_dir: str | Path, n_images: int = 8, projection_points: int = 1000) -> Path:
+    """Write ``run_dir/report.html`` and return its path. Parts that cannot be made (no checkpoint yet, a CNN
+    backbone without attention, unlabelled data) are replaced by a note, never an exception."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DataError(f"run directory not found: {run_dir}")
+    log = read_log(run_dir)
+    body: dict[str, str] = {}
+
+    results_path = run_dir / "results.json"
+    if results_path.exists():
+        res = json.loads(results_path.read_text())
+        flat = {k: v for k, v in res.items() if not isinstance(v, (list, dict))}
+        body["results"] = _table(flat)
+    else:
+        body["results"] = "<p class='note'>No results.json (the demo writes k-NN results there).</p>"
+
+    pics = _curves(log) if log else []
+    body["curves"] = ("".join(f'<figure><img src="{src}" alt="{html.escape(t)}"><figcaption>{html.escape(t)}'
+                              f"</figcaption></figure>" for t, src in pics)
+                      or "<p class='note'>No log records yet.</p>")
+
+    torch.set_grad_enabled(False)
+    try:
+        backbone, cfg, why = _load_model(run_dir)
+        if backbone is None:
+            body["attention"] = body["projection"] = f"<p class='note'>{why}</p>"
+        else:
+            try:
+                images, ds = _test_images(cfg, n_images)
+            except Exception as e:  # data moved or unreadable: keep the rest of the report
+                images, ds = [], None
+                body["attention"] = body["projection"] = f"<p class='note'>test images unavailable: {e}</p>"
+            if ds is not None:
+                if hasattr(backbone, "get_last_selfattention"):
+                    body["attention"] = _attention_section(backbone, cfg, images)
+                else:
+                    body["attention"] = "<p class='note'>This backbone is not a ViT: no attention maps.</p>"
+                body["projection"] = _projection_section(backbone, cfg, ds, projection_points)
+    finally:
+        torch.set_grad_enabled(True)
+
+    cfg_path = run_dir / "config.yaml"
+    body["config"] = (f"<pre>{html.escape(cfg_path.read_text())}</pre>" if cfg_path.exists()
+                      else "<p class='note'>no config.yaml</p>")
+    body["environment"] = _table(_environment())
+
+    titles = {"results": "Results", "curves": "Training curves", "attention": "Self-attention maps",
+              "projection": "Feature projection", "config": "Configuration", "environment": "Environment"}
+    nav = " · ".join(f'<a href="#{s}">{titles[s]}</a>' for s in _SECTIONS)
+    sections = "".join(f'<section id="{s}"><h2>{titles[s]}</h2>{body[s]}</section>' for s in _SECTIONS)
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>dinokit report: {html.escape(run_dir.name)}</title>
+<style>
+body{{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1150px;padding:1em 2em;
+color:#222}}
+h1{{font-size:1.6em;margin-bottom:.2em}} h2{{border-bottom:2px solid #4a7;padding-bottom:.2em;margin-top:1.6em}}
+nav{{color:#666}} figure{{display:inline-block;margin:.4em}} figcaption{{text-align:center;color:#555;font-size:.9em}}
+table.kv th{{text-align:left;padding-right:1.5em;font-weight:600}} table.kv td,table.kv th{{padding:.15em .4em}}
+table.grid td{{text-align:center;font-size:.75em;color:#555;padding:2px}} table.grid img{{image-rendering:pixelated}}
+pre{{background:#f5f5f5;padding:.8em;overflow:auto;font-size:.85em}} .note{{color:#a60}}
+</style></head><body>
+<h1>dinokit run report</h1><p>{html.escape(str(run_dir.resolve()))}</p><nav>{nav}</nav>
+{sections}
+</body></html>
+"""
+    out = run_dir / "report.html"
+    tmp = out.with_suffix(".html.tmp")
+    tmp.write_text(page)
+    tmp.replace(out)
+    return out
