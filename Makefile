@@ -46,7 +46,8 @@ test: venv browser
 
 demo: venv data
 	@d="$(FMNIST_DIR)"; [ -f "$$d/train-images-idx3-ubyte.gz" ] || d=data/fashion-mnist; \
-	$(VENV)/bin/dinokit train --config configs/fashion_mnist_demo.yaml --data "fashion-mnist:$$d" --output-dir $(DEMO_OUT) && \
+	$(VENV)/bin/dinokit train --config configs/fashion_mnist_demo.yaml --data "fashion-mnist:$$d" \
+	  --knn-train "fashion-mnist:$$d" --knn-val "fashion-mnist:$$d" --output-dir $(DEMO_OUT) && \
 	$(PY) -m dinokit.demo --run-dir $(DEMO_OUT) --data "fashion-mnist:$$d"
 
 bench: venv

@@ -351,8 +351,8 @@ def format_summary(res: dict[str, Any]) -> str:
         lines.append(f"online k-NN (CLS, subset): {pts}")
     if "knn_top1_raw_pixels" in res:
         diff = res["knn_top1"] - res["knn_top1_raw_pixels"]
-        verdict = "beats" if diff > 0 else "does not beat"
-        lines.append(f"=> DINO features ({res['knn_feature']}) {verdict} raw pixels by {diff:+.2f} points")
+        where = "above" if diff > 0 else "below"
+        lines.append(f"=> DINO features ({res['knn_feature']}): {abs(diff):.2f} points {where} raw pixels")
     return "\n".join(lines)
 
 

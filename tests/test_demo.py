@@ -1,0 +1,73 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinokit.cli import build_parser
+from dinokit.commands.train import config_from_args
+from dinokit.config import TrainConfig, apply_overrides, load_yaml
+from dinokit.demo import evaluate_run, format_summary, main, raw_pixel_features
+from dinokit.eval.knn import knn_classifier
+from dinokit.trainer import Trainer
+
+from .helpers import make_fashion_like
+
+DEMO_YAML = Path(__file__).parent.parent / "configs" / "fashion_mnist_demo.yaml"
+
+
+def test_demo_config_loads_and_validates():
+    cfg = apply_overrides(TrainConfig(), load_yaml(DEMO_YAML)).validate()
+    assert cfg.fast_augment and cfg.time_budget_minutes == 10
+    assert cfg.global_crop_size % cfg.patch_size == 0 and cfg.local_crop_size % cfg.patch_size == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    data = make_fashion_like(tmp / "fm", n_train=96, n_test=48)
+    out = tmp / "run"
+    cfg = config_from_args(build_parser("train").parse_args(
+        ["train", "--config", str(DEMO_YAML), "--data", f"fashion-mnist:{data}", "--output-dir", str(out),
+         "--set", "time_budget_minutes=0", "epochs=2", "batch_size_per_gpu=32", "embed_dim=32", "depth=1",
+         "out_dim=64", "head_hidden_dim=32", "head_bottleneck_dim=16", "precision=fp32",
+         f"knn_train=fashion-mnist:{data}", f"knn_val=fashion-mnist:{data}", "knn_every=1", "log_every=1"]))
+    Trainer(cfg).fit()
+    return out, data
+
+
+def test_demo_results_have_every_key_and_true_numbers(tiny_run, capsys):
+    out, data = tiny_run
+    assert main(["--run-dir", str(out), "--data", f"fashion-mnist:{data}", "--no-report"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    for key in ("knn_top1", "knn_top1_random_init", "knn_top1_raw_pixels", "knn_feature", "train_minutes",
+                "images_per_second", "epochs", "data_wait_fraction", "knn_curve", "knn_top1_cls",
+                "knn_top1_avgpool", "knn_top1_concat"):
+        assert key in res, key
+    for key in ("knn_top1", "knn_top1_random_init", "knn_top1_raw_pixels"):
+        assert 0 <= res[key] <= 100
+    assert res["epochs"] == pytest.approx(2) and res["images_per_second"] > 0
+    assert len(res["knn_curve"]) == 2  # online k-NN after each epoch
+    assert "raw pixels" in capsys.readouterr().out
+
+    # raw-pixel k-NN equals an independent computation
+    from dinokit.data import load_fashion_mnist
+
+    xtr, ytr = load_fashion_mnist(data, "train")
+    xte, yte = load_fashion_mnist(data, "test")
+    ftr = torch.nn.functional.normalize(xtr.reshape(len(xtr), -1).double(), dim=1)
+    fte = torch.nn.functional.normalize(xte.reshape(len(xte), -1).double(), dim=1)
+    sim = fte @ ftr.T
+    s, idx = sim.topk(20, dim=1)
+    votes = torch.zeros(len(xte), 10, dtype=torch.float64).scatter_add_(1, ytr[idx], (s / 0.07).exp())
+    expected = (votes.argmax(1) == yte).double().mean().item() * 100
+    assert res["knn_top1_raw_pixels"] == pytest.approx(expected, abs=1e-6)
+    top1, _ = knn_classifier(raw_pixel_features(xtr), ytr, raw_pixel_features(xte), yte, 20, 0.07)
+    assert res["knn_top1_raw_pixels"] == pytest.approx(top1)
+
+
+def test_summary_names_the_feature_and_the_comparison(tiny_run):
+    out, data = tiny_run
+    res = evaluate_run(out, f"fashion-mnist:{data}", random_init=False, write=False)
+    text = format_summary({**res, "knn_top1_random_init": 0.0})
+    assert "knn_top1" in text and "raw pixels" in text
