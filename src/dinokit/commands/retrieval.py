@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
+from .knn import resolve_device
 
 HELP = "image retrieval (revisited Oxford/Paris mAP) or place recognition (Recall@k) with frozen features"
 DESCRIPTION = """Image retrieval with frozen features (DINO paper, Table 5).
@@ -45,20 +46,6 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True, 
     if workers:
         g.add_argument("--num-workers", type=int, default=2, help="image-decoding worker processes (default: 2)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"unknown device {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda requested but CUDA is not available")
-    return dev
 
 
 def load_model(args: argparse.Namespace, need_patches: bool = False):
