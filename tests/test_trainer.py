@@ -200,3 +200,17 @@ def test_two_process_gloo_training(folder, tmp_path):
     assert ckpt["iteration"] == 3  # 12 images / (2 ranks x 2) = 3 iterations
     assert "world 2" in r.stderr
     assert r.stdout.count("done:") == 1  # only rank 0 reports
+
+
+@pytest.mark.parametrize("extra", [
+    ["--local-crops-number", "0", "--optimizer", "lars"],  # no multi-crop: the 96-px local default is unused
+    ["--arch", "resnet18", "--optimizer", "sgd", "--use-bn-in-head"],  # CNN with the default drop_path_rate 0.1
+])
+def test_no_multicrop_and_cnn_backbones_train(folder, tmp_path, extra):
+    no_multicrop = "0" in extra
+    cfg = cfg_for(["--data", str(folder), "--output-dir", str(tmp_path / "o"), *TINY_VIT, "--batch-size-per-gpu",
+                   "4", "--epochs", "1", "--local-crop-size", "96" if no_multicrop else "16", *extra])
+    t = Trainer(cfg)
+    summary = t.fit()
+    assert summary["iterations"] == 3
+    assert t.dino_loss.ncrops == (2 if no_multicrop else 4)

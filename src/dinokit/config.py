@@ -145,7 +145,7 @@ class TrainConfig:
                 bad(f"{name} must satisfy 0 < min <= max <= 1, got ({lo}, {hi})")
         if self.global_crop_size <= 0 or self.local_crop_size <= 0:
             bad("crop sizes must be positive")
-        if self.local_crop_size > self.global_crop_size:
+        if self.local_crops_number > 0 and self.local_crop_size > self.global_crop_size:
             bad(f"local_crop_size ({self.local_crop_size}) is larger than global_crop_size "
                 f"({self.global_crop_size})")
         if self.arch.startswith(("vit", "deit")):

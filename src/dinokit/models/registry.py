@@ -64,9 +64,14 @@ def _build_torchvision(name: str, **kwargs) -> nn.Module:
     kwargs.pop("patch_size", None)
     kwargs.pop("img_size", None)
     dpr = kwargs.pop("drop_path_rate", 0.0)
+    model = None
     if dpr:
-        kwargs["stochastic_depth_prob"] = dpr  # only some torchvision models accept it
-    model = tvm.get_model(name, weights=None, **kwargs)
+        try:  # only some torchvision models (e.g. convnext, swin, efficientnet) have stochastic depth
+            model = tvm.get_model(name, weights=None, stochastic_depth_prob=dpr, **kwargs)
+        except TypeError:
+            model = None
+    if model is None:
+        model = tvm.get_model(name, weights=None, **kwargs)
     dim = None
     for attr in ("fc", "classifier", "head", "heads"):
         layer = getattr(model, attr, None)
