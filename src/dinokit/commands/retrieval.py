@@ -6,12 +6,11 @@ Also home of the small helpers the three evaluation commands share (model loadin
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
-from .knn import resolve_device
+from .knn import resolve_device, write_json
 
 HELP = "image retrieval (revisited Oxford/Paris mAP) or place recognition (Recall@k) with frozen features"
 DESCRIPTION = """Image retrieval with frozen features (DINO paper, Table 5).
@@ -64,26 +63,6 @@ def load_model(args: argparse.Namespace, need_patches: bool = False):
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval().to(resolve_device(args.device))
-
-
-def jsonable(obj):
-    """Replace NaN/inf by None (strict JSON) and make tuples/paths plain."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def write_json(path: str | Path, payload: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(jsonable(payload), indent=2) + "\n")
-    return path
 
 
 def pct(x) -> str:
