@@ -214,3 +214,14 @@ def test_no_multicrop_and_cnn_backbones_train(folder, tmp_path, extra):
     summary = t.fit()
     assert summary["iterations"] == 3
     assert t.dino_loss.ncrops == (2 if no_multicrop else 4)
+
+
+def test_one_device_resolver_for_training_and_evaluation():
+    from dinokit.commands import knn
+    from dinokit.errors import ConfigError
+    from dinokit.trainer import resolve_device
+
+    assert knn.resolve_device is resolve_device
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="unknown device 'tpu'"):
+        resolve_device("tpu")

@@ -62,13 +62,18 @@ class NonFiniteLossError(DinokitError):
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` (cuda when available, else cpu), ``cpu``, ``cuda`` or ``cuda:N``; anything else is a ConfigError.
+    Shared by training and every evaluation command."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available")
     if name != "cpu" and not name.startswith("cuda"):
         raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
 
 
 def cpu_supports_bf16() -> bool:

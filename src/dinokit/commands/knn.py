@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
+from ..trainer import resolve_device  # noqa: F401  (re-exported for the other evaluation commands)
 
 HELP = "weighted k-NN classification accuracy of frozen features (DINO protocol)"
 DESCRIPTION = """Weighted k-NN evaluation of a frozen backbone (DINO paper §4.1; reference eval_knn.py).
@@ -52,20 +53,6 @@ def add_model_arguments(parser: argparse.ArgumentParser, workers: bool = True, p
         g.add_argument("--num-workers", type=int, default=2,
                        help="image-decoding worker processes (default: 2)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"unknown device {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda requested but CUDA is not available")
-    return dev
 
 
 def load_frozen_model(args: argparse.Namespace):
