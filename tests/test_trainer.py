@@ -217,11 +217,11 @@ def test_no_multicrop_and_cnn_backbones_train(folder, tmp_path, extra):
 
 
 def test_one_device_resolver_for_training_and_evaluation():
-    from dinokit.commands import knn
+    from dinokit.commands import _common
     from dinokit.errors import ConfigError
     from dinokit.trainer import resolve_device
 
-    assert knn.resolve_device is resolve_device
+    assert _common.resolve_device is resolve_device
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ConfigError, match="unknown device 'tpu'"):
         resolve_device("tpu")

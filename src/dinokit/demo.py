@@ -304,7 +304,9 @@ def evaluate_run(run_dir: str | Path, data: str, k: int = 20, T: float = 0.07, b
     res["config"]["params_backbone_M"] = sum(p.numel() for p in backbone.parameters()) / 1e6
     res["machine"] = {"cpu_count": _cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
     if write:
-        (run_dir / "results.json").write_text(json.dumps(_json_safe(res), indent=2) + "\n")
+        from .commands._common import jsonable
+
+        (run_dir / "results.json").write_text(json.dumps(jsonable(res), indent=2) + "\n")
     return res
 
 
@@ -315,16 +317,6 @@ def _cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 0
-
-
-def _json_safe(x):
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 def format_summary(res: dict[str, Any]) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .knn import add_model_arguments, load_frozen_model
+from ._common import add_model_arguments, load_model
 
 HELP = "save the last-layer CLS self-attention maps (per head) and threshold masks of images"
 DESCRIPTION = """Self-attention visualisation (DINO paper Fig. 1/3; reference visualize_attention.py).
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     for p in images:
         if not p.is_file():
             raise DataError(f"image not found: {p}")
-    model = load_frozen_model(args)
+    model = load_model(args)
     if not (is_vit(model) and hasattr(model, "get_last_selfattention")):
         raise ConfigError(f"attention maps need a ViT backbone, not {type(model).__name__}")
     size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)

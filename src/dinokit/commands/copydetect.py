@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
-from .retrieval import add_model_arguments, format_table, load_model, model_settings, pct, resolve_device, write_json
+from ._common import add_model_arguments, format_table, load_model, model_info, pct, resolve_device, write_json
 
 HELP = "copy detection (Copydays mAP) with CLS+GeM descriptors and PCA whitening"
 DESCRIPTION = """Copy detection with frozen features (DINO paper, Table 6).
@@ -26,7 +26,7 @@ Metrics are printed in percent and written as fractions to the JSON file (--outp
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
+    add_model_arguments(parser, batch_size=None)
     parser.add_argument("--root", "--data-path", dest="root", required=True, metavar="DIR",
                         help="copy-detection folder: original/ + query-block folders")
     parser.add_argument("--imsize", type=int, default=320, help="square input size (default: 320)")
@@ -77,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
     rows.append(["overall (without original)", pct(res["overall"]["mAP"]), str(res["overall"]["n_queries"])])
     wh = "no whitening" if res["whitening"] is None else f"whitening: {args.whiten_mode}"
     print(format_table([f"block ({res['n_database']} db images, {res['n_distractors']} distractors, {wh})",
-                        "mAP", "queries"], rows))
-    res["model"] = model_settings(args)
+                        "mAP", "queries"], rows, left_first=True))
+    res["model"] = model_info(args, model)
     out = write_json(args.output or "copydetect_results.json", res)
     print(f"results written to {out}")
     return 0

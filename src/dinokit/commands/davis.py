@@ -8,7 +8,7 @@ import csv
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
-from .retrieval import add_model_arguments, format_table, load_model, model_settings, pct, resolve_device, write_json
+from ._common import add_model_arguments, format_table, load_model, model_info, pct, resolve_device, write_json
 
 HELP = "DAVIS-2017 video object segmentation by label propagation (J&F)"
 DESCRIPTION = """Semi-supervised video object segmentation by nearest-neighbour label propagation of frozen patch
@@ -95,13 +95,13 @@ def run(args: argparse.Namespace) -> int:
             for v, m in res["per_video"].items()]
     rows.append(["mean (over objects)", pct(res["J&F-Mean"]), pct(res["J-Mean"]), pct(res["F-Mean"]),
                  str(res["n_objects"])])
-    print(format_table(["video", "J&F", "J", "F", "objects"], rows))
+    print(format_table(["video", "J&F", "J", "F", "objects"], rows, left_first=True))
     print(f"J-Recall {pct(res['J-Recall'])}  J-Decay {pct(res['J-Decay'])}  "
           f"F-Recall {pct(res['F-Recall'])}  F-Decay {pct(res['F-Decay'])}")
     out.mkdir(parents=True, exist_ok=True)
     _write_official_csvs(out, args.split, res)
     res["settings"] = settings if not args.eval_only else None
-    res["model"] = model_settings(args) if not args.eval_only else None
+    res["model"] = model_info(args, model) if not args.eval_only else None
     path = write_json(args.output or out / "davis_results.json", res)
     print(f"results written to {path}")
     return 0

@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from .knn import add_model_arguments, check_positive, eval_dataset, load_frozen_model, model_info
+from ._common import add_model_arguments, check_positive, eval_dataset, load_model, model_info
 
 HELP = "extract frozen features (CLS, last-n CLS, patch tokens) of images to a .safetensors file"
 DESCRIPTION = """Extract frozen features (fp32, eval mode) with the evaluation transform
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_positive("--n-last-blocks", args.n_last_blocks)
     check_positive("--batch-size", args.batch_size)
-    model = load_frozen_model(args)
+    model = load_model(args)
     ds = eval_dataset(args.data, args.image_size, args.split)
     vit = is_vit(model)
     if (args.patch_tokens or args.n_last_blocks > 1) and not vit:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 
-from .knn import (
+from ._common import (
     add_model_arguments,
     check_positive,
     format_table,
-    load_frozen_model,
+    load_model,
     model_info,
     write_json,
 )
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         check_positive("--" + name.replace("_", "-"), getattr(args, name))
     for lr in args.lr:
         check_positive("--lr", lr)
-    model = load_frozen_model(args)
+    model = load_model(args)
     device = next(model.parameters()).device
     res = linear_probe(model, args.train_data, args.val_data, lrs=args.lr, epochs=args.epochs,
                        n_last_blocks=args.n_last_blocks, avgpool_patchtokens=args.avgpool_patchtokens,

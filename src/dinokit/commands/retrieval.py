@@ -1,16 +1,13 @@
 """``dinokit retrieval``: revisited Oxford/Paris mAP (Easy/Medium/Hard, mP@1/5/10) or place-recognition
-Recall@1/5/10 of a frozen backbone. Protocol: :mod:`dinokit.eval.retrieval` (reference §4.7).
-
-Also home of the small helpers the three evaluation commands share (model loading, device, JSON output)."""
+Recall@1/5/10 of a frozen backbone. Protocol: :mod:`dinokit.eval.retrieval` (reference §4.7)."""
 
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
-from .knn import resolve_device, write_json
+from ._common import add_model_arguments, format_table, load_model, model_info, pct, resolve_device, write_json
 
 HELP = "image retrieval (revisited Oxford/Paris mAP) or place recognition (Recall@k) with frozen features"
 DESCRIPTION = """Image retrieval with frozen features (DINO paper, Table 5).
@@ -28,63 +25,10 @@ database files) or ROOT/ground_truth.csv (query,db1[,db2...]); reports Recall@1/
 Metrics are printed in percent and written as fractions to the JSON file (--output)."""
 
 
-# ----------------------------------------------------------------------------------- shared helpers
-
-def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True, workers: bool = True) -> None:
-    """``--weights/--arch/--patch-size/--checkpoint-key/--device`` as every evaluation command takes them."""
-    g = parser.add_argument_group("model")
-    g.add_argument("--weights", required=required, metavar="FILE",
-                   help="backbone weights: a dinokit/official DINO checkpoint (.pth), a backbone state dict or "
-                        "a .safetensors file; the architecture is inferred unless --arch is given")
-    g.add_argument("--arch", default=None, help="architecture (vit_small, vit_base, ...); default: inferred")
-    g.add_argument("--patch-size", "--patch_size", dest="patch_size", type=int, default=None,
-                   help="ViT patch size; default: inferred from the weights")
-    g.add_argument("--checkpoint-key", "--checkpoint_key", dest="checkpoint_key", default="teacher",
-                   help="which network of a full training checkpoint to evaluate (default: teacher)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    if workers:
-        g.add_argument("--num-workers", type=int, default=2, help="image-decoding worker processes (default: 2)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def load_model(args: argparse.Namespace, need_patches: bool = False):
-    """The frozen backbone named by ``--weights`` (via :func:`dinokit.weights.load_backbone`), in eval mode on
-    the chosen device."""
-    if not args.weights:
-        raise ConfigError("--weights is required")
-    if not Path(args.weights).exists():
-        raise DataError(f"weights file {args.weights} does not exist")
-    from ..weights import load_backbone
-
-    model = load_backbone(args.weights, arch=args.arch, patch_size=args.patch_size,
-                          checkpoint_key=args.checkpoint_key)
-    if need_patches and not (hasattr(model, "get_intermediate_layers") and getattr(model, "patch_size", None)):
-        raise ConfigError(f"this evaluation needs a ViT (patch tokens); {type(model).__name__} has none")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval().to(resolve_device(args.device))
-
-
-def pct(x) -> str:
-    return "  n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * x:5.2f}"
-
-
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
-                               for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
-
-
-def model_settings(args: argparse.Namespace) -> dict:
-    return {"weights": str(args.weights), "arch": args.arch, "patch_size": args.patch_size,
-            "checkpoint_key": args.checkpoint_key}
-
-
 # ------------------------------------------------------------------------------------------- command
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
+    add_model_arguments(parser, batch_size=None)
     parser.add_argument("--dataset", required=True, choices=["roxford5k", "rparis6k", "folder"],
                         help="revisited Oxford/Paris, or a query/database folder for place recognition")
     parser.add_argument("--root", "--data-path", dest="root", required=True, metavar="DIR", help="dataset folder")
@@ -131,16 +75,16 @@ def run(args: argparse.Namespace) -> int:
         res = evaluate_place_recognition(model, root, **common)
         rows = [["Recall@" + k, pct(v)] for k, v in res["recall@k"].items()] + [["mAP", pct(res["mAP"])]]
         table = format_table([f"place recognition ({res['n_scored_queries']} queries, {res['n_database']} db)",
-                              "%"], rows)
+                              "%"], rows, left_first=True)
     else:
         res = evaluate_revisited(model, root, args.dataset, query_crop=args.query_crop, **common)
         ks = list(res["mP@k"]["medium"])
         rows = [[name.capitalize(), pct(res["mAP"][name]), *(pct(res["mP@k"][name][k]) for k in ks)]
                 for name in ("easy", "medium", "hard")]
         table = format_table([f"{args.dataset} ({res['n_queries']} queries, {res['n_database']} db)", "mAP",
-                              *(f"mP@{k}" for k in ks)], rows)
+                              *(f"mP@{k}" for k in ks)], rows, left_first=True)
     print(table)
-    res["model"] = model_settings(args)
+    res["model"] = model_info(args, model)
     out = write_json(args.output or f"retrieval_{args.dataset}.json", res)
     print(f"results written to {out}")
     return 0

@@ -1,0 +1,131 @@
+"""The helpers every evaluation command shares (knn, linear, features, attention, retrieval, davis, copydetect):
+the model arguments and loader, argument checks, datasets, JSON output and the console tables."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError, ConfigError, DataError
+from ..trainer import resolve_device
+
+__all__ = ["add_model_arguments", "check_positive", "eval_dataset", "format_table", "jsonable", "load_model",
+           "model_info", "pct", "require_labels", "resolve_device", "write_json"]
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True, workers: bool = True,
+                        batch_size: int | None = 128, patch_default: int | None = None) -> None:
+    """The "model" argument group: ``--weights --arch --patch-size --checkpoint-key --device``, with ``workers``
+    also ``--batch-size`` (default ``batch_size``; ``None``: none, or the command adds its own) and
+    ``--num-workers``, then ``--no-progress``. ``required=False`` for a command that can run without weights."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--weights", required=required, metavar="FILE",
+                   help="backbone weights: dinokit/official checkpoint (.pth), backbone state dict or "
+                        ".safetensors")
+    g.add_argument("--arch", default=None,
+                   help="architecture (vit_small, vit_base, resnet50, timm:<name>, ...); default: inferred")
+    g.add_argument("--patch-size", "--patch_size", dest="patch_size", type=int, default=patch_default,
+                   help="ViT patch size; default: inferred from the weights")
+    g.add_argument("--checkpoint-key", "--checkpoint_key", dest="checkpoint_key", default="teacher",
+                   choices=["teacher", "student"],
+                   help="network of a full training checkpoint to use (default: teacher, as the reference)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    if workers:
+        if batch_size is not None:
+            g.add_argument("--batch-size", type=int, default=batch_size,
+                           help=f"images per forward pass (default: {batch_size})")
+        g.add_argument("--num-workers", type=int, default=2, help="image-decoding worker processes (default: 2)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def load_model(args: argparse.Namespace, need_patches: bool = False):
+    """The backbone of ``--weights`` (via :func:`dinokit.weights.load_backbone`) in eval mode, gradients off, on
+    ``--device``. ``need_patches``: refuse a backbone without patch tokens (not a ViT)."""
+    if not args.weights:
+        raise ConfigError("--weights is required")
+    path = Path(args.weights).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"weights file not found: {args.weights}")
+    from ..weights import load_backbone
+
+    model = load_backbone(path, arch=args.arch, patch_size=args.patch_size, checkpoint_key=args.checkpoint_key)
+    if need_patches and not (hasattr(model, "get_intermediate_layers") and getattr(model, "patch_size", None)):
+        raise ConfigError(f"this evaluation needs a ViT (patch tokens); {type(model).__name__} has none")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval().to(resolve_device(args.device))
+
+
+def model_info(args: argparse.Namespace, model=None) -> dict[str, Any]:
+    """The model record of a result file: ``--weights``, ``--arch``, ``--patch-size``, ``--checkpoint-key``,
+    overridden and completed by the architecture the loader resolved (``model.dinokit_arch``) when known."""
+    resolved = getattr(model, "dinokit_arch", None) or {}
+    return {"weights": str(args.weights), "arch": args.arch, "patch_size": args.patch_size,
+            "checkpoint_key": args.checkpoint_key, **{k: v for k, v in resolved.items() if v is not None}}
+
+
+# --------------------------------------------------------------------------------------- checks, data
+
+def check_positive(name: str, value: int | float) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+def eval_dataset(spec: str, image_size: int, split: str):
+    """``build_dataset(spec, eval_transform(image_size), split)``."""
+    from ..augmentation import eval_transform
+    from ..data import build_dataset
+
+    check_positive("--image-size", image_size)
+    return build_dataset(spec, transform=eval_transform(image_size), split=split)
+
+
+def require_labels(ds, spec: str, what: str) -> None:
+    if not getattr(ds, "has_labels", False):
+        raise DataError(f"{what} data {spec} has images without a class: put every image in a class "
+                        "sub-folder")
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+def jsonable(obj):
+    """``obj`` with NaN/inf as ``None``, keys as strings, tuples as lists and paths as strings."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(jsonable(payload), indent=2) + "\n")
+    except OSError as e:
+        raise DataError(f"cannot write {path}: {e.strerror or e}") from None
+    return path
+
+
+def pct(x) -> str:
+    """A fraction as a percentage, ``n/a`` for none/NaN."""
+    return "  n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * x:5.2f}"
+
+
+def format_table(header: list[str], rows: list[list[Any]], left_first: bool = False) -> str:
+    """Header, dashes, rows; columns right-aligned, the first left-aligned with ``left_first`` (row labels)."""
+    cells = [[str(c) for c in r] for r in [header, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if left_first and not i else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
