@@ -225,3 +225,30 @@ def test_one_device_resolver_for_training_and_evaluation():
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ConfigError, match="unknown device 'tpu'"):
         resolve_device("tpu")
+
+
+def test_time_budget_is_replanned_when_the_speed_drifts(folder, tmp_path, monkeypatch):
+    """The first plan comes from the first iterations; when the steps then get 4x slower the trainer re-plans
+    at 10/30/60% of the budget and still ends near it, with every schedule planned for the final length."""
+    import time as _time
+
+    t = Trainer(tiny(folder, tmp_path / "r", "--time-budget-minutes", "0.05", "--epochs", "100000"))
+    real_step, plans = t.train_step, []
+    real_plan = t._plan_from_budget
+
+    def slow_later(crops):
+        _time.sleep(0.01 if t.iteration < 12 else 0.04)
+        return real_step(crops)
+
+    def record_plan(sec_per_iter, again=False):
+        plans.append((t.iteration, again))
+        real_plan(sec_per_iter, again)
+
+    monkeypatch.setattr(t, "train_step", slow_later)
+    monkeypatch.setattr(t, "_plan_from_budget", record_plan)
+    t.fit()
+    assert [again for _, again in plans] == [False, True, True, True]
+    assert plans[0][0] == 8 < plans[1][0]  # planned after 8 iterations, re-planned later
+    assert t.iteration == t.plan.total_iters == len(t.lr_schedule) == len(t.momentum_schedule)
+    # without re-planning the 10 ms/iteration plan would have run ~4x over the 3 s budget
+    assert t.train_seconds < 2 * 3.0

@@ -723,7 +723,14 @@ class Trainer:
         return {"loss": loss_value, "lr": lr, "wd": wd, "momentum": momentum, "teacher_temp": temp}
 
     # -- budget planning ----------------------------------------------------------------------------------
-    def _plan_from_budget(self, sec_per_iter: float) -> None:
+    #: fractions of the time budget at which the plan is re-made from the speed measured since the first plan
+    REPLAN_AT = (0.1, 0.3, 0.6)
+
+    def _plan_from_budget(self, sec_per_iter: float, again: bool = False) -> None:
+        """Plan every schedule for the iterations that fit in what is left of the budget at ``sec_per_iter``.
+        The first plan comes from a few iterations; it is re-made at :attr:`REPLAN_AT` of the budget from the
+        speed measured since, so a run whose speed drifts still ends on time. A re-plan changes the schedules'
+        length, not their shape: at the moment of the re-plan the lr moves by the few percent the end moved."""
         budget = self.cfg.time_budget_minutes * 60.0
         remaining = max(budget - self.train_seconds, 0.0)
         total = max(self.iteration + int(remaining / max(sec_per_iter, 1e-6)), self.iteration + 1)
@@ -732,7 +739,8 @@ class Trainer:
         self.planned_from_budget = True
         self._build_schedules()
         self._log_console(f"time budget {self.cfg.time_budget_minutes:g} min: {sec_per_iter * 1000:.0f} ms per "
-                          f"iteration -> {total} iterations ({total / self.plan.niter_per_ep:.2f} epochs)")
+                          f"iteration -> {total} iterations ({total / self.plan.niter_per_ep:.2f} epochs)"
+                          + (f", re-planned at {self.train_seconds / 60:.1f} min" if again else ""))
 
     # -- online k-NN -------------------------------------------------------------------------------------
     def _knn_due(self, epoch_end: bool) -> bool:
@@ -768,6 +776,8 @@ class Trainer:
         budget_s = cfg.time_budget_minutes * 60.0
         calib = {"n": 0, "t": 0.0}
         need_plan = budget_s > 0 and not self.planned_from_budget
+        replan: list[float] = []  # budget seconds at which to re-plan (only in the run that made the first plan)
+        since = (0, 0.0)
         if self.main:
             nparams = sum(p.numel() for p in self.student.parameters())
             self._log_console(f"{cfg.arch}/{cfg.patch_size} ({nparams / 1e6:.2f}M params with head) on "
@@ -804,16 +814,24 @@ class Trainer:
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{ips:.0f}")
                 last = stats
                 self._epoch_progress = (sums["loss"], sums["loss_n"], last)
+                planned = False
                 if need_plan:
                     calib["n"] += 1
                     if calib["n"] > 2:  # skip warm-up iterations
                         calib["t"] += step_s + wait_s
                     if calib["n"] >= 8 or (calib["n"] > 2 and calib["t"] > 20):
                         self._plan_from_budget(calib["t"] / (calib["n"] - 2))
-                        need_plan = False
-                        n_this_epoch = min(self.plan.niter_per_ep,
-                                           self.plan.total_iters - epoch * self.plan.niter_per_ep)
-                        bar.total = n_this_epoch
+                        need_plan, planned = False, True
+                        replan = [f * budget_s for f in self.REPLAN_AT if f * budget_s > self.train_seconds]
+                        since = (self.iteration, self.train_seconds)
+                elif replan and self.train_seconds >= replan[0]:
+                    replan.pop(0)
+                    self._plan_from_budget((self.train_seconds - since[1]) / max(self.iteration - since[0], 1),
+                                           again=True)
+                    planned = True
+                if planned:
+                    n_this_epoch = min(self.plan.niter_per_ep, self.plan.total_iters - epoch * self.plan.niter_per_ep)
+                    bar.total = n_this_epoch
                 if cfg.log_every and self.iteration % cfg.log_every == 0:
                     self.log({"type": "train", "epoch": epoch, "iteration": self.iteration,
                               "images_per_s": ips, "data_wait_frac": wait_s / max(step_s + wait_s, 1e-9),
