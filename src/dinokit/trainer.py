@@ -776,7 +776,7 @@ class Trainer:
         budget_s = cfg.time_budget_minutes * 60.0
         calib = {"n": 0, "t": 0.0}
         need_plan = budget_s > 0 and not self.planned_from_budget
-        replan: list[float] = []  # budget seconds at which to re-plan (only in the run that made the first plan)
+        replan: list[float] = []  # budget seconds at which to re-plan (only in the process that made the first plan)
         since = (0, 0.0)
         if self.main:
             nparams = sum(p.numel() for p in self.student.parameters())
@@ -822,7 +822,10 @@ class Trainer:
                     if calib["n"] >= 8 or (calib["n"] > 2 and calib["t"] > 20):
                         self._plan_from_budget(calib["t"] / (calib["n"] - 2))
                         need_plan, planned = False, True
-                        replan = [f * budget_s for f in self.REPLAN_AT if f * budget_s > self.train_seconds]
+                        # each rank times itself: re-plans at clock times could differ across ranks and leave
+                        # them with different schedule lengths, so only a single process re-plans
+                        if self.world == 1:
+                            replan = [f * budget_s for f in self.REPLAN_AT if f * budget_s > self.train_seconds]
                         since = (self.iteration, self.train_seconds)
                 elif replan and self.train_seconds >= replan[0]:
                     replan.pop(0)
