@@ -54,6 +54,20 @@ if crash:
             return real_step(crops)
 
         t.train_step = step
+clock = os.environ.get("DINOKIT_TEST_CLOCK")  # "rank:factor": this rank's clock runs factor x fast
+if clock:
+    rank, factor = clock.split(":")
+    if t.rank == int(rank):
+        import time as _time, types, dinokit.trainer as T
+        t0 = _time.perf_counter()
+        T.time = types.SimpleNamespace(**{k: getattr(_time, k) for k in dir(_time) if not k.startswith("_")})
+        T.time.perf_counter = lambda: t0 + (_time.perf_counter() - t0) * float(factor)
+plans = []
+real_plan = t._plan_from_budget
+def record_plan(sec_per_iter, again=False):
+    real_plan(sec_per_iter, again)
+    plans.append((t.iteration, t.plan.total_iters))
+t._plan_from_budget = record_plan
 t.fit()
 student, teacher, _ = t._model_states()
 is_ddp = lambda m: isinstance(m, torch.nn.parallel.DistributedDataParallel)
@@ -61,7 +75,8 @@ torch.save({"resumed_at": resumed_at, "iteration": t.iteration, "center": t.dino
             "student": student, "teacher": teacher, "fsdp": t.fsdp,
             "syncbn": [any(isinstance(m, torch.nn.SyncBatchNorm) for m in x.modules()) for x in (t.student, t.teacher)],
             "student_ddp": is_ddp(t.student_ddp), "teacher_ddp": is_ddp(t.teacher_fwd),
-            "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", -1))},
+            "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", -1)),
+            "plans": plans, "total_iters": t.plan.total_iters},
            pathlib.Path(cfg.output_dir) / f"rank{t.rank}.pt")
 D.cleanup()
 '''
@@ -199,6 +214,21 @@ def test_elastic_restart_resumes_from_the_last_checkpoint(work, ddp_run):
     for key in ("student", "teacher"):
         assert max_diff(r0[key], ref[key]) < TOL, key
     torch.testing.assert_close(r0["center"], ref["center"], rtol=0, atol=TOL)
+
+
+def test_time_budget_ranks_agree_on_one_plan(work):
+    """A time-budgeted run under torchrun: rank 1's clock runs 3x fast, so alone it would plan a third of rank
+    0's iterations and rank 0 would wait for it for ever at the end. The ranks agree on the slowest clock (max),
+    re-plan at the same iterations, and stop together at the planned iteration."""
+    out = work / "budget"
+    torchrun(work, out, "--batch-size-per-gpu", "2", "--epochs", "100000", "--time-budget-minutes", "0.12",
+             "--log-every", "0", env={"DINOKIT_TEST_CLOCK": "1:3"}, timeout=180)
+    r0, r1 = rank_state(out, 0), rank_state(out, 1)
+    assert r0["plans"] == r1["plans"]  # same (iteration, planned total) at every plan, on both ranks
+    assert len(r0["plans"]) >= 2  # the first plan and at least one re-plan
+    assert r0["iteration"] == r1["iteration"] == r0["total_iters"] == r0["plans"][-1][1]
+    # planned from rank 1's (fast) clock: rank 1 used about the budget by its own clock, rank 0 about a third
+    assert r0["iteration"] > 8
 
 
 def test_batchnorm_head_on_cpu_processes_keeps_the_reference_wrapping(work):

@@ -247,8 +247,10 @@ def test_time_budget_is_replanned_when_the_speed_drifts(folder, tmp_path, monkey
     monkeypatch.setattr(t, "train_step", slow_later)
     monkeypatch.setattr(t, "_plan_from_budget", record_plan)
     t.fit()
-    assert [again for _, again in plans] == [False, True, True, True]
-    assert plans[0][0] == 8 < plans[1][0]  # planned after 8 iterations, re-planned later
+    # planned after 8 iterations, re-planned later at the 30% and 60% marks (and at 10% unless the first 8
+    # iterations already took that long on a loaded machine)
+    assert plans[0] == (8, False) and plans[0][0] < plans[1][0]
+    assert len(plans) in (3, 4) and all(again for _, again in plans[1:])
     assert t.iteration == t.plan.total_iters == len(t.lr_schedule) == len(t.momentum_schedule)
     # without re-planning the 10 ms/iteration plan would have run ~4x over the 3 s budget
     assert t.train_seconds < 2 * 3.0

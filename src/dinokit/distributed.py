@@ -99,6 +99,15 @@ def all_reduce_mean(value: float, device: torch.device | str = "cpu") -> float:
     return float(t.item()) / get_world_size()
 
 
+def all_reduce_max(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+    """The element-wise maximum of ``values`` over all ranks (the values themselves in a single process)."""
+    if not is_dist():
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [float(v) for v in t.tolist()]
+
+
 def cleanup() -> None:
     if is_dist():
         dist.destroy_process_group()

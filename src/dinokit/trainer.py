@@ -434,6 +434,8 @@ class Trainer:
         self.train_seconds = 0.0
         self.skipped_steps = 0
         self.planned_from_budget = False
+        self._replan_iters: list[int] = []  # iterations at which a time-budgeted run re-plans (see _plan_from_budget)
+        self._replan_fracs: list[float] = []
         self.knn_history: list[dict] = []
         self._epoch_progress: tuple[float, int, dict] = (0.0, 0, {})  # this epoch's loss sum, count, last stats
         self._resume()
@@ -726,21 +728,40 @@ class Trainer:
     #: fractions of the time budget at which the plan is re-made from the speed measured since the first plan
     REPLAN_AT = (0.1, 0.3, 0.6)
 
+    def _agree(self, *values: float) -> list[float]:
+        """The maximum of each value over the ranks: every rank plans from the slowest rank's clock, so all
+        of them plan the same number of iterations (a rank that planned fewer would leave the others waiting
+        in a collective for ever)."""
+        if self.world <= 1 or not D.is_dist():
+            return [float(v) for v in values]
+        return D.all_reduce_max(list(values), self.device if self.device.type == "cuda" else "cpu")
+
     def _plan_from_budget(self, sec_per_iter: float, again: bool = False) -> None:
         """Plan every schedule for the iterations that fit in what is left of the budget at ``sec_per_iter``.
         The first plan comes from a few iterations; it is re-made at :attr:`REPLAN_AT` of the budget from the
         speed measured since, so a run whose speed drifts still ends on time. A re-plan changes the schedules'
-        length, not their shape: at the moment of the re-plan the lr moves by the few percent the end moved."""
+        length, not their shape: at the moment of the re-plan the lr moves by the few percent the end moved.
+
+        Under torch.distributed the ranks agree first (the maximum of their ``sec_per_iter`` and elapsed
+        seconds), and the re-plans are due at *iterations* predicted from the agreed speed, not at each rank's
+        clock time, so every rank plans the same schedule at the same iteration."""
+        sec_per_iter, elapsed = self._agree(sec_per_iter, self.train_seconds)
+        sec_per_iter = max(sec_per_iter, 1e-6)
         budget = self.cfg.time_budget_minutes * 60.0
-        remaining = max(budget - self.train_seconds, 0.0)
-        total = max(self.iteration + int(remaining / max(sec_per_iter, 1e-6)), self.iteration + 1)
+        remaining = max(budget - elapsed, 0.0)
+        total = max(self.iteration + int(remaining / sec_per_iter), self.iteration + 1)
         epochs = math.ceil(total / self.plan.niter_per_ep)
         self.plan = Plan(self.plan.niter_per_ep, epochs, total)
         self.planned_from_budget = True
         self._build_schedules()
+        # the re-plans still to come, as iterations: when the agreed clock is predicted to reach each fraction
+        fracs = self._replan_fracs if again else self.REPLAN_AT
+        self._replan_fracs = [f for f in fracs if f * budget > elapsed]
+        self._replan_iters = [self.iteration + max(math.ceil((f * budget - elapsed) / sec_per_iter), 1)
+                              for f in self._replan_fracs]
         self._log_console(f"time budget {self.cfg.time_budget_minutes:g} min: {sec_per_iter * 1000:.0f} ms per "
                           f"iteration -> {total} iterations ({total / self.plan.niter_per_ep:.2f} epochs)"
-                          + (f", re-planned at {self.train_seconds / 60:.1f} min" if again else ""))
+                          + (f", re-planned at {elapsed / 60:.1f} min" if again else ""))
 
     # -- online k-NN -------------------------------------------------------------------------------------
     def _knn_due(self, epoch_end: bool) -> bool:
@@ -776,7 +797,6 @@ class Trainer:
         budget_s = cfg.time_budget_minutes * 60.0
         calib = {"n": 0, "t": 0.0}
         need_plan = budget_s > 0 and not self.planned_from_budget
-        replan: list[float] = []  # budget seconds at which to re-plan (only in the process that made the first plan)
         since = (0, 0.0)
         if self.main:
             nparams = sum(p.numel() for p in self.student.parameters())
@@ -817,18 +837,15 @@ class Trainer:
                 planned = False
                 if need_plan:
                     calib["n"] += 1
-                    if calib["n"] > 2:  # skip warm-up iterations
-                        calib["t"] += step_s + wait_s
+                    if calib["n"] > 2:  # skip warm-up iterations; the ranks agree on the slowest clock
+                        calib["t"] = self._agree(calib["t"] + step_s + wait_s)[0]
                     if calib["n"] >= 8 or (calib["n"] > 2 and calib["t"] > 20):
                         self._plan_from_budget(calib["t"] / (calib["n"] - 2))
                         need_plan, planned = False, True
-                        # each rank times itself: re-plans at clock times could differ across ranks and leave
-                        # them with different schedule lengths, so only a single process re-plans
-                        if self.world == 1:
-                            replan = [f * budget_s for f in self.REPLAN_AT if f * budget_s > self.train_seconds]
                         since = (self.iteration, self.train_seconds)
-                elif replan and self.train_seconds >= replan[0]:
-                    replan.pop(0)
+                elif self._replan_iters and self.iteration >= self._replan_iters[0]:
+                    # speed since the first plan; _plan_from_budget re-predicts the later re-plans from it
+                    self._replan_fracs.pop(0)
                     self._plan_from_budget((self.train_seconds - since[1]) / max(self.iteration - since[0], 1),
                                            again=True)
                     planned = True
