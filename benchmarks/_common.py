@@ -114,3 +114,18 @@ def spread(xs: list[float]) -> float:
         return float("nan") if not xs else (max(xs) - min(xs)) / max(statistics.median(xs), 1e-12)
     q = statistics.quantiles(xs, n=4)
     return (q[2] - q[0]) / max(q[1], 1e-12)
+
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist_demo.yaml"
+FASHION_MNIST = "fashion-mnist:/usr/share/datasets/fashion-mnist"
+
+
+def demo_config(sets: list[str], base: str | Path = DEMO_CONFIG, **fixed):
+    """The demo's ``TrainConfig``: ``base`` (YAML), then ``fixed`` (the harness's own settings: data, output
+    dir, ...), then the user's ``--set key=value`` items, validated (benchmarks/demo_speed.py, demo_sweep.py)."""
+    from dinokit.config import TrainConfig, apply_overrides, load_yaml, parse_set_items
+
+    cfg = apply_overrides(TrainConfig(), load_yaml(base))
+    cfg = apply_overrides(cfg, {"data_path": FASHION_MNIST, **fixed})
+    return apply_overrides(cfg, parse_set_items(sets)).validate()
+

@@ -32,15 +32,13 @@ def main() -> int:
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
 
-    from dinokit.config import TrainConfig, apply_overrides, load_yaml, parse_set_items
+    from _common import demo_config
     from dinokit.trainer import Trainer
     from train_step import flop_counter
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = apply_overrides(TrainConfig(), load_yaml(ROOT / "configs/fashion_mnist_demo.yaml"))
-        cfg = apply_overrides(cfg, {"data_path": a.data, "output_dir": out, "time_budget_minutes": 0,
-                                    "epochs": 1, "knn_every_minutes": 0})
-        cfg = apply_overrides(cfg, parse_set_items(a.set)).validate()
+        cfg = demo_config(a.set, data_path=a.data, output_dir=out, time_budget_minutes=0, epochs=1,
+                          knn_every_minutes=0)
         tr = Trainer(cfg)
         batches = iter(tr.loader)
         for _ in range(5):

@@ -32,13 +32,11 @@ def train_images(base: str, sets: list[str], out: str, images: int, seed: int) -
     import resource
 
     sys.path.insert(0, str(ROOT / "src"))
-    from dinokit.config import TrainConfig, apply_overrides, load_yaml, parse_set_items
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _common import demo_config
     from dinokit.trainer import Plan, Trainer
 
-    cfg = apply_overrides(TrainConfig(), load_yaml(base))
-    cfg = apply_overrides(cfg, {"data_path": DATA, "output_dir": out, "seed": seed, "time_budget_minutes": 0,
-                                "epochs": 1000})
-    cfg = apply_overrides(cfg, parse_set_items(sets)).validate()
+    cfg = demo_config(sets, base, data_path=DATA, output_dir=out, seed=seed, time_budget_minutes=0, epochs=1000)
     tr = Trainer(cfg)
     total = max(images // tr.global_batch, 1)
     tr.plan = Plan(tr.plan.niter_per_ep, math.ceil(total / tr.plan.niter_per_ep), total)
