@@ -71,3 +71,22 @@ def test_summary_names_the_feature_and_the_comparison(tiny_run):
     res = evaluate_run(out, f"fashion-mnist:{data}", random_init=False, write=False)
     text = format_summary({**res, "knn_top1_random_init": 0.0})
     assert "knn_top1" in text and "raw pixels" in text
+
+
+def test_knn_command_reproduces_the_demo_numbers(tiny_run, tmp_path, capsys):
+    """``dinokit knn --resize-size 28 --features concat`` on the demo's checkpoint gives the demo's knn_top1
+    (same features, same protocol); the image size defaults to the trained 28 px."""
+    from dinokit.cli import main as cli
+
+    out, data = tiny_run
+    res = evaluate_run(out, f"fashion-mnist:{data}", random_init=False, raw_pixels=False, write=False)
+    spec = f"fashion-mnist:{data}"
+    for feature in ("cls", "avgpool", "concat"):
+        path = tmp_path / f"{feature}.json"
+        assert cli(["knn", "--weights", str(out / "checkpoint.pth"), "--train-data", spec, "--val-data", spec,
+                    "--k", "20", "--resize-size", "28", "--features", feature, "--num-workers", "0",
+                    "--no-progress", "--device", "cpu", "--output", str(path)]) == 0
+        got = json.loads(path.read_text())
+        assert got["image_size"] == 28 and got["features"] == feature
+        assert got["knn"]["20"]["top1"] == pytest.approx(res[f"knn_top1_{feature}"], abs=1e-6), feature
+    capsys.readouterr()

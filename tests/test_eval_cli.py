@@ -171,6 +171,10 @@ def test_missing_inputs_exit_2(setup, capsys):
     assert rc == 2 and "missing.pth" in err and err.count("\n") == 1
     rc = main(["attention", "--weights", str(ckpt), "--image", str(tmp / "nope.png"), "--out", str(tmp / "a")])
     assert rc == 2 and "nope.png" in capsys.readouterr().err
+    rc = main(["knn", "--weights", str(ckpt), "--train-data", str(train), "--val-data", str(train), "--device",
+               "cpu", "--image-size", "32", "--resize-size", "16"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--resize-size 16 is smaller than --image-size 32" in err and err.count("\n") == 1
 
 
 def test_subprocess_bad_weights_no_traceback(tmp_path):

@@ -76,13 +76,18 @@ def check_positive(name: str, value: int | float) -> None:
         raise ConfigError(f"{name} must be > 0, got {value}")
 
 
-def eval_dataset(spec: str, image_size: int, split: str):
-    """``build_dataset(spec, eval_transform(image_size), split)``."""
+def eval_dataset(spec: str, image_size: int, split: str, resize_size: int | None = None):
+    """``build_dataset(spec, eval_transform(image_size, resize_size), split)``."""
     from ..augmentation import eval_transform
     from ..data import build_dataset
 
     check_positive("--image-size", image_size)
-    return build_dataset(spec, transform=eval_transform(image_size), split=split)
+    if resize_size is not None:
+        check_positive("--resize-size", resize_size)
+        if resize_size < image_size:
+            raise ConfigError(f"--resize-size {resize_size} is smaller than --image-size {image_size}: the centre "
+                              "crop would not fit")
+    return build_dataset(spec, transform=eval_transform(image_size, resize_size), split=split)
 
 
 def require_labels(ds, spec: str, what: str) -> None:

@@ -16,18 +16,23 @@ from ._common import (
     write_json,
 )
 
+FEATURES = ("cls", "avgpool", "concat")
 HELP = "weighted k-NN classification accuracy of frozen features (DINO protocol)"
 DESCRIPTION = """Weighted k-NN evaluation of a frozen backbone (DINO paper §4.1; reference eval_knn.py).
 
-Features: the CLS token after the final norm (pooled output for ResNets), fp32, eval mode, on
-Resize(image_size*256/224, bicubic) + CenterCrop(image_size) + ImageNet normalisation; L2-normalised. Each
-val image takes the k most cosine-similar train images, weighted exp(similarity / T). Top-1 / top-5 in percent
-for every --k (the paper reports k=20, T=0.07). The neighbours are searched once for the largest k.
+Features (--features): the CLS token after the final norm (pooled output for ResNets; the reference), the
+mean of the last block's patch tokens (avgpool), or both, each L2-normalised, concatenated (concat; the
+demo's knn_top1); fp32, eval mode, on Resize(resize_size, bicubic) + CenterCrop(image_size) + ImageNet
+normalisation; L2-normalised. --image-size defaults to the size the ViT's position embedding was trained at
+(224 for the official checkpoints, the global crop size for dinokit runs), --resize-size to image_size*256/224;
+--resize-size equal to --image-size keeps the whole image. Each val image takes the k most cosine-similar train
+images, weighted exp(similarity / T). Top-1 / top-5 in percent for every --k (the paper reports k=20,
+T=0.07). The neighbours are searched once for the largest k.
 
 examples:
   dinokit knn --weights dino_deitsmall16_pretrain.pth --train-data imagenet/train --val-data imagenet/val
-  dinokit knn --weights run/checkpoint.pth --train-data fashion-mnist:data/fmnist --val-data \\
-      fashion-mnist:data/fmnist --image-size 32 --k 20
+  dinokit knn --weights runs/demo/checkpoint.pth --train-data fashion-mnist:DIR --val-data \\
+      fashion-mnist:DIR --resize-size 28 --features concat --k 20    # the demo's knn_top1
 
 --train-data / --val-data: a folder with one sub-folder per class (ImageFolder layout; class folders are
 matched by name), or fashion-mnist:<dir> (train split for --train-data, test split for --val-data).
@@ -45,7 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--k", "--nb-knn", dest="k", type=int, nargs="+", default=[10, 20, 100, 200],
                    help="numbers of neighbours (default: 10 20 100 200)")
     d.add_argument("--temperature", type=float, default=0.07, help="vote temperature T (default: 0.07)")
-    d.add_argument("--image-size", type=int, default=224, help="center-crop size (default: 224)")
+    d.add_argument("--image-size", type=int, default=None,
+                   help="center-crop size (default: the ViT's trained input size, else 224)")
+    d.add_argument("--resize-size", type=int, default=None,
+                   help="shorter side before the crop (default: image size x 256/224)")
+    d.add_argument("--features", choices=FEATURES, default="cls",
+                   help="cls (reference), avgpool (mean patch token) or concat (default: cls)")
     d.add_argument("--output", metavar="FILE", default=None, help="write the results as JSON (percent)")
 
 
@@ -58,23 +68,24 @@ def run(args: argparse.Namespace) -> int:
         check_positive("--k", k)
     check_positive("--temperature", args.temperature)
     check_positive("--batch-size", args.batch_size)
-    model = load_model(args)
-    train_ds = eval_dataset(args.train_data, args.image_size, "train")
-    val_ds = eval_dataset(args.val_data, args.image_size, "test")
+    model = load_model(args, need_patches=args.features != "cls")
+    image_size = args.image_size or (getattr(model, "dinokit_arch", None) or {}).get("img_size") or 224
+    train_ds = eval_dataset(args.train_data, image_size, "train", args.resize_size)
+    val_ds = eval_dataset(args.val_data, image_size, "test", args.resize_size)
     require_labels(train_ds, args.train_data, "train")
     require_labels(val_ds, args.val_data, "val")
     device = next(model.parameters()).device
     kw = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=device,
               progress=not args.no_progress)
-    train_feats, _ = extract_features(model, train_ds, desc="train features", **kw)
-    val_feats, _ = extract_features(model, val_ds, desc="val features", **kw)
+    train_feats, _ = extract_features(model, train_ds, desc="train features", features=args.features, **kw)
+    val_feats, _ = extract_features(model, val_ds, desc="val features", features=args.features, **kw)
     train_labels, val_labels = train_ds.labels, aligned_labels(train_ds, val_ds)
     num_classes = int(max(int(train_labels.max()), int(val_labels.max()))) + 1
     bank_device = device if device.type == "cuda" else torch.device("cpu")
     res = knn_eval(train_feats.to(bank_device), train_labels, val_feats.to(bank_device), val_labels,
                    ks=sorted(set(args.k)), T=args.temperature, num_classes=num_classes)
     print(f"k-NN (weighted, T={args.temperature:g}): {len(train_ds)} train / {len(val_ds)} val images, "
-          f"{num_classes} classes, {train_feats.shape[1]}-d features")
+          f"{num_classes} classes, {train_feats.shape[1]}-d {args.features} features at {image_size} px")
     print(format_table(["k", "top-1", "top-5"],
                        [[k, f"{r['top1']:.2f}", f"{r['top5']:.2f}"] for k, r in res.items()]))
     if args.output:
@@ -82,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
                    "temperature": args.temperature, "model": model_info(args, model),
                    "train_data": args.train_data, "val_data": args.val_data, "n_train": len(train_ds),
                    "n_val": len(val_ds), "num_classes": num_classes, "feature_dim": int(train_feats.shape[1]),
-                   "image_size": args.image_size}
+                   "image_size": image_size, "resize_size": args.resize_size or int(image_size * 256 / 224),
+                   "features": args.features}
         print(f"wrote {write_json(args.output, payload)}")
     return 0

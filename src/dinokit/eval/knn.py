@@ -259,20 +259,35 @@ def extract_outputs(model: nn.Module, data, fn: Callable[[nn.Module, torch.Tenso
 def extract_features(model: nn.Module, dataset_or_loader, batch_size: int = 128, num_workers: int = 0,
                      device: str | torch.device = "cpu", n_last_blocks: int = 1,
                      avgpool_patchtokens: bool = False, patch_tokens: bool = False,
-                     progress: bool = True, desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+                     progress: bool = True, desc: str = "features", features: str = "cls"
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen features of every image, in data-set order: ``(features float32 [N, D] on CPU, labels int64)``.
 
     The model runs in eval mode under ``no_grad`` in fp32 (reference ``extract_features``; the reference also
     gathers across GPUs, which a single process does not need). The feature is :func:`frozen_features`
     (``model(x)`` by default: the ViT CLS token). ``patch_tokens=True`` instead returns the last block's patch
-    tokens after the final norm, ``[N, num_patches, D]`` (CLS excluded). Labels are ``-1`` for unlabelled
-    images; a DataLoader passed in must not shuffle. ``desc`` labels the progress bar."""
+    tokens after the final norm, ``[N, num_patches, D]`` (CLS excluded). ``features="avgpool"`` returns the
+    mean of the last block's patch tokens, ``"concat"`` the CLS token and that mean, each L2-normalised, side by
+    side ``[N, 2D]`` (the Fashion-MNIST demo's feature, :func:`dinokit.demo.feature_views`); both need a ViT and
+    ignore ``n_last_blocks``/``avgpool_patchtokens``. Labels are ``-1`` for unlabelled images; a DataLoader passed
+    in must not shuffle. ``desc`` labels the progress bar."""
+    if features not in ("cls", "avgpool", "concat"):
+        raise ValueError(f"features must be cls, avgpool or concat, got {features!r}")
+    if features != "cls" and not is_vit(model):
+        raise ValueError(f"{features} features need a ViT backbone")
     if patch_tokens:
         if not is_vit(model):
             raise ValueError("patch_tokens needs a ViT backbone")
 
         def fn(m, x):
             return m.get_intermediate_layers(x, 1)[-1][:, 1:]
+    elif features != "cls":
+        def fn(m, x):
+            tokens = m.get_intermediate_layers(x, 1)[-1]
+            avg = tokens[:, 1:].mean(dim=1)
+            if features == "avgpool":
+                return avg
+            return torch.cat([F.normalize(tokens[:, 0].float(), dim=1), F.normalize(avg.float(), dim=1)], dim=1)
     else:
         def fn(m, x):
             return frozen_features(m, x, n_last_blocks, avgpool_patchtokens)
