@@ -184,3 +184,22 @@ def test_subprocess_bad_weights_no_traceback(tmp_path):
                        capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().count("\n") == 0 and "missing.pth" in p.stderr
+
+
+def test_eval_image_size_defaults_to_the_trained_size(setup, capsys):
+    """Without --image-size, knn and features use the size the ViT's position embedding was trained at (32 px
+    for this model: a 4 x 4 grid of 8-px patches), not 224."""
+    tmp, train, _, ckpt, _ = setup
+    base = ["--weights", str(ckpt), "--num-workers", "0", "--device", "cpu", "--no-progress"]
+    outs = {}
+    for name, size in (("default", []), ("explicit", ["--image-size", "32"])):
+        outs[name] = tmp / f"size_{name}.safetensors"
+        assert main(["features", *base, "--data", str(train), "--out", str(outs[name]), *size]) == 0
+    with safe_open(str(outs["default"]), "pt") as f:
+        assert f.metadata()["image_size"] == "32" and f.metadata()["resize_size"] == "36"
+    assert torch.equal(load_file(str(outs["default"]))["features"], load_file(str(outs["explicit"]))["features"])
+    res = tmp / "knn_size.json"
+    assert main(["knn", *base, "--train-data", str(train), "--val-data", str(train), "--k", "1",
+                 "--output", str(res)]) == 0
+    assert json.loads(res.read_text())["image_size"] == 32
+    capsys.readouterr()

@@ -76,6 +76,20 @@ def check_positive(name: str, value: int | float) -> None:
         raise ConfigError(f"{name} must be > 0, got {value}")
 
 
+def add_eval_size_arguments(group) -> None:
+    """``--image-size`` (default: the model's trained size, see :func:`eval_image_size`) and ``--resize-size``."""
+    group.add_argument("--image-size", type=int, default=None,
+                       help="center-crop size (default: the ViT's trained input size, else 224)")
+    group.add_argument("--resize-size", type=int, default=None,
+                       help="shorter side before the crop (default: image size x 256/224)")
+
+
+def eval_image_size(requested: int | None, model) -> int:
+    """``--image-size`` when given, else the input size the ViT's position embedding was trained at (pos-embed
+    grid x patch: 224 for the official checkpoints, the global crop size for dinokit runs), else 224."""
+    return requested or (getattr(model, "dinokit_arch", None) or {}).get("img_size") or 224
+
+
 def eval_dataset(spec: str, image_size: int, split: str, resize_size: int | None = None):
     """``build_dataset(spec, eval_transform(image_size, resize_size), split)``."""
     from ..augmentation import eval_transform

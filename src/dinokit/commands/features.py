@@ -8,11 +8,21 @@ import json
 import os
 from pathlib import Path
 
-from ._common import add_model_arguments, check_positive, eval_dataset, load_model, model_info
+from ._common import (
+    add_eval_size_arguments,
+    add_model_arguments,
+    check_positive,
+    eval_dataset,
+    eval_image_size,
+    load_model,
+    model_info,
+)
 
 HELP = "extract frozen features (CLS, last-n CLS, patch tokens) of images to a .safetensors file"
 DESCRIPTION = """Extract frozen features (fp32, eval mode) with the evaluation transform
-(Resize(image_size*256/224, bicubic) + CenterCrop(image_size) + ImageNet normalisation).
+(Resize(resize_size, bicubic) + CenterCrop(image_size) + ImageNet normalisation). --image-size defaults to the
+size the ViT's position embedding was trained at (224 for the official checkpoints, the global crop size for
+dinokit runs), --resize-size to image_size*256/224 (equal to --image-size: the whole image).
 
 Output (safetensors):
   features      [N, D]: the CLS token after the final norm (pooled output for ResNets); with
@@ -27,8 +37,8 @@ Read it back with safetensors.torch.load_file(out) and safetensors.safe_open(out
 
 examples:
   dinokit features --weights dino_deitsmall16_pretrain.pth --data photos/ --out feats.safetensors
-  dinokit features --weights run/checkpoint.pth --data fashion-mnist:data/fmnist --split test \\
-      --image-size 32 --out fmnist_test.safetensors"""
+  dinokit features --weights runs/demo/checkpoint.pth --data fashion-mnist:data/fmnist --split test \\
+      --resize-size 28 --out fmnist_test.safetensors"""
 
 # Keep the safetensors header well under its 100 MB limit.
 _MAX_INLINE_PATHS = 32 * 2**20
@@ -44,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--n-last-blocks", type=int, default=1,
                    help="concatenate the CLS tokens of the last n blocks (ViT; default: 1)")
     d.add_argument("--patch-tokens", action="store_true", help="also save the last block's patch tokens")
-    d.add_argument("--image-size", type=int, default=224, help="center-crop size (default: 224)")
+    add_eval_size_arguments(d)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     check_positive("--n-last-blocks", args.n_last_blocks)
     check_positive("--batch-size", args.batch_size)
     model = load_model(args)
-    ds = eval_dataset(args.data, args.image_size, args.split)
+    image_size = eval_image_size(args.image_size, model)
+    ds = eval_dataset(args.data, image_size, args.split, args.resize_size)
     vit = is_vit(model)
     if (args.patch_tokens or args.n_last_blocks > 1) and not vit:
         raise ConfigError("--patch-tokens / --n-last-blocks > 1 need a ViT backbone")
@@ -81,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     meta = {"format": "dinokit-features", "data": str(args.data), "n": str(len(ds)),
             "feature": f"cls_last_{n}_blocks" if n > 1 else "cls", "n_last_blocks": str(n),
-            "image_size": str(args.image_size), "model": json.dumps(model_info(args, model))}
+            "image_size": str(image_size), "resize_size": str(args.resize_size or int(image_size * 256 / 224)),
+            "model": json.dumps(model_info(args, model))}
     if ":" in str(args.data) and not Path(args.data).exists():
         meta["split"] = args.split
     classes = list(getattr(ds, "classes", []) or [])

@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 
 from ._common import (
+    add_eval_size_arguments,
     add_model_arguments,
     check_positive,
     eval_dataset,
+    eval_image_size,
     format_table,
     load_model,
     model_info,
@@ -50,10 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--k", "--nb-knn", dest="k", type=int, nargs="+", default=[10, 20, 100, 200],
                    help="numbers of neighbours (default: 10 20 100 200)")
     d.add_argument("--temperature", type=float, default=0.07, help="vote temperature T (default: 0.07)")
-    d.add_argument("--image-size", type=int, default=None,
-                   help="center-crop size (default: the ViT's trained input size, else 224)")
-    d.add_argument("--resize-size", type=int, default=None,
-                   help="shorter side before the crop (default: image size x 256/224)")
+    add_eval_size_arguments(d)
     d.add_argument("--features", choices=FEATURES, default="cls",
                    help="cls (reference), avgpool (mean patch token) or concat (default: cls)")
     d.add_argument("--output", metavar="FILE", default=None, help="write the results as JSON (percent)")
@@ -69,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     check_positive("--temperature", args.temperature)
     check_positive("--batch-size", args.batch_size)
     model = load_model(args, need_patches=args.features != "cls")
-    image_size = args.image_size or (getattr(model, "dinokit_arch", None) or {}).get("img_size") or 224
+    image_size = eval_image_size(args.image_size, model)
     train_ds = eval_dataset(args.train_data, image_size, "train", args.resize_size)
     val_ds = eval_dataset(args.val_data, image_size, "test", args.resize_size)
     require_labels(train_ds, args.train_data, "train")
