@@ -23,16 +23,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _common import FASHION_MNIST, demo_config  # noqa: E402
+
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--set", nargs="*", default=[], help="key=value overrides of the demo config")
-    p.add_argument("--data", default="fashion-mnist:/usr/share/datasets/fashion-mnist")
+    p.add_argument("--data", default=FASHION_MNIST)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
 
-    from _common import demo_config
     from dinokit.trainer import Trainer
     from train_step import flop_counter
 

@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = "fashion-mnist:/usr/share/datasets/fashion-mnist"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _common import FASHION_MNIST as DATA  # noqa: E402
+from _common import demo_config  # noqa: E402
 
 
 def train_images(base: str, sets: list[str], out: str, images: int, seed: int) -> None:
@@ -32,8 +34,6 @@ def train_images(base: str, sets: list[str], out: str, images: int, seed: int) -
     import resource
 
     sys.path.insert(0, str(ROOT / "src"))
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from _common import demo_config
     from dinokit.trainer import Plan, Trainer
 
     cfg = demo_config(sets, base, data_path=DATA, output_dir=out, seed=seed, time_budget_minutes=0, epochs=1000)

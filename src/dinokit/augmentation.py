@@ -261,15 +261,19 @@ class DINOAugmentation:
                 f"{self.local_crops_number} x local {self.local_crop_size}px scale {self.local_crops_scale})")
 
 
+def eval_resize_size(image_size: int, resize_size: int | None = None) -> int:
+    """The evaluation resize (shorter side): ``resize_size`` when given, else ``int(image_size * 256 / 224)``
+    (256 for 224, the reference's values)."""
+    return int(image_size * 256 / 224) if resize_size is None else resize_size
+
+
 def eval_transform(image_size: int = 224, resize_size: int | None = None,
                    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> T.Compose:
     """Reference evaluation transform (k-NN and linear probe): RGB -> Resize(shorter side ``resize_size``,
     bicubic) -> CenterCrop(``image_size``) -> tensor -> Normalize. ``resize_size`` defaults to
     ``int(image_size * 256 / 224)`` (256 for 224, the reference's values)."""
     image_size = _check_size("image_size", image_size)
-    if resize_size is None:
-        resize_size = int(image_size * 256 / 224)
-    resize_size = _check_size("resize_size", resize_size)
+    resize_size = _check_size("resize_size", eval_resize_size(image_size, resize_size))
     mean, std = _check_stats("mean", mean, False), _check_stats("std", std, True)
     resize = T.Resize(resize_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True)
     return T.Compose([ToRGB(), resize, T.CenterCrop(image_size), *_to_normalized_tensor(mean, std)])

@@ -115,7 +115,8 @@ class TrainConfig:
                                 "autograd over all crop pairs.")
     time_budget_minutes: float = _f(0.0, "If > 0, plan the run (and all schedules) to end after this many "
                                     "minutes of training: timed on the first iterations, re-planned at 10, 30 "
-                                    "and 60 percent of the budget (single process) from the measured speed.")
+                                    "and 60 percent of the budget from the measured speed (all ranks agree on "
+                                    "the slowest).")
     nan_policy: str = _f("stop", "On a non-finite loss: stop (keep the last good checkpoint) | skip the step.",
                          choices=("stop", "skip"))
     log_every: int = _f(20, "Log a JSON line every N iterations (plus one per epoch).")

@@ -142,9 +142,10 @@ def extract_token_features(backbone, images: torch.Tensor, size: int, mean, std,
 def feature_views(f: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The three L2-normalised features: ``cls``, ``avgpool`` and ``concat`` (each half L2-normalised, then
     concatenated and L2-normalised again, i.e. both halves weigh the same in the cosine similarity)."""
-    cls = F.normalize(f["cls"].float(), dim=1)
-    avg = F.normalize(f["avgpool"].float(), dim=1)
-    return {"cls": cls, "avgpool": avg, "concat": F.normalize(torch.cat([cls, avg], dim=1), dim=1)}
+    from .eval.knn import concat_features
+
+    return {"cls": F.normalize(f["cls"].float(), dim=1), "avgpool": F.normalize(f["avgpool"].float(), dim=1),
+            "concat": concat_features(f["cls"], f["avgpool"])}
 
 
 def raw_pixel_features(images: torch.Tensor, standardize: bool = False) -> torch.Tensor:

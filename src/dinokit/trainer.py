@@ -434,8 +434,8 @@ class Trainer:
         self.train_seconds = 0.0
         self.skipped_steps = 0
         self.planned_from_budget = False
-        self._replan_iters: list[int] = []  # iterations at which a time-budgeted run re-plans (see _plan_from_budget)
-        self._replan_fracs: list[float] = []
+        # (budget fraction, iteration) of the re-plans still due in a time-budgeted run (see _plan_from_budget)
+        self._replans: list[tuple[float, int]] = []
         self.knn_history: list[dict] = []
         self._epoch_progress: tuple[float, int, dict] = (0.0, 0, {})  # this epoch's loss sum, count, last stats
         self._resume()
@@ -755,10 +755,9 @@ class Trainer:
         self.planned_from_budget = True
         self._build_schedules()
         # the re-plans still to come, as iterations: when the agreed clock is predicted to reach each fraction
-        fracs = self._replan_fracs if again else self.REPLAN_AT
-        self._replan_fracs = [f for f in fracs if f * budget > elapsed]
-        self._replan_iters = [self.iteration + max(math.ceil((f * budget - elapsed) / sec_per_iter), 1)
-                              for f in self._replan_fracs]
+        fracs = [f for f, _ in self._replans] if again else self.REPLAN_AT
+        self._replans = [(f, self.iteration + max(math.ceil((f * budget - elapsed) / sec_per_iter), 1))
+                         for f in fracs if f * budget > elapsed]
         self._log_console(f"time budget {self.cfg.time_budget_minutes:g} min: {sec_per_iter * 1000:.0f} ms per "
                           f"iteration -> {total} iterations ({total / self.plan.niter_per_ep:.2f} epochs)"
                           + (f", re-planned at {elapsed / 60:.1f} min" if again else ""))
@@ -843,9 +842,9 @@ class Trainer:
                         self._plan_from_budget(calib["t"] / (calib["n"] - 2))
                         need_plan, planned = False, True
                         since = (self.iteration, self.train_seconds)
-                elif self._replan_iters and self.iteration >= self._replan_iters[0]:
+                elif self._replans and self.iteration >= self._replans[0][1]:
                     # speed since the first plan; _plan_from_budget re-predicts the later re-plans from it
-                    self._replan_fracs.pop(0)
+                    self._replans.pop(0)
                     self._plan_from_budget((self.train_seconds - since[1]) / max(self.iteration - since[0], 1),
                                            again=True)
                     planned = True

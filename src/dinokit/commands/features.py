@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import save_file
 
+    from ..augmentation import eval_resize_size
     from ..errors import ConfigError, DataError
     from ..eval.knn import extract_outputs, frozen_features, is_vit
 
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     meta = {"format": "dinokit-features", "data": str(args.data), "n": str(len(ds)),
             "feature": f"cls_last_{n}_blocks" if n > 1 else "cls", "n_last_blocks": str(n),
-            "image_size": str(image_size), "resize_size": str(args.resize_size or int(image_size * 256 / 224)),
+            "image_size": str(image_size), "resize_size": str(eval_resize_size(image_size, args.resize_size)),
             "model": json.dumps(model_info(args, model))}
     if ":" in str(args.data) and not Path(args.data).exists():
         meta["split"] = args.split

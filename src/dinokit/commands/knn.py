@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..eval.knn import FEATURES
 from ._common import (
     add_eval_size_arguments,
     add_model_arguments,
@@ -18,7 +19,6 @@ from ._common import (
     write_json,
 )
 
-FEATURES = ("cls", "avgpool", "concat")
 HELP = "weighted k-NN classification accuracy of frozen features (DINO protocol)"
 DESCRIPTION = """Weighted k-NN evaluation of a frozen backbone (DINO paper §4.1; reference eval_knn.py).
 
@@ -61,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..augmentation import eval_resize_size
     from ..eval.knn import aligned_labels, extract_features, knn_eval
 
     for k in args.k:
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
                    "temperature": args.temperature, "model": model_info(args, model),
                    "train_data": args.train_data, "val_data": args.val_data, "n_train": len(train_ds),
                    "n_val": len(val_ds), "num_classes": num_classes, "feature_dim": int(train_feats.shape[1]),
-                   "image_size": image_size, "resize_size": args.resize_size or int(image_size * 256 / 224),
+                   "image_size": image_size, "resize_size": eval_resize_size(image_size, args.resize_size),
                    "features": args.features}
         print(f"wrote {write_json(args.output, payload)}")
     return 0

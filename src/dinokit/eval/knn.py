@@ -195,6 +195,16 @@ def frozen_features(model: nn.Module, x: torch.Tensor, n_last_blocks: int = 1,
     return feat
 
 
+FEATURES = ("cls", "avgpool", "concat")
+
+
+def concat_features(cls: torch.Tensor, avg: torch.Tensor) -> torch.Tensor:
+    """``concat``: the CLS token and the mean patch token, each L2-normalised, side by side, L2-normalised again
+    (both halves weigh the same in the cosine similarity; the Fashion-MNIST demo's ``knn_top1`` feature)."""
+    cls, avg = F.normalize(cls.float(), dim=1), F.normalize(avg.float(), dim=1)
+    return F.normalize(torch.cat([cls, avg], dim=1), dim=1)
+
+
 def _loader(data, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
     if isinstance(data, torch.utils.data.DataLoader):
         return data
@@ -267,11 +277,11 @@ def extract_features(model: nn.Module, dataset_or_loader, batch_size: int = 128,
     gathers across GPUs, which a single process does not need). The feature is :func:`frozen_features`
     (``model(x)`` by default: the ViT CLS token). ``patch_tokens=True`` instead returns the last block's patch
     tokens after the final norm, ``[N, num_patches, D]`` (CLS excluded). ``features="avgpool"`` returns the
-    mean of the last block's patch tokens, ``"concat"`` the CLS token and that mean, each L2-normalised, side by
-    side ``[N, 2D]`` (the Fashion-MNIST demo's feature, :func:`dinokit.demo.feature_views`); both need a ViT and
+    mean of the last block's patch tokens, ``"concat"`` :func:`concat_features` of the CLS token and that mean
+    ``[N, 2D]`` (the Fashion-MNIST demo's feature); both need a ViT and
     ignore ``n_last_blocks``/``avgpool_patchtokens``. Labels are ``-1`` for unlabelled images; a DataLoader passed
     in must not shuffle. ``desc`` labels the progress bar."""
-    if features not in ("cls", "avgpool", "concat"):
+    if features not in FEATURES:
         raise ValueError(f"features must be cls, avgpool or concat, got {features!r}")
     if features != "cls" and not is_vit(model):
         raise ValueError(f"{features} features need a ViT backbone")
@@ -287,7 +297,7 @@ def extract_features(model: nn.Module, dataset_or_loader, batch_size: int = 128,
             avg = tokens[:, 1:].mean(dim=1)
             if features == "avgpool":
                 return avg
-            return torch.cat([F.normalize(tokens[:, 0].float(), dim=1), F.normalize(avg.float(), dim=1)], dim=1)
+            return concat_features(tokens[:, 0], avg)
     else:
         def fn(m, x):
             return frozen_features(m, x, n_last_blocks, avgpool_patchtokens)
