@@ -102,3 +102,121 @@ def test_shape_mismatch_is_a_clear_error():
     loss_fn = DINOLoss(8, 4, 0.04, 0.04, 0, 1)
     with pytest.raises(ValueError, match="expected teacher"):
         loss_fn(torch.randn(6, 8), torch.randn(4, 8), 0)
+
+
+# -- DINOv2 options: Sinkhorn-Knopp targets and the KoLeo regulariser ------------------------------------------
+
+def sinkhorn_numpy(t, temp, iters):
+    """Independent float64 Sinkhorn-Knopp as DINOv2 writes it: Q = exp(t / temp)^T / total, then rows / row sum / K
+    and columns / column sum / N, `iters` times, finally Q * N transposed back."""
+    q = np.exp(t.astype(np.float64) / temp).T
+    k, n = q.shape
+    q = q / q.sum()
+    for _ in range(iters):
+        q = q / q.sum(axis=1, keepdims=True) / k
+        q = q / q.sum(axis=0, keepdims=True) / n
+    return (q * n).T
+
+
+@pytest.mark.parametrize("iters", [1, 3])
+def test_sinkhorn_knopp_equals_independent_computation(iters):
+    from dinokit.loss import sinkhorn_knopp
+
+    g = torch.Generator().manual_seed(iters)
+    t = torch.randn(12, 16, generator=g)
+    got = sinkhorn_knopp(t, 0.5, iters)
+    torch.testing.assert_close(got.double(), torch.from_numpy(sinkhorn_numpy(t.numpy(), 0.5, iters)),
+                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got.sum(dim=1), torch.ones(12))  # one distribution per sample
+
+
+def test_sinkhorn_knopp_balances_prototypes_and_does_not_overflow():
+    from dinokit.loss import sinkhorn_knopp
+
+    # every sample prefers prototype 0: softmax targets collapse onto it, Sinkhorn-Knopp spreads them
+    t = torch.zeros(64, 8)
+    t[:, 0] = 1.0
+    t += 0.01 * torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    q = sinkhorn_knopp(t, 0.04, 50)
+    torch.testing.assert_close(q.sum(dim=0), torch.full((8,), 64 / 8), rtol=1e-3, atol=1e-3)
+    # logits far beyond exp's range at a sharp temperature (the plain form gives 0 / 0 there): finite, normalised
+    big = torch.randn(10, 6, generator=torch.Generator().manual_seed(1)) * 50
+    q = sinkhorn_knopp(big, 0.02, 3)
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q.sum(dim=1), torch.ones(10))
+
+
+def test_dino_loss_with_sinkhorn_knopp_targets():
+    from dinokit.loss import sinkhorn_knopp
+
+    K, B, ncrops = 16, 4, 4
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(ncrops * B, K, generator=g), torch.randn(2 * B, K, generator=g)
+    for chunk in (False, True):
+        loss_fn = DINOLoss(K, ncrops, 0.04, 0.04, 0, 1, centering="sinkhorn_knopp", sinkhorn_iterations=3)
+        loss_fn.center.fill_(5.0)  # not used by Sinkhorn-Knopp targets
+        q = sinkhorn_numpy(t.numpy(), 0.04, 3)
+        logp = torch.log_softmax(s.double() / 0.1, dim=-1).numpy()
+        terms = [np.mean(np.sum(-q[i * B:(i + 1) * B] * logp[v * B:(v + 1) * B], axis=-1))
+                 for i in range(2) for v in range(ncrops) if v != i]
+        assert loss_fn(s, t, 0, chunk_pairs=chunk).item() == pytest.approx(np.mean(terms), rel=1e-5)
+        torch.testing.assert_close(loss_fn.center, 0.9 * torch.full((1, K), 5.0) + 0.1 * t.mean(0, keepdim=True))
+    with pytest.raises(ValueError, match="centering"):
+        DINOLoss(K, ncrops, 0.04, 0.04, 0, 1, centering="sinkhorn")
+    assert torch.allclose(sinkhorn_knopp(t, 0.04, 3), torch.from_numpy(q).float(), atol=1e-6)
+
+
+def _sinkhorn_rank(rank, world, init, t, out):
+    import torch.distributed as dist
+
+    from dinokit.loss import sinkhorn_knopp
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        half = t.shape[0] // world
+        torch.save(sinkhorn_knopp(t[rank * half:(rank + 1) * half], 0.1, 3), f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sinkhorn_knopp_over_two_processes_equals_one_process(tmp_path):
+    from dinokit.loss import sinkhorn_knopp
+
+    t = torch.randn(8, 5, generator=torch.Generator().manual_seed(4))
+    torch.multiprocessing.spawn(_sinkhorn_rank, args=(2, f"file://{tmp_path}/store", t, str(tmp_path)), nprocs=2)
+    both = torch.cat([torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)])
+    torch.testing.assert_close(both, sinkhorn_knopp(t, 0.1, 3))
+
+
+def test_koleo_equals_independent_computation():
+    from dinokit.loss import KoLeoLoss
+
+    x = torch.randn(9, 5, generator=torch.Generator().manual_seed(5))
+    xn = x.double().numpy()
+    xn = xn / np.linalg.norm(xn, axis=1, keepdims=True)
+    d = np.linalg.norm(xn[:, None] - xn[None], axis=-1)
+    np.fill_diagonal(d, np.inf)
+    expected = -np.mean(np.log(d.min(axis=1) + 1e-8))
+    assert KoLeoLoss()(x).item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="2 rows"):
+        KoLeoLoss()(x[:1])
+
+
+def test_koleo_gradient_spreads_a_clump():
+    from dinokit.loss import KoLeoLoss
+
+    x = (torch.randn(16, 4, generator=torch.Generator().manual_seed(6)) * 0.05 + torch.tensor([1.0, 0, 0, 0]))
+    x.requires_grad_(True)
+
+    def nearest(x):
+        xn = torch.nn.functional.normalize(x.detach(), dim=-1)
+        d = torch.cdist(xn, xn) + torch.eye(len(xn)) * 9
+        return d.min(dim=1).values.mean().item()
+
+    before = nearest(x)
+    opt = torch.optim.SGD([x], lr=0.01)
+    for _ in range(20):
+        opt.zero_grad()
+        KoLeoLoss()(x).backward()
+        opt.step()
+    assert nearest(x) > 1.5 * before

@@ -254,3 +254,29 @@ def test_time_budget_is_replanned_when_the_speed_drifts(folder, tmp_path, monkey
     assert t.iteration == t.plan.total_iters == len(t.lr_schedule) == len(t.momentum_schedule)
     # without re-planning the 10 ms/iteration plan would have run ~4x over the 3 s budget
     assert t.train_seconds < 2 * 3.0
+
+
+def test_sinkhorn_knopp_and_koleo_train(folder, tmp_path):
+    out = tmp_path / "o"
+    cfg = tiny(folder, out, "--precision", "fp32", "--set", "centering=sinkhorn_knopp", "koleo_loss_weight=0.1",
+               "drop_path_rate=0")
+    t = Trainer(cfg)
+    assert t.dino_loss.centering == "sinkhorn_knopp" and t.koleo_loss is not None
+    batch = t._to_device(next(iter(t.loader)))
+    # expected: the DINO term (Sinkhorn-Knopp targets: the centre plays no part) plus 0.1 x KoLeo summed over
+    # the two global crops' student CLS features (rows 0-3 and 4-7 at batch 4)
+    with torch.no_grad():
+        teacher = t.teacher(batch[:2])
+        student, feats = t.student(batch, return_backbone=True)
+        assert torch.equal(student, t.student(batch))
+        dino = t.dino_loss(student, teacher, 0, teacher_temp=t.teacher_temp_at(0, 0))
+        koleo = t.koleo_loss(feats[:4]) + t.koleo_loss(feats[4:8])
+    stats = t.train_step(batch)
+    assert stats["koleo"] == pytest.approx(koleo.item(), rel=1e-5)
+    assert stats["loss"] == pytest.approx(dino.item() + 0.1 * koleo.item(), rel=1e-5)
+    t.fit()
+    epochs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    epochs = [r for r in epochs if r["type"] == "epoch"]
+    assert epochs and all(math.isfinite(r["loss"]) and math.isfinite(r["koleo"]) for r in epochs)
+    with pytest.raises(Exception, match="koleo_loss_weight"):
+        tiny(folder, out, "--set", "koleo_loss_weight=-1")

@@ -58,6 +58,13 @@ class TrainConfig:
                                          "recipe).")
     student_temp: float = _f(0.1, "Student temperature (the reference hard-codes 0.1).")
     center_momentum: float = _f(0.9, "Momentum of the centre of teacher outputs (reference 0.9).")
+    centering: str = _f("centering", "How the teacher's targets are balanced: centering (the paper: a running "
+                        "centre subtracted before the softmax) | sinkhorn_knopp (DINOv2: Sinkhorn-Knopp "
+                        "normalisation of each batch, every prototype used equally).",
+                        choices=("centering", "sinkhorn_knopp"))
+    sinkhorn_iterations: int = _f(3, "Sinkhorn-Knopp iterations (centering: sinkhorn_knopp; DINOv2 uses 3).")
+    koleo_loss_weight: float = _f(0.0, "Weight of the KoLeo regulariser on the student's CLS features of each "
+                                  "global crop (DINOv2 uses 0.1); 0 = off, the paper's DINO.")
     # --- optimisation ----------------------------------------------------------------------------------
     optimizer: str = _f("adamw", "adamw (ViT default) | sgd (ResNet recipe) | lars.",
                         choices=("adamw", "sgd", "lars"))
@@ -167,6 +174,12 @@ class TrainConfig:
             bad("teacher momentum must be in [0, 1]")
         if self.teacher_temp <= 0 or self.warmup_teacher_temp <= 0 or self.student_temp <= 0:
             bad("temperatures must be positive")
+        if self.sinkhorn_iterations < 1:
+            bad("sinkhorn_iterations must be >= 1")
+        if self.koleo_loss_weight < 0:
+            bad("koleo_loss_weight must be >= 0")
+        if self.koleo_loss_weight > 0 and self.batch_size_per_gpu < 2:
+            bad("koleo_loss_weight > 0 needs batch_size_per_gpu >= 2 (each feature needs a nearest neighbour)")
         if self.num_workers < 0:
             bad("num_workers must be >= 0")
         for name in ("keep_last", "save_every_steps", "saveckp_freq", "log_every"):

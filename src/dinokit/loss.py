@@ -10,9 +10,16 @@ all teacher rows of all processes. ``tau_t`` follows a per-epoch linear warm-up.
 ``main_dino.DINOLoss`` to floating-point rounding; ``chunk_pairs`` evaluates the same sum crop by crop with a
 hand-written backward that keeps nothing per crop (peak memory of the loss about 2 instead of 5 ``[V B, K]``
 float32 tensors: for a large ``out_dim``).
+
+Two options from DINOv2 (Oquab et al. 2023, §4), off by default: ``centering="sinkhorn_knopp"`` replaces the
+running centre by a few Sinkhorn-Knopp normalisations of the teacher's ``exp(t / tau_t)`` over the batch (targets
+that use every prototype equally on average, from the first step); :class:`KoLeoLoss`, the Kozachenko-Leonenko
+differential-entropy estimator on the student's CLS features, spreads the features of a batch apart.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -20,7 +27,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DINOLoss", "teacher_temp_schedule"]
+__all__ = ["DINOLoss", "KoLeoLoss", "sinkhorn_knopp", "teacher_temp_schedule", "CENTERINGS"]
+
+CENTERINGS = ("centering", "sinkhorn_knopp")
 
 
 def teacher_temp_schedule(warmup_teacher_temp: float, teacher_temp: float, warmup_teacher_temp_epochs: int,
@@ -32,6 +41,68 @@ def teacher_temp_schedule(warmup_teacher_temp: float, teacher_temp: float, warmu
         np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
         np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp,
     ))
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _logsumexp(x: torch.Tensor, dim: int, across_ranks: bool) -> torch.Tensor:
+    """``log sum exp`` over ``dim``, the sum also over all processes when ``across_ranks``."""
+    if not (across_ranks and _distributed()):
+        return torch.logsumexp(x, dim=dim, keepdim=True)
+    top = x.amax(dim=dim, keepdim=True)
+    dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = torch.exp(x - top).sum(dim=dim, keepdim=True)
+    dist.all_reduce(total)
+    return torch.log(total) + top
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_output: torch.Tensor, temp: float, n_iterations: int = 3) -> torch.Tensor:
+    """Teacher targets ``[N, K]`` by Sinkhorn-Knopp (DINOv2's ``sinkhorn_knopp_teacher``).
+
+    ``Q = exp(t / temp)``, as ``[K, N]``, divided by its total; then ``n_iterations`` times: each prototype's row
+    divided by its sum and by K, each sample's column divided by its sum and by N; finally ``Q * N`` (each
+    sample's column sums to 1), returned as ``[N, K]``. N and the row sums are over all processes. Computed in
+    the log domain (every division a subtraction of a ``logsumexp``): the same values, but no ``exp`` overflow
+    or underflow at sharp temperatures, where the plain form turns rows of tiny values into 0 / 0.
+    """
+    log_q = teacher_output.detach().float().t() / temp  # [K, N]
+    k = log_q.shape[0]
+    n = torch.tensor(float(log_q.shape[1]), device=log_q.device)
+    if _distributed():
+        dist.all_reduce(n)
+    log_k, log_n = math.log(k), torch.log(n)
+    for _ in range(n_iterations):  # the initial division by the total is absorbed by the first row step
+        log_q = log_q - _logsumexp(log_q, 1, across_ranks=True) - log_k
+        log_q = log_q - _logsumexp(log_q, 0, across_ranks=False) - log_n
+    return torch.exp(log_q + log_n).t()
+
+
+class KoLeoLoss(nn.Module):
+    """Kozachenko-Leonenko entropy regulariser (Sablayrolles et al. 2019; DINOv2 §4, weight 0.1).
+
+    For the rows ``x_i`` of a batch, L2-normalised: ``-mean_i log(||x_i - x_nn(i)|| + eps)`` with ``nn(i)`` the
+    nearest other row (largest cosine similarity). Minimising it pushes each feature away from its nearest
+    neighbour, spreading the batch over the sphere. Per process (no gradient through other ranks).
+    """
+
+    def __init__(self, eps: float = 1e-8):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] < 2:
+            raise ValueError("KoLeo needs at least 2 rows (a nearest neighbour)")
+        x = F.normalize(x.float(), dim=-1, eps=self.eps)
+        with torch.no_grad():
+            sim = x @ x.t()
+            sim.fill_diagonal_(-2.0)  # below any cosine: a row is never its own neighbour
+            nearest = sim.argmax(dim=1)
+        dist_nn = F.pairwise_distance(x, x[nearest], eps=self.eps)
+        return -torch.log(dist_nn + self.eps).mean()
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -81,7 +152,9 @@ class DINOLoss(nn.Module):
 
     Args (reference names): ``out_dim`` K; ``ncrops`` V = 2 + local crops; ``warmup_teacher_temp``,
     ``teacher_temp``, ``warmup_teacher_temp_epochs``, ``nepochs`` define the per-epoch teacher temperature;
-    ``student_temp`` tau_s (0.1); ``center_momentum`` m (0.9).
+    ``student_temp`` tau_s (0.1); ``center_momentum`` m (0.9); ``centering``: ``"centering"`` (the paper) or
+    ``"sinkhorn_knopp"`` (DINOv2: targets from :func:`sinkhorn_knopp` with ``sinkhorn_iterations``; the centre is
+    still tracked, for the collapse diagnostics, but not used).
 
     ``forward(student_output [V*B, K], teacher_output [2*B, K], epoch)`` returns the scalar loss and then
     updates the ``center`` buffer (all-reduced when torch.distributed is initialised).
@@ -89,8 +162,12 @@ class DINOLoss(nn.Module):
 
     def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
                  warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
-                 center_momentum: float = 0.9):
+                 center_momentum: float = 0.9, centering: str = "centering", sinkhorn_iterations: int = 3):
         super().__init__()
+        if centering not in CENTERINGS:
+            raise ValueError(f"centering must be one of {CENTERINGS}, not {centering!r}")
+        self.centering = centering
+        self.sinkhorn_iterations = sinkhorn_iterations
         if ncrops < 2:
             raise ValueError("DINO needs at least the 2 global crops (ncrops >= 2)")
         self.out_dim = out_dim
@@ -115,7 +192,10 @@ class DINOLoss(nn.Module):
         if teacher_output.shape[0] != 2 * n_teacher or student_output.shape[0] != self.ncrops * n_teacher:
             raise ValueError(f"expected teacher [2B, K] and student [{self.ncrops}B, K]; got "
                              f"{tuple(teacher_output.shape)} and {tuple(student_output.shape)}")
-        teacher_out = F.softmax((teacher_output.detach().float() - self.center) / temp, dim=-1)
+        if self.centering == "sinkhorn_knopp":
+            teacher_out = sinkhorn_knopp(teacher_output, temp, self.sinkhorn_iterations)
+        else:
+            teacher_out = F.softmax((teacher_output.detach().float() - self.center) / temp, dim=-1)
         if chunk_pairs:
             loss = _ChunkedCrossEntropy.apply(student_output, teacher_out, self.ncrops, self.student_temp)
             self.update_center(teacher_output)
@@ -141,7 +221,7 @@ class DINOLoss(nn.Module):
         """``c <- m c + (1 - m) * sum_ranks(sum_rows t) / (rows * world)`` (reference semantics)."""
         batch_center = torch.sum(teacher_output.float(), dim=0, keepdim=True)
         world = 1
-        if dist.is_available() and dist.is_initialized():
+        if _distributed():
             dist.all_reduce(batch_center)
             world = dist.get_world_size()
         batch_center = batch_center / (teacher_output.shape[0] * world)

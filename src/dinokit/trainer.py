@@ -42,7 +42,7 @@ from .checkpoint import (
 from .config import TrainConfig, config_to_dict
 from .errors import CheckpointError, ConfigError, DinokitError
 from .head import DINOHead
-from .loss import DINOLoss
+from .loss import DINOLoss, KoLeoLoss
 from .models import build_backbone
 from .optim import build_optimizer, cancel_gradients_last_layer, clip_gradients, get_params_groups
 from .schedules import cosine_scheduler
@@ -419,7 +419,9 @@ class Trainer:
         ncrops = 2 + cfg.local_crops_number
         self.dino_loss = DINOLoss(cfg.out_dim, ncrops, cfg.warmup_teacher_temp, cfg.teacher_temp,
                                   min(cfg.warmup_teacher_temp_epochs, cfg.epochs), cfg.epochs,
-                                  student_temp=cfg.student_temp, center_momentum=cfg.center_momentum).to(self.device)
+                                  student_temp=cfg.student_temp, center_momentum=cfg.center_momentum,
+                                  centering=cfg.centering, sinkhorn_iterations=cfg.sinkhorn_iterations).to(self.device)
+        self.koleo_loss = KoLeoLoss() if cfg.koleo_loss_weight > 0 else None
         self.optimizer = build_optimizer(cfg.optimizer, get_params_groups(self.student),
                                          fused=None)  # fused AdamW wherever PyTorch has it (CPU, CUDA)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
@@ -689,10 +691,20 @@ class Trainer:
         with autocast_context(self.device, self.precision):
             with torch.no_grad():
                 teacher_output = self.teacher_fwd(crops[:2])
-            student_output = self.student_ddp(crops)
+            if self.koleo_loss is None:
+                student_output = self.student_ddp(crops)
+            else:
+                student_output, features = self.student_ddp(crops, return_backbone=True)
             loss = self.dino_loss(student_output, teacher_output, epoch, chunk_pairs=self.cfg.loss_chunk_pairs,
                                   teacher_temp=temp)
-        loss_value = loss.item()
+            extra = {}
+            if self.koleo_loss is not None:  # DINOv2: summed over the global crops' CLS features
+                koleo = sum(self.koleo_loss(f) for f in features[:2 * crops[0].shape[0]].chunk(2))
+                loss = loss + self.cfg.koleo_loss_weight * koleo
+        if self.koleo_loss is not None:
+            loss_value, extra["koleo"] = torch.stack([loss.detach(), koleo.detach()]).tolist()  # one host sync
+        else:
+            loss_value = loss.item()
         if not math.isfinite(loss_value):
             if self.cfg.nan_policy == "skip":
                 self.dino_loss.center.copy_(center_before)
@@ -722,7 +734,7 @@ class Trainer:
             self.optimizer.step()
         ema_update(self.student, self.teacher, momentum)
         self._last_teacher_output = teacher_output.detach()
-        return {"loss": loss_value, "lr": lr, "wd": wd, "momentum": momentum, "teacher_temp": temp}
+        return {"loss": loss_value, "lr": lr, "wd": wd, "momentum": momentum, "teacher_temp": temp, **extra}
 
     # -- budget planning ----------------------------------------------------------------------------------
     #: fractions of the time budget at which the plan is re-made from the speed measured since the first plan
@@ -875,6 +887,8 @@ class Trainer:
                       "data_wait_frac": sums["data_wait"] / max(sums["step"] + sums["data_wait"], 1e-9),
                       "train_minutes": self.train_seconds / 60, "skipped_steps": self.skipped_steps,
                       "skipped_images": _skipped_images(self.dataset)}
+            if "koleo" in last:  # the last step's KoLeo term (unweighted); "loss" includes its weighted value
+                record["koleo"] = last["koleo"]
             if getattr(self, "_last_teacher_output", None) is not None:
                 record.update(collapse_stats(self._last_teacher_output, self.dino_loss.center,
                                              last.get("teacher_temp", self.cfg.teacher_temp)))

@@ -1,5 +1,6 @@
 """``MultiCropWrapper`` (reference ``utils.MultiCropWrapper``): one backbone forward per run of consecutive
-same-resolution crops, then the head once on all features, rows in crop order ``[crop0 x B, crop1 x B, ...]``."""
+same-resolution crops, then the head once on all features, rows in crop order ``[crop0 x B, crop1 x B, ...]``.
+``forward(crops, return_backbone=True)`` also returns the backbone features (the KoLeo regulariser's input)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ class MultiCropWrapper(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | list[torch.Tensor],
+                return_backbone: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         crops = x if isinstance(x, (list, tuple)) else [x]
         outputs = []
         start = 0
@@ -34,4 +36,5 @@ class MultiCropWrapper(nn.Module):
                 out = out[0]
             outputs.append(out)
             start = end
-        return self.head(torch.cat(outputs) if len(outputs) > 1 else outputs[0])
+        features = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        return (self.head(features), features) if return_backbone else self.head(features)
