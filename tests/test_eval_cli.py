@@ -187,7 +187,7 @@ def test_subprocess_bad_weights_no_traceback(tmp_path):
 
 
 def test_eval_image_size_defaults_to_the_trained_size(setup, capsys):
-    """Without --image-size, knn and features use the size the ViT's position embedding was trained at (32 px
+    """Without --image-size, knn, features and linear use the size the ViT's position embedding was trained at (32 px
     for this model: a 4 x 4 grid of 8-px patches), not 224."""
     tmp, train, _, ckpt, _ = setup
     base = ["--weights", str(ckpt), "--num-workers", "0", "--device", "cpu", "--no-progress"]
@@ -202,4 +202,11 @@ def test_eval_image_size_defaults_to_the_trained_size(setup, capsys):
     assert main(["knn", *base, "--train-data", str(train), "--val-data", str(train), "--k", "1",
                  "--output", str(res)]) == 0
     assert json.loads(res.read_text())["image_size"] == 32
+    res = tmp / "linear_size.json"
+    assert main(["linear", *base, "--train-data", str(train), "--val-data", str(train), "--epochs", "1",
+                 "--n-last-blocks", "1", "--resize-size", "32", "--output", str(res)]) == 0
+    assert {k: json.loads(res.read_text())[k] for k in ("image_size", "resize_size")} == {"image_size": 32,
+                                                                                       "resize_size": 32}
     capsys.readouterr()
+    assert main(["linear", *base, "--train-data", str(train), "--val-data", str(train), "--resize-size", "16"]) == 2
+    assert "--resize-size 16 is smaller than --image-size 32" in capsys.readouterr().err

@@ -90,17 +90,22 @@ def eval_image_size(requested: int | None, model) -> int:
     return requested or (getattr(model, "dinokit_arch", None) or {}).get("img_size") or 224
 
 
-def eval_dataset(spec: str, image_size: int, split: str, resize_size: int | None = None):
-    """``build_dataset(spec, eval_transform(image_size, resize_size), split)``."""
-    from ..augmentation import eval_transform
-    from ..data import build_dataset
-
+def check_eval_sizes(image_size: int, resize_size: int | None) -> None:
+    """One-line errors for a non-positive size or a resize smaller than the centre crop."""
     check_positive("--image-size", image_size)
     if resize_size is not None:
         check_positive("--resize-size", resize_size)
         if resize_size < image_size:
             raise ConfigError(f"--resize-size {resize_size} is smaller than --image-size {image_size}: the centre "
                               "crop would not fit")
+
+
+def eval_dataset(spec: str, image_size: int, split: str, resize_size: int | None = None):
+    """``build_dataset(spec, eval_transform(image_size, resize_size), split)``."""
+    from ..augmentation import eval_transform
+    from ..data import build_dataset
+
+    check_eval_sizes(image_size, resize_size)
     return build_dataset(spec, transform=eval_transform(image_size, resize_size), split=split)
 
 

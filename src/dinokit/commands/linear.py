@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import argparse
 
+from ..augmentation import eval_resize_size
 from ._common import (
+    add_eval_size_arguments,
     add_model_arguments,
+    check_eval_sizes,
     check_positive,
+    eval_image_size,
     format_table,
     load_model,
     model_info,
@@ -26,11 +30,14 @@ annealing to 0 over --epochs, cross-entropy. Validation every epoch; the best to
 Default (fast, CPU-friendly): frozen features are computed once without augmentation and every --lr of the
 sweep is trained on them in the same run. --augment runs the reference protocol instead: RandomResizedCrop +
 flip on every training image every epoch (one backbone forward per image per epoch, shared by all --lr).
+Evaluation images: Resize(--resize-size, bicubic) + CenterCrop(--image-size); --image-size defaults to the size
+the ViT's position embedding was trained at (224 for the official checkpoints, the global crop size for dinokit
+runs), --resize-size to image_size*256/224 (equal to --image-size: the whole image).
 
 examples:
   dinokit linear --weights dino_deitsmall16_pretrain.pth --train-data imagenet/train --val-data imagenet/val
   dinokit linear --weights run/checkpoint.pth --train-data fashion-mnist:data/fmnist \\
-      --val-data fashion-mnist:data/fmnist --image-size 32 --lr 0.001 0.01 0.1 --epochs 100"""
+      --val-data fashion-mnist:data/fmnist --resize-size 28 --lr 0.001 0.01 0.1 --epochs 100"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay (default: 0)")
     d.add_argument("--augment", action="store_true",
                    help="reference protocol: augmented images every epoch (slow) instead of cached features")
-    d.add_argument("--image-size", type=int, default=224, help="crop size (default: 224)")
+    add_eval_size_arguments(d)
     d.add_argument("--val-freq", type=int, default=1, help="validate every N epochs (default: 1)")
     d.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed (default: 0)")
     d.add_argument("--output", metavar="FILE", default=None, help="write the results as JSON (percent)")
@@ -60,15 +67,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..eval.linear import linear_probe
 
-    for name in ("epochs", "batch_size", "n_last_blocks", "image_size", "val_freq"):
+    for name in ("epochs", "batch_size", "n_last_blocks", "val_freq"):
         check_positive("--" + name.replace("_", "-"), getattr(args, name))
     for lr in args.lr:
         check_positive("--lr", lr)
     model = load_model(args)
+    image_size = eval_image_size(args.image_size, model)
+    check_eval_sizes(image_size, args.resize_size)
     device = next(model.parameters()).device
     res = linear_probe(model, args.train_data, args.val_data, lrs=args.lr, epochs=args.epochs,
                        n_last_blocks=args.n_last_blocks, avgpool_patchtokens=args.avgpool_patchtokens,
-                       batch_size=args.batch_size, augment=args.augment, image_size=args.image_size,
+                       batch_size=args.batch_size, augment=args.augment, image_size=image_size,
+                       resize_size=args.resize_size,
                        num_workers=args.num_workers, device=device, weight_decay=args.weight_decay,
                        seed=args.seed, val_freq=args.val_freq, progress=not args.no_progress)
     print(f"linear probe ({res['mode']}): {res['n_train']} train / {res['n_val']} val images, "
@@ -82,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
           f"top-5 {b['best']['top5']:.2f}; last epoch top-1 {b['last']['top1']:.2f}")
     if args.output:
         payload = {"linear": res, "units": "percent", "model": model_info(args, model),
-                   "train_data": args.train_data, "val_data": args.val_data, "image_size": args.image_size}
+                   "train_data": args.train_data, "val_data": args.val_data, "image_size": image_size,
+                   "resize_size": eval_resize_size(image_size, args.resize_size)}
         print(f"wrote {write_json(args.output, payload)}")
     return 0

@@ -194,7 +194,7 @@ def linear_probe(model: nn.Module, train_spec, val_spec, lrs: Sequence[float] = 
                  n_last_blocks: int = 4, avgpool_patchtokens: bool = False, batch_size: int = 128,
                  augment: bool = False, image_size: int = 224, num_workers: int = 0,
                  device: str | torch.device = "cpu", weight_decay: float = 0.0, seed: int = 0,
-                 val_freq: int = 1, progress: bool = True) -> dict[str, Any]:
+                 val_freq: int = 1, progress: bool = True, resize_size: int | None = None) -> dict[str, Any]:
     """The whole linear evaluation of a frozen ``model`` on data specs (a folder, ``fashion-mnist:DIR``; see
     :func:`dinokit.data.build_dataset`; Fashion-MNIST uses its train split for ``train_spec`` and its test
     split for ``val_spec``). Returns ``{"results": [per lr], "best": the best lr's entry, "feature_dim",
@@ -208,7 +208,7 @@ def linear_probe(model: nn.Module, train_spec, val_spec, lrs: Sequence[float] = 
     model = model.eval().to(device)
     if not is_vit(model):  # the reference's ResNet-50 setting: the pooled output
         n_last_blocks, avgpool_patchtokens = 1, False
-    tf = eval_transform(image_size)
+    tf = eval_transform(image_size, resize_size)
     train_ds = build_dataset(train_spec, transform=tf, split="train")
     val_ds = build_dataset(val_spec, transform=tf, split="test")
     for name, ds in (("train", train_ds), ("validation", val_ds)):
