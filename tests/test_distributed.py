@@ -12,6 +12,7 @@ value. The attention key bias is left out of these comparisons (see ``_comparabl
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -68,7 +69,17 @@ def record_plan(sec_per_iter, again=False):
     real_plan(sec_per_iter, again)
     plans.append((t.iteration, t.plan.total_iters))
 t._plan_from_budget = record_plan
+knn_calls = []
+real_knn = t.run_knn
+def knn():
+    knn_calls.append(t.iteration)
+    if t.main:  # a slow evaluation on rank 0: the other rank must not count the wait as training time
+        __import__("time").sleep(float(os.environ.get("DINOKIT_TEST_KNN_SLEEP", "0")))
+    return real_knn()
+t.run_knn = knn
+w0 = __import__("time").perf_counter()
 t.fit()
+fit_wall = __import__("time").perf_counter() - w0
 student, teacher, _ = t._model_states()
 is_ddp = lambda m: isinstance(m, torch.nn.parallel.DistributedDataParallel)
 torch.save({"resumed_at": resumed_at, "iteration": t.iteration, "center": t.dino_loss.center.cpu(),
@@ -76,7 +87,8 @@ torch.save({"resumed_at": resumed_at, "iteration": t.iteration, "center": t.dino
             "syncbn": [any(isinstance(m, torch.nn.SyncBatchNorm) for m in x.modules()) for x in (t.student, t.teacher)],
             "student_ddp": is_ddp(t.student_ddp), "teacher_ddp": is_ddp(t.teacher_fwd),
             "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", -1)),
-            "plans": plans, "total_iters": t.plan.total_iters},
+            "plans": plans, "total_iters": t.plan.total_iters, "knn_calls": knn_calls,
+            "train_seconds": t.train_seconds, "fit_wall": fit_wall},
            pathlib.Path(cfg.output_dir) / f"rank{t.rank}.pt")
 D.cleanup()
 '''
@@ -229,6 +241,24 @@ def test_time_budget_ranks_agree_on_one_plan(work):
     assert r0["iteration"] == r1["iteration"] == r0["total_iters"] == r0["plans"][-1][1]
     # planned from rank 1's (fast) clock: rank 1 used about the budget by its own clock, rank 0 about a third
     assert r0["iteration"] > 8
+
+
+def test_timed_online_knn_stops_every_rank_at_the_same_iteration(work):
+    """Online k-NN every few seconds of training under torchrun: the ranks agree when it is due (every
+    KNN_CHECK_EVERY iterations, on the slowest clock), all stop at the same iterations, rank 0 evaluates (made
+    2 s slower here) while the others wait at a barrier, and nobody counts the pause as training time."""
+    out = work / "knn_timed"
+    torchrun(work, out, "--batch-size-per-gpu", "2", "--epochs", "100000", "--time-budget-minutes", "0.15",
+             "--log-every", "0", "--knn-train", str(work / "imgs"), "--knn-val", str(work / "imgs"),
+             "--set", "knn_every_minutes=0.05", "knn_subset=0", env={"DINOKIT_TEST_KNN_SLEEP": "2"}, timeout=180)
+    r0, r1 = rank_state(out, 0), rank_state(out, 1)
+    assert r0["knn_calls"] == r1["knn_calls"] and len(r0["knn_calls"]) >= 1
+    assert all(it % Trainer.KNN_CHECK_EVERY == 0 for it in r0["knn_calls"])
+    for r in (r0, r1):  # each pause (>= 2 s) is outside the training time, on both ranks
+        assert r["fit_wall"] - r["train_seconds"] >= 2.0 * len(r["knn_calls"]) - 0.2
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    knn = [r for r in logged if r["type"] == "knn"]
+    assert [r["iteration"] for r in knn] == r0["knn_calls"] and all(0 <= r["knn_top1"] <= 100 for r in knn)
 
 
 def test_batchnorm_head_on_cpu_processes_keeps_the_reference_wrapping(work):

@@ -775,30 +775,48 @@ class Trainer:
                           + (f", re-planned at {elapsed / 60:.1f} min" if again else ""))
 
     # -- online k-NN -------------------------------------------------------------------------------------
+    #: under torch.distributed, how often (iterations) the ranks agree whether a timed k-NN is due
+    KNN_CHECK_EVERY = 10
+
     def _knn_due(self, epoch_end: bool) -> bool:
+        """Whether the online k-NN runs now: every ``knn_every`` epochs (at an epoch's end), or once
+        ``knn_every_minutes`` of training time have passed since the last one. Under torch.distributed every rank
+        must decide the same at the same iteration (they all stop for it, see :meth:`run_knn`): the ranks check
+        the clock every :attr:`KNN_CHECK_EVERY` iterations and agree on the slowest rank's training time."""
         cfg = self.cfg
         if not (cfg.knn_train and cfg.knn_val):
             return False
         if epoch_end and cfg.knn_every and self.epoch % cfg.knn_every == 0:
             return True
         if cfg.knn_every_minutes:
+            if self.world > 1 and D.is_dist():
+                if self.iteration % self.KNN_CHECK_EVERY:
+                    return False
+                minutes = self._agree(self.train_seconds)[0] / 60
+            else:
+                minutes = self.train_seconds / 60
             last = self.knn_history[-1]["train_minutes"] if self.knn_history else 0.0
-            return self.train_seconds / 60 - last >= cfg.knn_every_minutes
+            return minutes - last >= cfg.knn_every_minutes
         return False
 
     def run_knn(self) -> dict[str, Any] | None:
-        if not self.main:
-            return None
+        """Rank 0 evaluates; under torch.distributed every rank calls this at the same iteration and waits for it
+        at a barrier, so the pause is nobody's training time. Every rank records the entry (the k-NN clock)."""
         from .monitor import online_knn
 
+        minutes = (self._agree(self.train_seconds)[0] if self.world > 1 else self.train_seconds) / 60
         t0 = time.perf_counter()
-        result = online_knn(self.teacher.backbone, self.cfg, self.device)
-        result.update(epoch=self.epoch, iteration=self.iteration, train_minutes=self.train_seconds / 60,
-                      eval_seconds=time.perf_counter() - t0, type="knn")
+        result = {"epoch": self.epoch, "iteration": self.iteration, "train_minutes": minutes, "type": "knn"}
+        if self.main:
+            result = {**online_knn(self.teacher.backbone, self.cfg, self.device), **result}
+        if self.world > 1:
+            D.barrier()
+        result["eval_seconds"] = time.perf_counter() - t0
         self.knn_history.append(result)
-        self.log(result)
-        self._log_console(f"k-NN top-1 {result['knn_top1']:.2f}% at {result['train_minutes']:.1f} min")
-        return result
+        if self.main:
+            self.log(result)
+            self._log_console(f"k-NN top-1 {result['knn_top1']:.2f}% at {result['train_minutes']:.1f} min")
+        return result if self.main else None
 
     # -- main loop ----------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
