@@ -8,7 +8,7 @@ The whole algorithm lives in a few short modules:
 """
 
 from .head import DINOHead
-from .loss import DINOLoss
+from .loss import DINOLoss, KoLeoLoss, sinkhorn_knopp
 from .models import VisionTransformer, build_backbone, vit_base, vit_small, vit_tiny
 from .optim import cancel_gradients_last_layer, clip_gradients, get_params_groups
 from .schedules import cosine_scheduler
@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DINOHead", "DINOLoss", "MultiCropWrapper", "VisionTransformer", "build_backbone", "vit_tiny", "vit_small",
     "vit_base", "cosine_scheduler", "get_params_groups", "clip_gradients", "cancel_gradients_last_layer",
-    "build_teacher", "ema_update",
+    "build_teacher", "ema_update", "KoLeoLoss", "sinkhorn_knopp",
 ]
 
 
