@@ -58,6 +58,17 @@ def test_report_degrades_without_checkpoint(tmp_path):
     assert "no checkpoint.pth yet" in page and 'id="curves"' in page
 
 
+def test_report_plots_the_koleo_term_when_the_run_has_one(tmp_path):
+    (tmp_path / "log.jsonl").write_text("".join(
+        json.dumps({"type": "train", "epoch": 0, "iteration": i, "loss": 3.0 - i / 10, "koleo": -1.0 - i / 10,
+                    "lr": 0.1}) + "\n" for i in range(1, 4)))
+    page = write_report(tmp_path).read_text()
+    assert "KoLeo term (unweighted)" in page and "loss (DINO + weighted KoLeo)" in page
+    (tmp_path / "log.jsonl").write_text(json.dumps({"type": "train", "epoch": 0, "iteration": 1, "loss": 3.0}) + "\n")
+    page = write_report(tmp_path).read_text()
+    assert "KoLeo" not in page and "DINO loss" in page
+
+
 def test_missing_run_dir_is_one_line_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "dinokit", "report", str(tmp_path / "nope")], capture_output=True,
                        text=True, timeout=120)

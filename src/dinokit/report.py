@@ -74,8 +74,10 @@ def _curves(log: list[dict[str, Any]]) -> list[tuple[str, str]]:
         return [p[0] for p in pts], [p[1] for p in pts]
 
     src = train if train else epochs
-    for key, title in (("loss", "DINO loss"), ("lr", "learning rate"), ("wd", "weight decay"),
-                       ("momentum", "teacher momentum"), ("teacher_temp", "teacher temperature")):
+    loss_title = "loss (DINO + weighted KoLeo)" if any("koleo" in r for r in src) else "DINO loss"
+    for key, title in (("loss", loss_title), ("koleo", "KoLeo term (unweighted)"), ("lr", "learning rate"),
+                       ("wd", "weight decay"), ("momentum", "teacher momentum"),
+                       ("teacher_temp", "teacher temperature")):
         x, y = series(src, key)
         if not x:
             continue
