@@ -1,7 +1,8 @@
 """The DINO training loop (Caron et al. 2021, Algorithm 1), with the reference's mechanics:
 
 per iteration ``it``: set lr (all groups) and weight decay (group 0) from the cosine schedules; teacher on the
-2 global crops, student on all crops, DINO loss (centre updated inside); backward; per-parameter clipping;
+2 global crops, student on all crops, DINO loss (centre updated inside; plus ``koleo_loss_weight`` x KoLeo on
+the student's global-crop CLS features when that is > 0, a DINOv2 option); backward; per-parameter clipping;
 last layer's gradients dropped during ``freeze_last_layer`` epochs; optimiser step; EMA of the teacher with the
 cosine momentum. Teacher temperature is per epoch (per iteration in time-budgeted runs).
 
