@@ -27,6 +27,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import is_dist
+
 __all__ = ["DINOLoss", "KoLeoLoss", "sinkhorn_knopp", "teacher_temp_schedule", "CENTERINGS"]
 
 CENTERINGS = ("centering", "sinkhorn_knopp")
@@ -43,13 +45,9 @@ def teacher_temp_schedule(warmup_teacher_temp: float, teacher_temp: float, warmu
     ))
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def _logsumexp(x: torch.Tensor, dim: int, across_ranks: bool) -> torch.Tensor:
     """``log sum exp`` over ``dim``, the sum also over all processes when ``across_ranks``."""
-    if not (across_ranks and _distributed()):
+    if not (across_ranks and is_dist()):
         return torch.logsumexp(x, dim=dim, keepdim=True)
     top = x.amax(dim=dim, keepdim=True)
     dist.all_reduce(top, op=dist.ReduceOp.MAX)
@@ -72,7 +70,7 @@ def sinkhorn_knopp(teacher_output: torch.Tensor, temp: float, n_iterations: int 
     log_q = teacher_output.detach().float().t() / temp  # [K, N]
     k = log_q.shape[0]
     n = torch.tensor(float(log_q.shape[1]), device=log_q.device)
-    if _distributed():
+    if is_dist():
         dist.all_reduce(n)
     log_k, log_n = math.log(k), torch.log(n)
     for _ in range(n_iterations):  # the initial division by the total is absorbed by the first row step
@@ -221,7 +219,7 @@ class DINOLoss(nn.Module):
         """``c <- m c + (1 - m) * sum_ranks(sum_rows t) / (rows * world)`` (reference semantics)."""
         batch_center = torch.sum(teacher_output.float(), dim=0, keepdim=True)
         world = 1
-        if _distributed():
+        if is_dist():
             dist.all_reduce(batch_center)
             world = dist.get_world_size()
         batch_center = batch_center / (teacher_output.shape[0] * world)

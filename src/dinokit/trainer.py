@@ -790,12 +790,9 @@ class Trainer:
         if epoch_end and cfg.knn_every and self.epoch % cfg.knn_every == 0:
             return True
         if cfg.knn_every_minutes:
-            if self.world > 1 and D.is_dist():
-                if self.iteration % self.KNN_CHECK_EVERY:
-                    return False
-                minutes = self._agree(self.train_seconds)[0] / 60
-            else:
-                minutes = self.train_seconds / 60
+            if self.world > 1 and self.iteration % self.KNN_CHECK_EVERY:
+                return False
+            minutes = self._agree(self.train_seconds)[0] / 60  # the slowest rank's (own clock in one process)
             last = self.knn_history[-1]["train_minutes"] if self.knn_history else 0.0
             return minutes - last >= cfg.knn_every_minutes
         return False
@@ -805,7 +802,7 @@ class Trainer:
         at a barrier, so the pause is nobody's training time. Every rank records the entry (the k-NN clock)."""
         from .monitor import online_knn
 
-        minutes = (self._agree(self.train_seconds)[0] if self.world > 1 else self.train_seconds) / 60
+        minutes = self._agree(self.train_seconds)[0] / 60
         t0 = time.perf_counter()
         result = {"epoch": self.epoch, "iteration": self.iteration, "train_minutes": minutes, "type": "knn"}
         if self.main:
