@@ -46,6 +46,11 @@ def test_dash_and_underscore_spellings_and_precedence(tmp_path):
     (["--batch-size-per-gpu", "0"], "must be positive"),
     (["--set", "batch_size_per_gpu=-3"], "must be positive"),
     (["--set", "global_crops_scale=0.5,0.2"], "global_crops_scale"),
+    (["--set", "centering=sinkhorn"], "centering must be one of centering, sinkhorn_knopp; got 'sinkhorn'"),
+    (["--set", "optimizer=foo"], "optimizer must be one of adamw, sgd, lars"),
+    (["--sinkhorn-iterations", "0"], "sinkhorn_iterations must be >= 1"),
+    (["--koleo-loss-weight", "-0.1"], "koleo_loss_weight must be >= 0"),
+    (["--koleo-loss-weight", "0.1", "--batch-size-per-gpu", "1"], "needs batch_size_per_gpu >= 2"),
 ])
 def test_bad_options_are_config_errors(argv, match):
     with pytest.raises(ConfigError, match=match):

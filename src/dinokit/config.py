@@ -142,6 +142,10 @@ class TrainConfig:
         def bad(msg: str):
             raise ConfigError(msg)
 
+        for f in fields(self):  # the choices argparse enforces on flags, also for YAML and --set values
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                bad(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
         if self.batch_size_per_gpu <= 0:
             bad(f"batch_size_per_gpu must be positive, got {self.batch_size_per_gpu}")
         if self.epochs <= 0:
