@@ -20,19 +20,23 @@ What makes it faster (docs/benchmarks.md has the figures, ``benchmarks/augment.p
 * **crop before resize, in one kernel**: each crop is resampled straight from its box of the decoded uint8 image by
   PyTorch's antialiased bicubic kernel for uint8 channels-last images (Pillow's filter, a = -0.5, support widened
   when downscaling), ~7x faster than Pillow's resize at 224 px;
-* **batched colour ops**: the 2 global and the L local crops are processed as two float batches; each jitter
-  operation runs once per group on the crops that draw it at that position; blur and solarisation run on the
-  small crops (after the resize, as in the reference);
-* **blur**: Pillow's own ``GaussianBlur`` — three passes per axis of its extended box filter with a replicated
-  border — as one matrix per crop applied on both axes (two matrix products).
+* **uint8 colour ops in OpenCV's SIMD kernels**, one pass each, on the small crops (after the resize, as in the
+  reference): brightness, contrast, saturation and greyscale as per-pixel 3x4 colour matrices (``cv2.transform``),
+  hue through a float HSV round trip, Pillow's ``GaussianBlur`` (three passes per axis of its extended box filter
+  with a replicated border) as ``cv2.sepFilter2D``, solarisation as PIL's lookup table, the normalisation as one
+  more colour matrix into float32. OpenCV runs single-threaded in a process that uses this class (one image's
+  crops are too small to split; data-loader workers give the parallelism).
 
-What differs from the PIL chain, none of it a parameter distribution: pixels stay float between operations where
-PIL rounds to uint8 after each (about one grey level per operation; crop-resize within one level of Pillow's);
-hue is continuous where PIL quantises it to 1/256 turn; draft decoding replaces the first stage of a large
-downscale by libjpeg's DCT scaling (only when every crop keeps at least its output resolution; the boxes are then
-rounded to the reduced grid, moving them by at most half a reduced pixel); the random
-numbers come from torch's RNG in a different order than torchvision's (same distributions; one
-``torch.manual_seed`` fixes everything, as in :class:`DINOAugmentation`).
+What differs from the PIL chain, none of it a parameter distribution: hue is rotated in continuous HSV (exactly
+torchvision's tensor ``adjust_hue``, then rounded) where PIL quantises H, S and V to 8 bits (PIL's round trip alone
+moves pixels by several grey levels); the saturation blend uses the unrounded luma (PIL's is rounded: within one
+grey level); the blur rounds after each pass pair where Pillow rounds after each of its six passes (closer to the
+exact filter than Pillow); crop-resize is within one level of Pillow's; draft decoding replaces the first stage of a
+large downscale by libjpeg's DCT scaling (only when every crop keeps at least its output resolution; the boxes are
+then rounded to the reduced grid, moving them by at most half a reduced pixel); the random numbers come from
+torch's RNG in a different order than torchvision's (same distributions; one ``torch.manual_seed`` fixes
+everything, as in :class:`DINOAugmentation`). Brightness, contrast, solarisation and greyscale equal PIL's to one
+grey level (truncating blends like ``Image.blend``).
 """
 
 from __future__ import annotations
@@ -41,164 +45,38 @@ import math
 import os
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from .augmentation import IMAGENET_MEAN, IMAGENET_STD, _check_common, _check_probs
+from .augmentation import (
+    _GREY,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    _check_common,
+    _check_probs,
+    _pil_box_kernel,
+    _pil_box_radius,
+)
 from .data import to_rgb
 from .errors import DataError
 
-__all__ = ["FastMultiCrop", "pil_box_blur_matrix", "pil_box_blur_matrices", "hsv_hue_shift"]
+__all__ = ["FastMultiCrop"]
 
-_GREY = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma: PIL's convert("L")
-_ALLOCATOR_TUNED = False
+_PROCESS_TUNED = False
 _RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# pixel operations on float batches [n, 3, S, S] in [0, 1]
+# per-pixel constants (OpenCV colour matrices and lookup tables; values in 0..255)
 
-
-def _luma(x: torch.Tensor) -> torch.Tensor:
-    return (x[:, 0:1] * _GREY[0]).add_(x[:, 1:2], alpha=_GREY[1]).add_(x[:, 2:3], alpha=_GREY[2])
-
-
-_SEXTANT = torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
-
-
-def hsv_hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the HSV hue of RGB ``x`` ``[n, 3, H, W]`` (values in [0, 1]) by ``shift`` ``[n]`` turns, keeping
-    saturation and value (torchvision's / PIL's ``adjust_hue``; ties of the maximum resolved r, then g, then b).
-
-    Written with cheap element-wise ops only (no ``where``/``remainder``/arg-max): ~4x faster on CPU than the
-    textbook form."""
-    r, g, b = x.unbind(1)
-    maxc = torch.maximum(torch.maximum(r, g), b)
-    delta = maxc - torch.minimum(torch.minimum(r, g), b)
-    mr = (r == maxc).to(x.dtype)
-    mg = (g == maxc).to(x.dtype).mul_(1.0 - mr)
-    mb = 1.0 - mr - mg
-    # hue * delta, in sextants: max r -> g - b; max g -> b - r + 2 delta; max b -> r - g + 4 delta
-    hd = (g - b).mul_(mr).add_(((b - r).add_(delta, alpha=2.0)).mul_(mg)).add_(((r - g).add_(delta, alpha=4.0))
-                                                                               .mul_(mb))
-    h = hd.div_(delta.clamp_min(1e-12)).add_((6.0 * shift + 6.0).view(-1, 1, 1))  # in [0, 12)
-    # channel c = max - delta * clamp(min(k, 4 - k), 0, 1), k = (n_c + h) mod 6, n = (5, 3, 1)
-    k = h.unsqueeze(1) + _SEXTANT.to(x.dtype)
-    k = k.sub_(torch.floor(k.mul(1.0 / 6.0)).mul_(6.0))
-    k = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return maxc.unsqueeze(1) - delta.unsqueeze(1) * k
-
-
-def _pil_box_radius(sigma: float, passes: int = 3) -> float:
-    """Pillow's ``_gaussian_blur_radius`` (Gwosdek et al. 2011, extended box filter)."""
-    s2 = sigma * sigma / passes
-    length = math.sqrt(12.0 * s2 + 1.0)
-    whole = math.floor((length - 1.0) / 2.0)
-    frac = (2 * whole + 1) * (whole * (whole + 1) - 3 * s2) / (6 * (s2 - (whole + 1) ** 2))
-    return whole + frac
-
-
-def _box_taps(sigma: float, passes: int = 3) -> list[float]:
-    """One pass of Pillow's extended box filter: ``2R + 1`` taps of ``1 / (2r + 1)`` and two end taps of
-    ``(r - R) / (2r + 1)`` (``r`` = :func:`_pil_box_radius`, ``R = floor(r)``), as a list of ``2R + 3`` taps."""
-    r = _pil_box_radius(float(sigma), passes)
-    whole = math.floor(r)
-    end = (r - whole) / (2 * r + 1)
-    return [end] + [1.0 / (2 * r + 1)] * (2 * whole + 1) + [end]
-
-
-def _one_pass_matrix(taps: list[float], size: int) -> torch.Tensor:
-    """One box pass with a replicated border as a ``[size, size]`` float64 matrix."""
-    half = len(taps) // 2
-    m = np.zeros((size, size))
-    rows = np.arange(size)
-    for t, w in enumerate(taps):
-        m[rows, np.clip(rows + t - half, 0, size - 1)] += w  # one (row, col) per row per tap
-    return torch.from_numpy(m)
-
-
-def pil_box_blur_matrix(sigma: float, size: int, passes: int = 3) -> torch.Tensor:
-    """``[size, size]`` float64 matrix ``M`` with ``M @ line`` = Pillow's ``GaussianBlur(sigma)`` along one axis:
-    ``passes`` extended box filters, each with a replicated border (Pillow's ``ImagingGaussianBlur``).
-
-    Built in O(size * taps): interior rows are the composed kernel on the band; the rows within reach of a border
-    are taken from the exact product of the one-pass operators on a small window."""
-    taps = _box_taps(sigma, passes)
-    comp = np.array([1.0])
-    for _ in range(passes):
-        comp = np.convolve(comp, taps)
-    half = len(comp) // 2  # reach of the composed filter
-    if size <= 4 * half + 2:
-        one = _one_pass_matrix(taps, size)
-        m = one
-        for _ in range(passes - 1):
-            m = one @ m
-        return m
-    m = torch.zeros(size, size, dtype=torch.float64)
-    for d in range(-half, half + 1):
-        m.diagonal(d).fill_(float(comp[half + d]))
-    w = 2 * half + 2  # window whose first `half` rows of the product see no fake right border
-    one = _one_pass_matrix(taps, w)
-    edge = one
-    for _ in range(passes - 1):
-        edge = one @ edge
-    m[:half] = 0.0
-    m[:half, :w] = edge[:half]
-    m[-half:] = 0.0
-    m[-half:, -w:] = edge[:half].flip(0).flip(1)  # the filter is symmetric: mirror the left border
-    return m
-
-
-def pil_box_blur_matrices(sigmas: Sequence[float], size: int, passes: int = 3) -> torch.Tensor:
-    """:func:`pil_box_blur_matrix` for several ``sigmas`` at once, float32 ``[n, size, size]`` (the band filled
-    diagonal by diagonal for all of them, the border rows from small exact products)."""
-    comps, edges = [], []
-    for sg in sigmas:
-        taps = _box_taps(sg, passes)
-        comp = np.array([1.0])
-        for _ in range(passes):
-            comp = np.convolve(comp, taps)
-        comps.append(comp)
-    half = max(len(c) for c in comps) // 2
-    if size <= 4 * half + 2:
-        return torch.stack([pil_box_blur_matrix(sg, size, passes) for sg in sigmas]).float()
-    w = 2 * half + 2
-    band = np.zeros((len(comps), 2 * half + 1))
-    for i, (sg, comp) in enumerate(zip(sigmas, comps)):
-        h = len(comp) // 2
-        band[i, half - h: half + h + 1] = comp
-        one = _one_pass_matrix(_box_taps(sg, passes), w).numpy()
-        edge = one
-        for _ in range(passes - 1):
-            edge = one @ edge
-        edges.append(edge[:half])
-    band_t = torch.from_numpy(band).float()
-    m = torch.zeros(len(comps), size, size)
-    for d in range(-half, half + 1):
-        m.diagonal(d, dim1=1, dim2=2).copy_(band_t[:, half + d, None])
-    e = torch.from_numpy(np.stack(edges)).float()  # [n, half, w]
-    m[:, :half] = 0.0
-    m[:, :half, :w] = e
-    m[:, -half:] = 0.0
-    m[:, -half:, -w:] = e.flip(1).flip(2)
-    return m
-
-
-def _block_banded_matmul(m: torch.Tensor, x: torch.Tensor, block: int, band: int) -> torch.Tensor:
-    """``m @ x`` for ``m`` ``[n, S, S]`` zero beyond ``band`` off the diagonal and ``x`` ``[n, S, cols]``: the
-    block-diagonal part as one batched product of ``block``-sized blocks, plus the few cross-block terms at each
-    block boundary (a ``2 band`` window). Exact; ~S / block times fewer FLOPs than the dense product."""
-    n, S, cols = x.shape
-    nb = S // block
-    blocks = torch.diagonal(m.view(n, nb, block, nb, block), dim1=1, dim2=3).permute(0, 3, 1, 2)
-    y = torch.matmul(blocks, x.view(n, nb, block, cols)).view(n, S, cols)
-    idx = (torch.arange(1, nb) * block)[:, None] + torch.arange(-band, band)  # [nb - 1, 2 band]
-    w = m[:, idx[:, :, None], idx[:, None, :]]  # [n, nb - 1, 2 band, 2 band]
-    w[:, :, :band, :band] = 0.0  # keep only the cross-block quadrants
-    w[:, :, band:, band:] = 0.0
-    return y.index_add_(1, idx.flatten(), torch.matmul(w, x[:, idx]).view(n, -1, cols))
+_LUMA = np.array([_GREY], np.float32)  # [1, 3]: every output channel gets the luma
+_EYE = np.eye(3, dtype=np.float32)
+_GREY_TO_RGB = np.repeat(_LUMA, 3, axis=0)  # greyscale, kept as 3 channels
+_TRUNCATE = -0.5 + 2.0**-10  # added before OpenCV's rounding: PIL's blends truncate (ImagingBlend's (UINT8) cast)
+_SOLARIZE = np.array([v if v < 128 else 255 - v for v in range(256)], np.uint8)  # PIL's solarize(threshold=128)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -237,9 +115,12 @@ class FastMultiCrop:
         self.jitter_lo = (0.6, 0.6, 0.8, -0.1)  # brightness, contrast, saturation, hue
         self.jitter_hi = (1.4, 1.4, 1.2, 0.1)
         self.blur_sigma = (0.1, 2.0)
-        self._mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self._inv_std = 1.0 / torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
-        self._blur_cache: dict[tuple[int, float], torch.Tensor] = {}
+        # (v / 255 - mean) / std per channel as one colour matrix on 0..255 values
+        inv = 1.0 / np.asarray(self.std, np.float64)
+        self._normalise = np.concatenate([np.diag(inv / 255.0), (-np.asarray(self.mean) * inv)[:, None]],
+                                         axis=1).astype(np.float32)
+        # half-width of one box pass at the largest sigma (the kernels are zero-padded to it)
+        self._blur_half = int(math.floor(float(_pil_box_radius(torch.tensor([self.blur_sigma[1]]))[0]))) + 1
 
     # -- parameters -------------------------------------------------------------------------------------
     def sample_params(self, height: int, width: int, generator: torch.Generator | None = None) -> dict:
@@ -347,8 +228,9 @@ class FastMultiCrop:
         return a, a.shape[0] / h0, a.shape[1] / w0
 
     # -- rendering --------------------------------------------------------------------------------------
-    def _crop_resize(self, x: torch.Tensor, p: dict, idx: range, size: int, fy: float, fx: float) -> torch.Tensor:
-        """uint8 ``[1, 3, H, W]`` channels-last -> float ``[len(idx), 3, size, size]`` in [0, 1]."""
+    def _crop_resize(self, x: torch.Tensor, p: dict, idx: range, size: int, fy: float,
+                     fx: float) -> list[np.ndarray]:
+        """uint8 ``[1, 3, H, W]`` channels-last -> one uint8 ``[size, size, 3]`` array per crop in ``idx``."""
         H, W = x.shape[-2:]
         outs = []
         tops, lefts, hs, ws = (p[k].tolist() for k in ("top", "left", "height", "width"))
@@ -361,94 +243,65 @@ class FastMultiCrop:
                 t, l_ = t2, l2
             c = x[:, :, t:t + h, l_:l_ + w]
             o = F.interpolate(c, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-            if flips[i]:
-                o = o.flip(-1)
-            outs.append(o)
-        return torch.cat(outs).float().mul_(1.0 / 255.0)
+            a = o[0].permute(1, 2, 0).numpy()  # channels-last: a contiguous HWC view
+            outs.append(cv2.flip(a, 1) if flips[i] else a)
+        return outs
 
-    def _jitter(self, x: torch.Tensor, p: dict, sel: slice) -> torch.Tensor:
-        """ColorJitter with per-crop factors and order: at each of the 4 positions, the crops whose operation
-        there is brightness, contrast or saturation are blended in one pass (PIL's ``ImageEnhance``:
-        ``target + f (x - target)`` with target black, the mean luma rounded to a grey level, or the luma
-        image), the crops whose operation is hue are hue-shifted; each result clipped to [0, 1] like PIL.
-        The per-position plan is made on Python lists (tiny tensor ops cost more than the pixels here)."""
-        jit = p["jitter"][sel].tolist()
-        if not any(jit):
-            return x
-        order, fac = p["order"][sel].tolist(), p["factors"][sel].tolist()
-        n = len(jit)
-        for pos in range(4):
-            ops = [order[i][pos] if jit[i] else -1 for i in range(n)]
-            for is_hue in (False, True):
-                rows = [i for i in range(n) if (ops[i] == 3 if is_hue else 0 <= ops[i] <= 2)]
-                if not rows:
-                    continue
-                idx = None if len(rows) == n else torch.tensor(rows)
-                y = x if idx is None else x.index_select(0, idx)
-                f = torch.tensor([fac[i][ops[i]] for i in rows], dtype=x.dtype)
-                if is_hue:
-                    y = hsv_hue_shift(y, f)
-                else:
-                    kinds = [ops[i] for i in rows]
-                    f = f.view(-1, 1, 1, 1)
-                    if all(k == 0 for k in kinds):  # brightness only: blend with black
-                        y = y.mul_(f)
-                    else:
-                        grey = _luma(y)  # [m, 1, H, W]
-                        if all(k == 2 for k in kinds):  # saturation only: blend with the luma image
-                            target = grey
-                        else:  # contrast: the mean luma, rounded to a grey level like PIL
-                            mean = grey.mean(dim=(1, 2, 3), keepdim=True).mul_(255.0).round_().div_(255.0)
-                            is_c = torch.tensor([k == 1 for k in kinds], dtype=x.dtype).view(-1, 1, 1, 1)
-                            is_s = torch.tensor([k == 2 for k in kinds], dtype=x.dtype).view(-1, 1, 1, 1)
-                            target = grey.mul_(is_s).add_(mean.mul_(is_c))
-                        y = y.sub_(target).mul_(f).add_(target)
-                y = y.clamp_(0.0, 1.0)
-                if idx is None:
-                    x = y
-                else:
-                    x.index_copy_(0, idx, y)
-        return x
+    @staticmethod
+    def _jitter(a: np.ndarray, order: Sequence[int], factors: Sequence[float]) -> np.ndarray:
+        """ColorJitter of one uint8 HWC crop: the four operations in ``order`` (0 brightness, 1 contrast,
+        2 saturation, 3 hue) with ``factors``; each result rounded and clipped to uint8 like PIL's.
 
-    def _blur(self, x: torch.Tensor, p: dict, sel: slice) -> torch.Tensor:
-        flags, sig = p["blur"][sel], p["sigma"][sel]
-        if not bool(flags.any()):
-            return x
-        idx = flags.nonzero().flatten()
-        y = x.index_select(0, idx)
-        n, C, S, _ = y.shape
-        m = pil_box_blur_matrices([float(v) for v in sig[idx].tolist()], S)  # [n, S, S]
-        band = 3 * (math.floor(_pil_box_radius(self.blur_sigma[1])) + 1)  # reach of 3 box passes
-        block = next((b for b in (32, 48, 56, 64) if S % b == 0 and S > b >= 2 * band), 0)
-        if block and S >= 64:  # exploit the band (exact; ~2x faster than the dense products at 224 px)
-            t = _block_banded_matmul(m, y.permute(0, 2, 1, 3).reshape(n, S, C * S), block, band)  # along y
-            t = t.view(n, S, C, S).permute(0, 3, 2, 1).reshape(n, S, C * S)  # [n, x, C * y]
-            y = _block_banded_matmul(m, t, block, band).view(n, S, C, S).permute(0, 2, 3, 1)  # along x
-        else:
-            m = m.unsqueeze(1)
-            y = torch.matmul(torch.matmul(m, y), m.transpose(-1, -2))  # vertical then horizontal passes
-        if idx.numel() == x.shape[0]:
-            return y
-        return x.index_copy(0, idx, y)
+        Brightness, contrast and saturation are PIL's ``ImageEnhance`` blends ``target + f (x - target)`` with
+        target black, the mean luma rounded to a grey level, or the luma image: one per-pixel 3x4 colour matrix
+        (``cv2.transform``, which saturates to uint8; truncated like PIL's ``Image.blend``). Hue rotates the continuous HSV hue (float HSV round trip,
+        torchvision's tensor ``adjust_hue``), then rounds."""
+        for op in order:
+            f = float(factors[op])
+            if op == 3:
+                hsv = cv2.cvtColor(a.astype(np.float32), cv2.COLOR_RGB2HSV)  # H in degrees [0, 360)
+                hsv[:, :, 0] += 360.0 * f + (360.0 if f < 0 else 0.0)  # OpenCV wraps hues in [0, 720)
+                a = cv2.convertScaleAbs(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB))  # round, saturate
+                continue
+            m = np.zeros((3, 4), np.float32)
+            m[:, 3] = _TRUNCATE
+            if op == 2:  # saturation: f x + (1 - f) luma(x)
+                m[:, :3] = (1.0 - f) * _LUMA
+            elif op == 1:  # contrast: f x + (1 - f) round(mean luma)
+                m[:, 3] += (1.0 - f) * round(cv2.mean(cv2.cvtColor(a, cv2.COLOR_RGB2GRAY))[0])
+            m[:, :3] += f * _EYE
+            a = cv2.transform(a, m)
+        return a
 
-    def _finish(self, x: torch.Tensor, p: dict, sel: slice) -> torch.Tensor:
-        x = self._jitter(x, p, sel)
-        grey = p["grayscale"][sel]
-        if bool(grey.any()):
-            x = torch.where(grey.view(-1, 1, 1, 1), _luma(x).expand(-1, 3, -1, -1), x)
-        x = self._blur(x, p, sel)
-        sol = p["solarize"][sel]
-        if bool(sol.any()):
-            x = torch.where(sol.view(-1, 1, 1, 1) & (x >= 0.5), 1.0 - x, x)
-        return x.sub_(self._mean).mul_(self._inv_std)
+    def _blur(self, a: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+        """Pillow's ``GaussianBlur``: three passes of the extended box ``kernel`` along each axis, replicated
+        border, rounded to uint8 after each pass pair (Pillow rounds after each pass)."""
+        for _ in range(3):
+            a = cv2.sepFilter2D(a, -1, kernel, kernel, borderType=cv2.BORDER_REPLICATE)
+        return a
+
+    def _pixels(self, a: np.ndarray, p: dict, i: int, kernels: dict[int, np.ndarray]) -> torch.Tensor:
+        """Jitter, greyscale, blur, solarisation and normalisation of crop ``i`` (uint8 HWC in, float ``[3, S,
+        S]`` out, channels-last strides), in the reference's order."""
+        if p["_jitter"][i]:
+            a = self._jitter(a, p["_order"][i], p["_factors"][i])
+        if p["_grey"][i]:
+            a = cv2.transform(a, _GREY_TO_RGB)
+        if i in kernels:
+            a = self._blur(a, kernels[i])
+        if p["_solarize"][i]:
+            a = cv2.LUT(a, _SOLARIZE)
+        x = cv2.transform(a.astype(np.float32), self._normalise)  # (v / 255 - mean) / std per channel
+        return torch.from_numpy(x).permute(2, 0, 1)
 
     def __call__(self, img, generator: torch.Generator | None = None, return_params: bool = False):
-        global _ALLOCATOR_TUNED
-        if not _ALLOCATOR_TUNED:  # once per process (data-loader workers included)
-            _ALLOCATOR_TUNED = True
+        global _PROCESS_TUNED
+        if not _PROCESS_TUNED:  # once per process (data-loader workers included)
+            _PROCESS_TUNED = True
             from .trainer import tune_cpu_allocator
 
             tune_cpu_allocator()
+            cv2.setNumThreads(1)  # one image's crops are too small to split; workers give the parallelism
         g = generator if generator is not None else self.generator
         im, arr, (H, W) = self._open(img)
         if H == 0 or W == 0:
@@ -479,13 +332,20 @@ class FastMultiCrop:
             arr = np.array(arr)
         x = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)  # channels-last view
         L = self.local_crops_number
+        # the per-crop plan as Python values (tiny tensor ops cost more than the pixels here)
+        plan = {"_jitter": p["jitter"].tolist(), "_order": p["order"].tolist(), "_factors": p["factors"].tolist(),
+                "_grey": p["grayscale"].tolist(), "_solarize": p["solarize"].tolist()}
+        blur_idx = p["blur"].nonzero().flatten()
+        kernels = {}
+        if blur_idx.numel():
+            ks = _pil_box_kernel(p["sigma"][blur_idx], self._blur_half).numpy()
+            kernels = dict(zip(blur_idx.tolist(), ks))
         with torch.no_grad():
-            glob = self._finish(self._crop_resize(x, p, range(2), self.global_crop_size, fy, fx), p, slice(0, 2))
-            crops = list(glob.unbind(0))
+            crops = self._crop_resize(x, p, range(2), self.global_crop_size, fy, fx)
             if L:
-                loc = self._crop_resize(x, p, range(2, 2 + L), self.local_crop_size, fy, fx)
-                crops += list(self._finish(loc, p, slice(2, 2 + L)).unbind(0))
-        return (crops, p) if return_params else crops
+                crops += self._crop_resize(x, p, range(2, 2 + L), self.local_crop_size, fy, fx)
+            out = [self._pixels(a, plan, i, kernels) for i, a in enumerate(crops)]
+        return (out, p) if return_params else out
 
     def __repr__(self) -> str:
         return (f"FastMultiCrop(global {self.global_crop_size}px scale {self.global_crops_scale}, "
