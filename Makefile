@@ -51,6 +51,7 @@ demo: venv data
 	$(PY) -m dinokit.demo --run-dir $(DEMO_OUT) --data "fashion-mnist:$$d"
 
 bench: venv
+	$(PIP) install -q -e ".[dev,tensorboard,bench]"
 	$(PY) benchmarks/run_all.py
 
 lint: venv

@@ -160,6 +160,10 @@ def _fmt(x, nd=2):
     return "n/a" if x is None else f"{x:.{nd}f}"
 
 
+def _times(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}x"
+
+
 def _targets(results: dict) -> list[str]:
     """Issue 5's targets against this run."""
     rows = []
@@ -178,7 +182,8 @@ def _targets(results: dict) -> list[str]:
             return
         med, spread, best = got
         ok = "yes" if med >= target else "no"
-        rows.append(f"| {what} | {target:.2f}x | {med:.2f}x (spread {_fmt(spread)}; best steps {_fmt(best)}x) | {ok} |")
+        rows.append(f"| {what} | {target:.2f}x | {med:.2f}x (spread {_fmt(spread)}; best steps {_times(best)}) "
+                    f"| {ok} |")
 
     row("ViT-S/16 fp32 step vs reference fp32", 1.15, ratio("ViT-S/16", "dinokit/fp32 vs reference/fp32"))
     row("ViT-S/16 bf16 step vs reference bf16 (same autocast)", 1.3,
@@ -190,7 +195,7 @@ def _targets(results: dict) -> list[str]:
     row("ViT-T/16 small crops bf16 vs reference bf16", 1.4, ratio("ViT-T/16", "dinokit/bf16 vs reference/bf16"))
     aug = results.get("augment", {}).get("ratios", {}).get("fast vs reference")
     rows.append(f"| multi-crop augmentation per process, fast vs reference | 3.00x | "
-                f"{_fmt(aug)}x | {'yes' if aug and aug >= 3 else 'no'} |")
+                f"{_times(aug)} | {'yes' if aug and aug >= 3 else 'no'} |")
     mem = []
     for name, c in train.items():
         by = {(r["impl"], r["precision"]): r for r in c["rows"] if "peak_rss_mib" in r}
@@ -243,7 +248,7 @@ def render(results: dict) -> str:
                   "step | own processes |", "|---|---|---|---|---|---|"]
         for k, v in cfg["ratios"].items():
             lines.append(f"| {k} | **{v['median']:.2f}x** | {', '.join(f'{x:.2f}' for x in v['rounds'])} | "
-                         f"{_fmt(v['iqr_rel'])} | {_fmt(v.get('best_of'))}x | {_fmt(v.get('own_process'))}x |")
+                         f"{_fmt(v['iqr_rel'])} | {_times(v.get('best_of'))} | {_times(v.get('own_process'))} |")
         c = cfg["config"]
         lines += ["", "Command (one candidate): `python benchmarks/train_step.py " + " ".join(_args(c))
                   + " --impl IMPL --precision PREC --json`.", ""]
@@ -251,7 +256,10 @@ def render(results: dict) -> str:
         a = results["augment"]
         lines += ["### Multi-crop augmentation (2 x 224 + 8 x 96 per image, one thread per process)", ""]
         if "results" in a:
-            lines += [f"{a['images']} photographs ({a['image_dir']}).", "",
+            am = a.get("machine", {})
+            when = (f" Measured {am['date']} (git {am.get('git')}, load average {am['loadavg_1m']:.2f})."
+                    if am.get("date") and am.get("date") != results["machine"].get("date") else "")
+            lines += [f"{a['images']} photographs ({a['image_dir']}).{when}", "",
                       "| implementation | images/s | IQR/median |", "|---|---|---|"]
             for r in a["results"]:
                 lines.append(f"| {r['impl']} | {_fmt(r['img_per_s'], 1)} | {_fmt(r['iqr_rel'])} |")

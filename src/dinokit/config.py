@@ -91,8 +91,8 @@ class TrainConfig:
                             "for small images; used for tensor data sets such as Fashion-MNIST).")
     gpu_augment: bool = _f(False, "With fast_augment: run the batched augmentation on the training device.")
     augment_impl: str = _f("reference", "Per-image multi-crop for folders of photos: reference (the PIL chain) | "
-                           "fast (dinokit.fast_augment: JPEG draft decoding, tensor ops; same parameter "
-                           "distributions, several times the images/s per worker; see docs/benchmarks.md).",
+                           "fast (dinokit.fast_augment: JPEG draft decoding, OpenCV uint8 colour ops; same parameter "
+                           "distributions, about 3.8x the images/s per worker; see docs/benchmarks.md).",
                            choices=("reference", "fast"))
     blur_prob: tuple[float, float, float] = _f((1.0, 0.1, 0.5), "Gaussian-blur probability for global 1, "
                                                "global 2, locals (reference 1.0 / 0.1 / 0.5).")

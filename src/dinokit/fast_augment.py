@@ -249,13 +249,13 @@ class FastMultiCrop:
 
     @staticmethod
     def _jitter(a: np.ndarray, order: Sequence[int], factors: Sequence[float]) -> np.ndarray:
-        """ColorJitter of one uint8 HWC crop: the four operations in ``order`` (0 brightness, 1 contrast,
-        2 saturation, 3 hue) with ``factors``; each result rounded and clipped to uint8 like PIL's.
+        """ColorJitter of one uint8 HWC crop: the operations in ``order`` (0 brightness, 1 contrast,
+        2 saturation, 3 hue) with ``factors``; each result back in uint8, clipped, like PIL's.
 
         Brightness, contrast and saturation are PIL's ``ImageEnhance`` blends ``target + f (x - target)`` with
         target black, the mean luma rounded to a grey level, or the luma image: one per-pixel 3x4 colour matrix
-        (``cv2.transform``, which saturates to uint8; truncated like PIL's ``Image.blend``). Hue rotates the continuous HSV hue (float HSV round trip,
-        torchvision's tensor ``adjust_hue``), then rounds."""
+        (``cv2.transform``, which saturates to uint8), truncated like PIL's ``Image.blend``. Hue rotates the
+        continuous HSV hue (a float HSV round trip: torchvision's tensor ``adjust_hue``), then rounds."""
         for op in order:
             f = float(factors[op])
             if op == 3:
