@@ -243,7 +243,7 @@ class FastMultiCrop:
                 t, l_ = t2, l2
             c = x[:, :, t:t + h, l_:l_ + w]
             o = F.interpolate(c, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-            a = o[0].permute(1, 2, 0).numpy()  # channels-last: a contiguous HWC view
+            a = np.ascontiguousarray(o[0].permute(1, 2, 0).numpy())  # channels-last output: already contiguous
             outs.append(cv2.flip(a, 1) if flips[i] else a)
         return outs
 

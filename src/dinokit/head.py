@@ -22,6 +22,52 @@ from torch import nn
 __all__ = ["DINOHead", "WeightNormLinear"]
 
 
+class _ScaledOutputWeightNorm(torch.autograd.Function):
+    """``y = (x v^T) * s`` with ``s = g / ||v||_row``: the weight-normalised layer applied to the output, with a
+    backward written out so the ``[out, in]`` weight is touched as few times as possible.
+
+    Forward and backward follow what autograd does on ``F.linear(x, v) * (g / vector_norm(v))`` under the
+    caller's autocast state (same dtypes, same roundings): the product in the autocast dtype (``x`` and ``v``
+    cast), the scaling in fp32. The backward gives, with ``z = x v^T``, ``dz = dy * s`` (in ``z``'s dtype) and
+    ``c = sum_rows(dy * z)``::
+
+        dx = dz v,   dg = c / ||v||,   dv = dz^T x - (c g / ||v||^3) v
+
+    ``dv`` is one matrix product plus one fused multiply-add over the weight, where autograd's generic path runs
+    the norm's backward (a division and a multiplication over the weight), casts the product's gradient to fp32
+    and adds the two contributions (docs/benchmarks.md: the head's last layer)."""
+
+    @staticmethod
+    def forward(ctx, x, v, g, lowp):
+        norm = torch.linalg.vector_norm(v, dim=1)  # [out], fp32
+        s = g.squeeze(1) / norm
+        xl, vl = (x, v) if lowp is None else (x.to(lowp), v.to(lowp))
+        z = F.linear(xl, vl)
+        ctx.save_for_backward(xl, vl, v, g, z, s, norm)
+        ctx.x_dtype = x.dtype
+        return z * s
+
+    @staticmethod
+    def backward(ctx, dy):
+        xl, vl, v, g, z, s, norm = ctx.saved_tensors
+        with torch.autocast(dy.device.type, enabled=False):
+            dz = (dy * s).to(z.dtype)
+            dx = dv = dg = None
+            if ctx.needs_input_grad[0]:
+                dx = torch.matmul(dz, vl).to(ctx.x_dtype)
+            c = None
+            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+                c = (dy * z).flatten(0, -2).sum(0)  # d loss / d s, [out]
+            if ctx.needs_input_grad[1]:
+                coef = -c * s / (norm * norm)  # d loss / d ||v|| over ||v||: the norm's term along v
+                dvl = torch.matmul(dz.flatten(0, -2).t(), xl.flatten(0, -2))  # [out, in], autocast dtype
+                dv = torch.addcmul(dvl.to(v.dtype), v, coef.unsqueeze(1)) if dvl.dtype != v.dtype else \
+                    dvl.addcmul_(v, coef.unsqueeze(1))
+            if ctx.needs_input_grad[2]:
+                dg = (c / norm).unsqueeze(1)
+        return dx, dv, dg, None
+
+
 class WeightNormLinear(nn.Module):
     """``y = x @ (g * v / ||v||_row).T`` with ``g: [out, 1]``, ``v: [out, in]``, no bias (reference last layer)."""
 
@@ -44,8 +90,10 @@ class WeightNormLinear(nn.Module):
             # x (v * s)^T == (x v^T) * s with s = g / ||v||: scaling the [rows, out] output touches fewer
             # elements than the [out, in] weight (and its gradient) when there are fewer rows than inputs
             # (the DINO head at small per-process batches: 10 B rows against 256 inputs).
-            scale = (self.weight_g / torch.linalg.vector_norm(self.weight_v, dim=1, keepdim=True)).squeeze(1)
-            return F.linear(x, self.weight_v) * scale
+            dev = x.device.type
+            lowp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+            with torch.autocast(dev, enabled=False):
+                return _ScaledOutputWeightNorm.apply(x, self.weight_v, self.weight_g, lowp)
         return F.linear(x, self.weight)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
