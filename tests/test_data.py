@@ -213,6 +213,28 @@ def test_unreadable_file_is_skipped_with_one_warning(tmp_path, kind, monkeypatch
     assert np.array_equal(np.asarray(img), np.asarray(img2)) and ds.count_skipped() == 1
 
 
+@pytest.mark.parametrize("kind", ["zero_bytes", "text", "truncated", "bomb_error", "bomb_warning"])
+def test_unreadable_file_is_skipped_when_the_transform_decodes_paths(tmp_path, kind, monkeypatch):
+    """``read`` hands paths to a transform that opens them itself (FastMultiCrop) and skips what it cannot
+    read exactly like ``load``: same warning, same substitute, same count."""
+    from dinokit.fast_augment import FastMultiCrop
+
+    _good_folder(tmp_path, 2)
+    bad = _bad_file(tmp_path, kind, monkeypatch)
+    ds = ImageFolderDataset(tmp_path)
+    aug = FastMultiCrop(global_crop_size=16, local_crop_size=8, local_crops_number=1)
+
+    def reader(path):
+        torch.manual_seed(0)
+        return aug(path)
+
+    with pytest.warns(UserWarning, match=bad.name):
+        crops, label = ds.read(0, reader)
+    ref = reader(ds.samples[1][0])
+    assert label == ds.samples[1][1] and all(torch.equal(a, b) for a, b in zip(crops, ref))
+    assert ds.count_skipped() == 1 and str(bad) in ds.skipped
+
+
 def test_last_file_unreadable_wraps_around_and_all_unreadable_raises(tmp_path):
     _good_folder(tmp_path, 1)  # good0.png
     (tmp_path / "zz.png").write_bytes(b"garbage")

@@ -278,6 +278,39 @@ def test_exif_orientation_is_applied(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
 
 
+def test_the_trainers_folder_data_hands_paths_to_it_for_draft_decoding(tmp_path, monkeypatch):
+    """With ``--augment-impl fast`` the folder data set gives FastMultiCrop the file path (not a decoded image),
+    so large JPEGs are decoded at a reduced scale; the crops equal FastMultiCrop(path) under the sample's seed,
+    and a skipped file does not shift the next image's random draws."""
+    from dinokit.data import ImageFolderDataset
+    from dinokit.trainer import AugmentedDataset
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    _photo(400, 300, seed=2).resize((1600, 1200), Image.BICUBIC).save(folder / "a.jpg", quality=92)
+    (folder / "b.jpg").write_bytes(b"not a jpeg")
+    _photo(60, 50).save(folder / "c.png")
+    aug = FastMultiCrop()
+    scales = []
+    decode = FastMultiCrop._decode
+
+    def spy(self, im, scale):
+        scales.append(scale)
+        return decode(self, im, scale)
+
+    monkeypatch.setattr(FastMultiCrop, "_decode", spy)
+    ds = AugmentedDataset(ImageFolderDataset(folder), transform=aug)
+    crops = ds[(0, 123)]
+    assert len(scales) == 1 and scales[0] >= 2  # decoded from the path, at a reduced scale
+    torch.manual_seed(123)
+    assert all(torch.equal(a, b) for a, b in zip(crops, aug(folder / "a.jpg")))
+    with pytest.warns(UserWarning, match="b.jpg"):
+        substitute = ds[(1, 7)]  # b.jpg is unreadable: c.png's crops, drawn from seed 7 as if read first
+    assert all(torch.equal(a, b) for a, b in zip(substitute, ds[(2, 7)]))
+    torch.manual_seed(7)
+    assert all(torch.equal(a, b) for a, b in zip(substitute, aug(load_image(folder / "c.png"))))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the distribution, against the reference chain (DINOAugmentation, instrumented)
 

@@ -350,12 +350,15 @@ def _add_bad_files(folder: Path) -> list[Path]:
     return bad
 
 
-def test_bad_images_are_skipped_with_warnings_naming_them_and_counted_in_the_log(tmp_path):
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_bad_images_are_skipped_with_warnings_naming_them_and_counted_in_the_log(tmp_path, impl):
     folder = make_image_folder(tmp_path / "imgs", n_per_class=6)
     bad = _add_bad_files(folder)  # listed last: only the data-loader workers meet them
     out = tmp_path / "out"
-    # 15 files, batch 5: one epoch reads every file; the skips happen in 2 worker processes
-    r = run_cli(train_args(folder, out, "--epochs", "1", "--batch-size-per-gpu", "5", "--num-workers", "2"))
+    # 15 files, batch 5: one epoch reads every file; the skips happen in 2 worker processes (with `fast`, in
+    # FastMultiCrop, which opens the files itself)
+    r = run_cli(train_args(folder, out, "--epochs", "1", "--batch-size-per-gpu", "5", "--num-workers", "2",
+                           "--augment-impl", impl))
     assert r.returncode == 0, r.stderr[-3000:]
     for p in bad:
         assert f"skipping unreadable image {p}" in r.stderr

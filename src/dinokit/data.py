@@ -228,6 +228,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def load(self, index: int) -> tuple[Image.Image, int]:
         """The RGB image and label at ``index``, or of the next readable file (see the class docstring)."""
+        return self.read(index, load_image)
+
+    def read(self, index: int, reader: Callable[[str], Any]) -> tuple[Any, int]:
+        """``(reader(path), label)`` for the file at ``index``, or for the next file ``reader`` can read, with
+        :meth:`load`'s skipping. ``reader`` raises :class:`DataError` for an unreadable file (e.g. a transform
+        that decodes paths itself, such as :class:`dinokit.fast_augment.FastMultiCrop` with JPEG draft decoding);
+        Pillow's decompression-bomb warning counts as unreadable, as in :func:`load_image`."""
         n = len(self.samples)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} images")
@@ -238,7 +245,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 continue
             path, label = self.samples[j]
             try:
-                return load_image(path), label
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    return reader(path), label
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+                self._mark_bad(j, DataError(f"cannot read image {path}: {type(err).__name__}: {err}"))
             except DataError as err:
                 self._mark_bad(j, err)
         raise DataError(f"none of the {n} image files under {self.root} could be read")

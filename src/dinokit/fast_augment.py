@@ -94,7 +94,10 @@ class FastMultiCrop:
 
     ``blur``: probabilities for (global 1, global 2, locals); ``solarize``: likewise; ``draft``: allow JPEG draft
     decoding. ``return_params=True`` also returns the drawn parameters (a dict of tensors; for tests).
+    ``decodes_paths``: the trainer's folder data set hands it file paths rather than decoded images.
     """
+
+    decodes_paths = True
 
     def __init__(self, global_crops_scale: Sequence[float] = (0.4, 1.0),
                  local_crops_scale: Sequence[float] = (0.05, 0.4), local_crops_number: int = 8,

@@ -223,19 +223,26 @@ class AugmentedDataset(torch.utils.data.Dataset):
         if self.transform is None:
             item = self.base[index]
             return (item[0] if isinstance(item, tuple) else item), seed
-        if hasattr(self.base, "to_pil"):  # tensor data sets hold uint8 arrays; the PIL chain wants images
-            img = self.base.to_pil(index)
-        else:
-            item = self.base[index]
-            img = item[0] if isinstance(item, tuple) else item
         import random as _random
+
+        def seeded(img):  # re-seeded per attempt: a skipped file must not shift the next image's draws
+            torch.manual_seed(seed)
+            _random.seed(seed)
+            return self.transform(img)
 
         py_state = _random.getstate()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            _random.seed(seed)
             try:
-                return self.transform(img)
+                if getattr(self.transform, "decodes_paths", False) and hasattr(self.base, "read"):
+                    # the transform opens the file itself (FastMultiCrop: crop boxes from the header, then
+                    # JPEG draft decoding at the smallest scale that still covers every crop)
+                    return self.base.read(index, seeded)[0]
+                if hasattr(self.base, "to_pil"):  # tensor data sets hold uint8 arrays; the PIL chain wants images
+                    img = self.base.to_pil(index)
+                else:
+                    item = self.base[index]
+                    img = item[0] if isinstance(item, tuple) else item
+                return seeded(img)
             finally:
                 _random.setstate(py_state)
 
