@@ -562,12 +562,12 @@ class _ShardCount:
 def build_shard_loader(cfg, rank: int, world: int):
     """``(base, stream, loader, None)`` for :func:`dinokit.trainer.build_train_data` from a shard spec: the
     stream is the sampler (``set_epoch``, ``batches_per_epoch``); the multi-crop augmentation (``augment_impl``:
-    the reference PIL chain or ``fast``) runs in the workers under per-sample seeds."""
+    ``fast``, the default, or the reference PIL chain) runs in the workers under per-sample seeds."""
     from .trainer import collate_crops
 
     if cfg.fast_augment:
-        raise ConfigError("fast_augment needs a tensor data set (fashion-mnist:DIR); shards use the reference "
-                          "PIL augmentation")
+        raise ConfigError("fast_augment needs a tensor data set (fashion-mnist:DIR); shards use the "
+                          "per-image multi-crop (--augment-impl)")
     paths, counts, meta = resolve_shards(cfg.data_path)
     n = sum(counts)
     if n < cfg.batch_size_per_gpu * world:
@@ -576,7 +576,7 @@ def build_shard_loader(cfg, rank: int, world: int):
     aug_kw = dict(global_crops_scale=cfg.global_crops_scale, local_crops_scale=cfg.local_crops_scale,
                   local_crops_number=cfg.local_crops_number, global_crop_size=cfg.global_crop_size,
                   local_crop_size=cfg.local_crop_size)
-    fast = getattr(cfg, "augment_impl", "reference") == "fast"
+    fast = getattr(cfg, "augment_impl", "fast") == "fast"
     if fast:  # as for folders: dinokit.fast_augment, with JPEG draft decoding from the shard's bytes
         from .fast_augment import FastMultiCrop
 

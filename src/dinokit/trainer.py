@@ -325,7 +325,7 @@ class _RawTensorView(torch.utils.data.Dataset):
     def __init__(self, base):
         if not hasattr(base, "images"):
             raise ConfigError("fast_augment needs a tensor data set of same-size images (e.g. fashion-mnist:DIR); "
-                              "folders of images use the reference PIL pipeline")
+                              "folders of images use the per-image multi-crop (--augment-impl)")
         self.images = base.images
 
     def __len__(self) -> int:
