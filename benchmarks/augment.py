@@ -1,6 +1,6 @@
 """Multi-crop augmentation throughput per process on real photographs, side by side.
 
-    python benchmarks/augment.py [--images DIR] [--impl reference,dinokit,fast,lightly] [--json]
+    python benchmarks/augment.py [--images DIR | --upscale 4] [--impl reference,dinokit,fast,lightly] [--json]
 
 Each implementation turns a JPEG file into the 2 global (224 px) + 8 local (96 px) normalised crops, decoding
 included, on one thread (what one data-loader worker does):
@@ -37,8 +37,9 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immu
 IMPLS = ("reference", "dinokit", "fast", "lightly")
 
 
-def sample_photos(dest: Path) -> list[Path]:
-    """skimage's bundled photographs as ~500x375 JPEGs (landscape, or 375x500 portrait), made once."""
+def sample_photos(dest: Path, upscale: int = 1) -> list[Path]:
+    """skimage's bundled photographs as ~500x375 JPEGs (landscape, or 375x500 portrait), made once; with
+    ``upscale`` N, N times that size (bicubic; 4: 2000x1500, a phone camera's order of size)."""
     dest.mkdir(parents=True, exist_ok=True)
     out = [dest / f"{n}.jpg" for n in PHOTOS]
     if all(p.is_file() for p in out):
@@ -55,7 +56,7 @@ def sample_photos(dest: Path) -> list[Path]:
         if isinstance(a, tuple):
             a = a[0]
         im = Image.fromarray(a).convert("RGB")
-        W, H = (500, 375) if im.width >= im.height else (375, 500)
+        W, H = (500 * upscale, 375 * upscale) if im.width >= im.height else (375 * upscale, 500 * upscale)
         s = max(W / im.width, H / im.height)
         im = im.resize((max(W, round(im.width * s)), max(H, round(im.height * s))), Image.BICUBIC)
         left, top = (im.width - W) // 2, (im.height - H) // 2
@@ -111,14 +112,19 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--local-crops-number", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: one data-loader worker)")
+    ap.add_argument("--upscale", type=int, default=1, help="sample photos N times larger (4: 2000x1500 JPEGs, where "
+                    "JPEG draft decoding pays); not with --images")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(a.threads)
+    if a.upscale < 1 or (a.upscale != 1 and a.images is not None):
+        raise SystemExit("--upscale takes a positive integer and applies to the sample photos only (not --images)")
     if a.images is None:
-        files = sample_photos(Path(tempfile.gettempdir()) / "dinokit-bench-photos")
+        name = "dinokit-bench-photos" + ("" if a.upscale == 1 else f"-x{a.upscale}")
+        files = sample_photos(Path(tempfile.gettempdir()) / name, a.upscale)
     else:
         exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
         files = sorted(p for p in a.images.rglob("*") if p.suffix.lower() in exts)

@@ -92,7 +92,7 @@ class TrainConfig:
     gpu_augment: bool = _f(False, "With fast_augment: run the batched augmentation on the training device.")
     augment_impl: str = _f("fast", "Per-image multi-crop for folders of photos and shards: fast "
                            "(dinokit.fast_augment: the reference's parameter distributions, tested; JPEG draft "
-                           "decoding, OpenCV uint8 colour ops; 3.8x the reference's images/s per worker, 8.7x on "
+                           "decoding, OpenCV uint8 colour ops; about 3.7x the reference's images/s per worker, 8.5x on "
                            "2000x1500 photos) | reference (the reference's PIL chain, torchvision transforms); see "
                            "docs/benchmarks.md.", choices=("fast", "reference"))
     blur_prob: tuple[float, float, float] = _f((1.0, 0.1, 0.5), "Gaussian-blur probability for global 1, "
