@@ -3,6 +3,7 @@ shapes and normalisation, draft decoding and EXIF orientation."""
 
 from __future__ import annotations
 
+import io
 import math
 
 import cv2
@@ -101,6 +102,16 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     bad.write_bytes(b"not a jpeg")
     with pytest.raises(DataError):
         aug(bad)
+    # truncated JPEGs, with and without an EXIF rotation (decoded on different paths): one DataError naming the file
+    for orientation in (1, 6):
+        buf = io.BytesIO()
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        _photo(120, 90).save(buf, format="JPEG", exif=exif)
+        cut = tmp_path / f"truncated{orientation}.jpg"
+        cut.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+        with pytest.raises(DataError, match=f"truncated{orientation}.jpg.*truncated"):
+            aug(cut)
 
 
 # ---------------------------------------------------------------------------------------------------------

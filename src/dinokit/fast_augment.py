@@ -217,16 +217,24 @@ class FastMultiCrop:
         a = a[:, :, :3]
         return None, a, (a.shape[0], a.shape[1])
 
+    @staticmethod
+    def _load(im: Image.Image) -> None:
+        """Decode the pixels; what :func:`dinokit.data.load_image` counts as unreadable is a :class:`DataError`."""
+        try:
+            im.load()
+        except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as err:
+            raise DataError(f"cannot decode image: {type(err).__name__}: {err}") from err
+
     def _decode(self, im: Image.Image, scale: int) -> tuple[np.ndarray, float, float]:
         """Decode (with JPEG draft reduction ``scale`` when possible), EXIF-transpose, RGB; returns the HWC
         array and the (y, x) factors from original to decoded coordinates."""
         h0, w0 = im.height, im.width
-        try:
-            if scale > 1 and self.draft and getattr(im, "format", None) == "JPEG":
+        if scale > 1 and self.draft and getattr(im, "format", None) == "JPEG":
+            try:
                 im.draft("RGB", (max(1, w0 // scale), max(1, h0 // scale)))
-            im.load()
-        except (OSError, ValueError, SyntaxError, EOFError) as err:
-            raise DataError(f"cannot decode image: {type(err).__name__}: {err}") from err
+            except (OSError, ValueError) as err:
+                raise DataError(f"cannot decode image: {type(err).__name__}: {err}") from err
+        self._load(im)
         a = self._to_uint8_hwc(im)
         return a, a.shape[0] / h0, a.shape[1] / w0
 
@@ -325,9 +333,13 @@ class FastMultiCrop:
             if arr is None:
                 scale = self._draft_scale(p) if (lazy and orient == 1) else 1
                 if orient != 1:
-                    im.load()
+                    self._load(im)
                     im = ImageOps.exif_transpose(im)
                 arr, fy, fx = self._decode(im, scale)
+        except DataError as err:
+            if opened_here:  # name the file
+                raise DataError(f"{os.fspath(img)}: {err}") from err
+            raise
         finally:
             if opened_here:
                 im.close()
