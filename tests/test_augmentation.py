@@ -163,8 +163,15 @@ def test_batch_arguments_are_validated(kwargs):
         BatchMultiCrop(**kwargs)
 
 
+def _per_image_impls():
+    from dinokit.fast_augment import FastMultiCrop
+
+    return {"reference": DINOAugmentation, "fast": FastMultiCrop}
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "1", "YCbCr", "I;16", "I", "F"])
-def test_every_mode_is_augmented_to_rgb(mode):
+def test_every_mode_is_augmented_to_rgb(mode, impl):
     rng = np.random.default_rng(0)
     if mode == "I;16":
         img = Image.fromarray(rng.integers(0, 65536, (9, 11), dtype=np.uint16))
@@ -176,7 +183,7 @@ def test_every_mode_is_augmented_to_rgb(mode):
         img = _img(11, 9).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
     else:
         img = _img(11, 9, mode)
-    aug = DINOAugmentation(global_crop_size=16, local_crop_size=8, local_crops_number=1)
+    aug = _per_image_impls()[impl](global_crop_size=16, local_crop_size=8, local_crops_number=1)
     crops = aug(img)
     assert [tuple(c.shape) for c in crops] == [(3, 16, 16), (3, 16, 16), (3, 8, 8)]
     assert all(torch.isfinite(c).all() for c in crops)
@@ -200,11 +207,11 @@ def test_tensor_and_array_inputs():
         aug("not an image")
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(w=st.integers(1, 300), h=st.integers(1, 300),
        mode=st.sampled_from(["RGB", "L", "LA", "P", "RGBA", "CMYK", "1", "I;16", "I", "F"]),
-       seed=st.integers(0, 2**16))
-def test_property_any_size_and_mode_never_raises(w, h, mode, seed):
+       seed=st.integers(0, 2**16), impl=st.sampled_from(["reference", "fast"]))
+def test_property_any_size_and_mode_never_raises(w, h, mode, seed, impl):
     rng = np.random.default_rng(seed)
     if mode == "I;16":
         img = Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
@@ -214,7 +221,7 @@ def test_property_any_size_and_mode_never_raises(w, h, mode, seed):
         img = Image.fromarray((rng.standard_normal((h, w)) * 100).astype(np.float32), "F")
     else:
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
-    crops = DINOAugmentation(global_crop_size=32, local_crop_size=16, local_crops_number=2)(img)
+    crops = _per_image_impls()[impl](global_crop_size=32, local_crop_size=16, local_crops_number=2)(img)
     assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
     assert all(torch.isfinite(c).all() for c in crops)
 
