@@ -443,14 +443,15 @@ _KINDS = ["RGB/PNG/.png", "L/PNG/.png", "LA/PNG/.png", "P/PNG/.png", "RGBA/PNG/.
           "RGB/BMP/.bmp", "P/GIF/.gif", "RGBA/WEBP/.webp", "CMYK/TIFF/.tif", "junk"]
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(files=st.lists(st.tuples(st.sampled_from(_KINDS), st.integers(1, 48), st.integers(1, 48),
                                 st.integers(0, 2**31), st.sampled_from([1.0, 1.0, 0.5, 0.05, 0.0])),
                       min_size=1, max_size=4),
-       batch=st.integers(1, 3))
-def test_property_random_files_through_dataset_augmentation_and_loader(files, batch):
+       batch=st.integers(1, 3), impl=st.sampled_from(["fast", "reference"]))
+def test_property_random_files_through_dataset_augmentation_and_loader(files, batch, impl):
     from dinokit.augmentation import DINOAugmentation
     from dinokit.data import ImageFolderDataset
+    from dinokit.fast_augment import FastMultiCrop
     from dinokit.trainer import AugmentedDataset, EpochSampler, collate_crops
 
     with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
@@ -458,7 +459,8 @@ def test_property_random_files_through_dataset_augmentation_and_loader(files, ba
         for i, spec in enumerate(files):
             raw, ext = _image_file(*spec)
             (Path(d) / f"f{i}{ext}").write_bytes(raw)
-        aug = DINOAugmentation(global_crop_size=16, local_crop_size=8, local_crops_number=1)
+        aug = (FastMultiCrop if impl == "fast" else DINOAugmentation)(global_crop_size=16, local_crop_size=8,
+                                                                      local_crops_number=1)
         try:
             base = ImageFolderDataset(d)
             sampler = EpochSampler(len(base), min(batch, len(base)), seed=files[0][3] % 1000)
