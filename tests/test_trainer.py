@@ -280,3 +280,28 @@ def test_sinkhorn_knopp_and_koleo_train(folder, tmp_path):
     assert epochs and all(math.isfinite(r["loss"]) and math.isfinite(r["koleo"]) for r in epochs)
     with pytest.raises(Exception, match="koleo_loss_weight"):
         tiny(folder, out, "--set", "koleo_loss_weight=-1")
+
+
+def test_a_data_bound_run_gets_one_hint_naming_what_would_help(folder, tmp_path, capsys, monkeypatch):
+    import time
+
+    from dinokit.augmentation import DINOAugmentation
+
+    call = DINOAugmentation.__call__
+
+    def slow(self, img):  # an input pipeline far slower than the tiny model's step
+        time.sleep(0.05)
+        return call(self, img)
+
+    monkeypatch.setattr(DINOAugmentation, "__call__", slow)
+    tr = Trainer(tiny(folder, tmp_path / "out", "--num-workers", "0", "--augment-impl", "reference"))
+    tr.fit()
+    err = capsys.readouterr().err
+    assert err.count("waiting for data") == 1  # once per run, not once per epoch
+    assert "--num-workers (now 0;" in err and "--augment-impl fast" in err
+    epochs = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()
+              if '"epoch"' in line and json.loads(line)["type"] == "epoch"]
+    assert all(r["data_wait_frac"] > Trainer.DATA_BOUND_FRAC for r in epochs)
+    tr._data_bound_hinted = False
+    tr._hint_if_data_bound(0.1)  # below the threshold: quiet
+    assert "waiting for data" not in capsys.readouterr().err

@@ -654,6 +654,23 @@ class Trainer:
                 warnings.warn(f"report not written: {e}", stacklevel=2)
 
     # -- logging ------------------------------------------------------------------------------------------
+    DATA_BOUND_FRAC = 0.25  # an epoch spending more of its time waiting for data than this gets a hint
+
+    def _hint_if_data_bound(self, wait_frac: float) -> None:
+        """Once per run: when the step waits for data more than :attr:`DATA_BOUND_FRAC` of the time, say what
+        would feed it faster."""
+        if wait_frac <= self.DATA_BOUND_FRAC or getattr(self, "_data_bound_hinted", False):
+            return
+        self._data_bound_hinted = True
+        cfg = self.cfg
+        tips = [f"more --num-workers (now {cfg.num_workers}; {os.cpu_count()} CPUs here)"]
+        if hasattr(self.dataset, "images") and not cfg.fast_augment:  # tensor data set, per-image PIL chain
+            tips.append("--fast-augment (batched augmentation for same-size tensor images)")
+        elif not hasattr(self.dataset, "images") and cfg.augment_impl == "reference":
+            tips.append("--augment-impl fast (same crop distributions, several times the images/s per worker)")
+        self._log_console(f"warning: {100 * wait_frac:.0f}% of the training time was spent waiting for data; the "
+                          f"input pipeline is the bottleneck: try {', or '.join(tips)}")
+
     def _log_console(self, msg: str) -> None:
         if self.main:
             print(f"[dinokit] {msg}", file=sys.stderr, flush=True)
@@ -920,6 +937,7 @@ class Trainer:
                     self._log_console("warning: the run looks collapsed (teacher targets uniform or one "
                                       "prototype); try a lower --teacher-temp, a higher --momentum-teacher, or a "
                                       "longer --freeze-last-layer")
+            self._hint_if_data_bound(record["data_wait_frac"])
             self.log(record)
             lr_s = f"{record['lr']:.2e}" if record["lr"] is not None else "n/a"
             self._log_console(f"epoch {epoch}: loss {record['loss']:.4f}, {record['images_per_s']:.0f} img/s, "
