@@ -232,9 +232,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def read(self, index: int, reader: Callable[[str], Any]) -> tuple[Any, int]:
         """``(reader(path), label)`` for the file at ``index``, or for the next file ``reader`` can read, with
-        :meth:`load`'s skipping. ``reader`` raises :class:`DataError` for an unreadable file (e.g. a transform
-        that decodes paths itself, such as :class:`dinokit.fast_augment.FastMultiCrop` with JPEG draft decoding);
-        Pillow's decompression-bomb warning counts as unreadable, as in :func:`load_image`."""
+        :meth:`load`'s skipping. ``reader`` raises :class:`DataError` for an unreadable file, as
+        :func:`load_image` does (e.g. a transform that decodes paths itself, such as
+        :class:`dinokit.fast_augment.FastMultiCrop` with JPEG draft decoding)."""
         n = len(self.samples)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} images")
@@ -245,11 +245,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 continue
             path, label = self.samples[j]
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error", Image.DecompressionBombWarning)
-                    return reader(path), label
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-                self._mark_bad(j, DataError(f"cannot read image {path}: {type(err).__name__}: {err}"))
+                return reader(path), label
             except DataError as err:
                 self._mark_bad(j, err)
         raise DataError(f"none of the {n} image files under {self.root} could be read")

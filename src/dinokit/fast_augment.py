@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 
 import cv2
@@ -190,10 +191,12 @@ class FastMultiCrop:
     def _open(self, img) -> tuple[Image.Image | None, np.ndarray | None, tuple[int, int]]:
         """(lazily opened PIL image or None, decoded HWC uint8 array or None, (height, width))."""
         if isinstance(img, (str, os.PathLike)):
-            try:
-                im = Image.open(img)
-            except (OSError, ValueError) as err:
-                raise DataError(f"cannot read image {os.fspath(img)}: {err}") from err
+            try:  # Pillow's decompression-bomb limit makes a file unreadable, as in dinokit.data.load_image
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    im = Image.open(img)
+            except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+                raise DataError(f"cannot read image {os.fspath(img)}: {type(err).__name__}: {err}") from err
             return im, None, (im.height, im.width)
         if isinstance(img, Image.Image):
             return img, None, (img.height, img.width)
