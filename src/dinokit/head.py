@@ -61,7 +61,8 @@ class _ScaledOutputWeightNorm(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 coef = -c * s / (norm * norm)  # d loss / d ||v|| over ||v||: the norm's term along v
                 dvl = torch.matmul(dz.flatten(0, -2).t(), xl.flatten(0, -2))  # [out, in], autocast dtype
-                dv = torch.addcmul(dvl.to(v.dtype), v, coef.unsqueeze(1)) if dvl.dtype != v.dtype else \
+                # mixed dtypes promote inside the one kernel (no separate cast pass); same dtype: in place
+                dv = torch.addcmul(dvl, v, coef.unsqueeze(1)) if dvl.dtype != v.dtype else \
                     dvl.addcmul_(v, coef.unsqueeze(1))
             if ctx.needs_input_grad[2]:
                 dg = (c / norm).unsqueeze(1)
