@@ -118,6 +118,122 @@ def test_cls_forward_equals_the_full_last_block_values_and_gradients():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+def _reference_block(blk, x):
+    """The reference's block, written out: explicit attention from ``qkv[0], qkv[1], qkv[2]`` of the permuted
+    projection, and its stochastic depth ``x.div(keep) * floor(keep + U)`` added to the residual."""
+
+    def drop(y):
+        p = getattr(blk.drop_path, "drop_prob", 0.0)
+        if p == 0.0 or not blk.training:
+            return y
+        mask = ((1 - p) + torch.rand((y.shape[0],) + (1,) * (y.ndim - 1), dtype=y.dtype)).floor_()
+        return y.div(1 - p) * mask
+
+    a = blk.attn
+    B, N, C = x.shape
+    qkv = a.qkv(blk.norm1(x)).reshape(B, N, 3, a.num_heads, C // a.num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = ((q @ k.transpose(-2, -1)) * a.scale).softmax(-1)
+    x = x + drop(a.proj((attn @ v).transpose(1, 2).reshape(B, N, C)))
+    return x + drop(blk.mlp(blk.norm2(x)))
+
+
+@pytest.mark.parametrize("drop_path_rate", [0.0, 0.4])
+def test_block_equals_the_reference_block_values_gradients_and_drop_path_draws(drop_path_rate):
+    torch.manual_seed(0)
+    m = build_backbone("vit_custom", patch_size=8, embed_dim=48, depth=2, num_heads=3, img_size=32,
+                       drop_path_rate=drop_path_rate).double().train()
+    blk = m.blocks[1]
+    x = torch.randn(6, 11, 48, dtype=torch.float64, requires_grad=True)
+    results = []
+    for fn in (blk, lambda t: _reference_block(blk, t)):
+        torch.manual_seed(3)  # the same stochastic-depth draws
+        out = fn(x)
+        gx, *gp = torch.autograd.grad(out.pow(2).sum(), [x, *blk.parameters()])
+        results.append((out, gx, gp))
+    (out, gx, gp), (ref, rgx, rgp) = results
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, rgx, rtol=1e-10, atol=1e-12)
+    for a, b in zip(gp, rgp):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    if drop_path_rate:  # some samples dropped in a branch, some kept: the draws were exercised
+        torch.manual_seed(3)
+        assert not torch.equal(blk(x), x + blk.mlp(blk.norm2(x + blk.attn(blk.norm1(x)))))
+
+
+def test_stochastic_depth_is_one_fused_kernel_and_keeps_the_residual_dtype():
+    from dinokit.models.vit import DropPath, _add_residual, drop_path
+
+    dp = DropPath(0.25).train()
+    x, y = torch.randn(8, 5, 16), torch.randn(8, 5, 16)
+    with OpLog() as log:
+        out = _add_residual(x, y, dp)
+    full = [c[0] for c in log.calls if (8, 5, 16) in c[1]]  # ops over the whole activation (not the [B,1,1] draw)
+    assert full == ["addcmul"]
+    torch.manual_seed(5)
+    out = _add_residual(x, y, dp)
+    torch.manual_seed(5)
+    torch.testing.assert_close(out, x + drop_path(y, 0.25, True))
+    kept = [(out[i] - x[i]).abs().max() > 0 for i in range(8)]
+    assert 0 < sum(kept) < 8  # with this seed, both outcomes occur
+    for i in range(8):  # dropped: the residual alone; kept: scaled by 1 / (1 - p)
+        torch.testing.assert_close(out[i], x[i] + y[i] / 0.75 if kept[i] else x[i])
+    # an fp32 stream with a bf16 branch (autocast) stays fp32; an all-bf16 stream stays bf16 (a bf16 model)
+    assert _add_residual(x, y.bfloat16(), dp).dtype == torch.float32
+    assert _add_residual(x.bfloat16(), y.bfloat16(), dp).dtype == torch.bfloat16
+    assert drop_path(y.bfloat16(), 0.25, True).dtype == torch.bfloat16
+    assert _add_residual(x, y, dp.eval()).equal(x + y)
+
+
+def test_split_heads_is_one_copy_each_way_and_its_gradient_is_exact():
+    from dinokit.models.vit import Attention, _SplitHeads
+
+    torch.manual_seed(0)
+    B, N, H, d = 3, 7, 2, 5
+    x = torch.randn(B, N, 3 * H * d, dtype=torch.float64, requires_grad=True)
+    q, k, v = _SplitHeads.apply(x, 3, H)
+    ref = x.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)
+    for i, t in enumerate((q, k, v)):
+        assert t.is_contiguous() and torch.equal(t, ref[i])
+    assert torch.autograd.gradcheck(lambda t: _SplitHeads.apply(t, 3, H), (x,))
+    assert torch.autograd.gradcheck(lambda t: _SplitHeads.apply(t, 2, H), (x[..., :2 * H * d].detach()
+                                                                          .requires_grad_(),))
+    gk = torch.autograd.grad(_SplitHeads.apply(x, 3, H)[1].sum(), x)[0]  # only k used: zeros for q and v
+    assert gk.reshape(B, N, 3, H, d)[:, :, 1].eq(1).all() and gk.reshape(B, N, 3, H, d)[:, :, [0, 2]].eq(0).all()
+    # in an attention layer's backward: no select_backward (three full-size zero tensors filled and summed)
+    attn = Attention(3 * 8, num_heads=3)
+    y = torch.randn(2, 9, 24, requires_grad=True)
+    for fn in (attn, attn.forward_cls):
+        out = fn(y)
+        with OpLog() as log:
+            out.sum().backward()
+        assert log.count("select_backward") == 0 and log.count("zeros") == 0 and log.count("stack") == 1
+
+
+def test_patch_embedding_under_cpu_autocast_is_one_gemm_equal_to_the_convolution():
+    from dinokit.models.vit import PatchEmbed
+
+    torch.manual_seed(0)
+    pe = PatchEmbed(patch_size=8, embed_dim=32)
+    x = torch.randn(3, 3, 24, 40)
+    ref = pe.proj(x).flatten(2).transpose(1, 2)  # fp32 convolution
+    gref = torch.autograd.grad(ref.square().sum(), list(pe.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16), OpLog() as log:
+        out = pe(x)
+    assert log.count("convolution") == 0 and log.count("addmm") == 1 and out.dtype == torch.bfloat16
+    assert out.shape == ref.shape == (3, 15, 32)
+    assert (out.float() - ref).norm() < 1e-2 * ref.norm()  # bf16 inputs and weights, fp32 accumulation
+    g = torch.autograd.grad(out.float().square().sum(), list(pe.parameters()))
+    for a, b in zip(g, gref):
+        assert a.shape == b.shape and (a - b).norm() < 2e-2 * b.norm()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the same bf16 sums as the convolution under autocast
+        conv = pe.proj(x).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(out.float(), conv.float(), rtol=2e-2, atol=2e-2)
+    with OpLog() as log:  # fp32: the convolution itself
+        assert pe(x).equal(ref)
+    assert log.count("convolution") == 1
+
+
 # ---------------------------------------------------------------------------------------------------------
 # attention
 
