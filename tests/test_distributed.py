@@ -120,7 +120,9 @@ def torchrun(work: Path, out: Path, *args: str, nproc: int = 2, launcher: tuple[
         os.killpg(p.pid, signal.SIGKILL)
         stdout, stderr = p.communicate()
     r = subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
-    assert r.returncode == 0, r.stderr[-4000:]
+    # on failure show enough to find the failing rank's own traceback above torchrun's summary of it
+    assert r.returncode == 0, (f"exit {r.returncode}\n--- stdout ---\n{r.stdout[-3000:]}\n"
+                               f"--- stderr ---\n{r.stderr[-12000:]}")
     return r
 
 
