@@ -223,12 +223,14 @@ def render(results: dict) -> str:
              f"(the machine was shared: read the ratios, which pair candidates measured under the same load).", ""]
     lines += _targets(results)
     if "matmul" in results:
-        lines += ["### Matmul ceiling (`F.linear` at the ViT block's shapes)", "",
-                  "| shapes | fp32 GFLOP/s | bf16 GFLOP/s | bf16 / fp32 |", "|---|---|---|---|"]
+        lines += ["### Matmul ceiling (the ViT block's shapes; best of `F.linear` and oneDNN's matmul)", "",
+                  "| shapes | fp32 GFLOP/s | bf16 GFLOP/s | bf16 / fp32 | fp32 `F.linear` (MKL) | fp32 oneDNN |",
+                  "|---|---|---|---|---|---|"]
         for name, rec in results["matmul"].items():
-            c = rec.get("ceiling_gflops", {})
+            c, lib = rec.get("ceiling_gflops", {}), rec.get("ceiling_by_library", {}).get("fp32", {})
             lines.append(f"| {name} ({rec.get('tokens')} tokens) | {_fmt(c.get('fp32'), 0)} | {_fmt(c.get('bf16'), 0)} "
-                         f"| {_fmt(c['bf16'] / c['fp32'] if c.get('fp32') else None)}x |")
+                         f"| {_fmt(c['bf16'] / c['fp32'] if c.get('fp32') else None)}x "
+                         f"| {_fmt(lib.get('F.linear'), 0)} | {_fmt(lib.get('oneDNN'), 0)} |")
         lines += ["", "Command: `python benchmarks/matmul.py --arch ARCH --tokens N --json`.", ""]
     for cfg in results.get("train", []):
         when = f", measured {cfg['measured']}" if cfg.get("measured") else ""

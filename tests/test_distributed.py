@@ -38,59 +38,68 @@ from dinokit.commands.train import config_from_args
 from dinokit.trainer import Trainer
 from dinokit import distributed as D
 
-torch.set_num_threads(1)
-cfg = config_from_args(build_parser("train").parse_args(["train", *sys.argv[1:]]))
-t = Trainer(cfg)
-resumed_at = t.iteration
-crash = os.environ.get("DINOKIT_TEST_CRASH")  # "rank:iteration:marker": die once, like a lost node
-if crash:
-    rank, it, marker = crash.split(":", 2)
-    if t.rank == int(rank) and not os.path.exists(marker):
-        real_step = t.train_step
 
-        def step(crops):
-            if t.iteration == int(it):
-                open(marker, "w").close()
-                os._exit(13)
-            return real_step(crops)
+def main():
+    torch.set_num_threads(1)
+    cfg = config_from_args(build_parser("train").parse_args(["train", *sys.argv[1:]]))
+    t = Trainer(cfg)
+    resumed_at = t.iteration
+    crash = os.environ.get("DINOKIT_TEST_CRASH")  # "rank:iteration:marker": die once, like a lost node
+    if crash:
+        rank, it, marker = crash.split(":", 2)
+        if t.rank == int(rank) and not os.path.exists(marker):
+            real_step = t.train_step
 
-        t.train_step = step
-clock = os.environ.get("DINOKIT_TEST_CLOCK")  # "rank:factor": this rank's clock runs factor x fast
-if clock:
-    rank, factor = clock.split(":")
-    if t.rank == int(rank):
-        import time as _time, types, dinokit.trainer as T
-        t0 = _time.perf_counter()
-        T.time = types.SimpleNamespace(**{k: getattr(_time, k) for k in dir(_time) if not k.startswith("_")})
-        T.time.perf_counter = lambda: t0 + (_time.perf_counter() - t0) * float(factor)
-plans = []
-real_plan = t._plan_from_budget
-def record_plan(sec_per_iter, again=False):
-    real_plan(sec_per_iter, again)
-    plans.append((t.iteration, t.plan.total_iters))
-t._plan_from_budget = record_plan
-knn_calls = []
-real_knn = t.run_knn
-def knn():
-    knn_calls.append(t.iteration)
-    if t.main:  # a slow evaluation on rank 0: the other rank must not count the wait as training time
-        __import__("time").sleep(float(os.environ.get("DINOKIT_TEST_KNN_SLEEP", "0")))
-    return real_knn()
-t.run_knn = knn
-w0 = __import__("time").perf_counter()
-t.fit()
-fit_wall = __import__("time").perf_counter() - w0
-student, teacher, _ = t._model_states()
-is_ddp = lambda m: isinstance(m, torch.nn.parallel.DistributedDataParallel)
-torch.save({"resumed_at": resumed_at, "iteration": t.iteration, "center": t.dino_loss.center.cpu(),
-            "student": student, "teacher": teacher, "fsdp": t.fsdp,
-            "syncbn": [any(isinstance(m, torch.nn.SyncBatchNorm) for m in x.modules()) for x in (t.student, t.teacher)],
-            "student_ddp": is_ddp(t.student_ddp), "teacher_ddp": is_ddp(t.teacher_fwd),
-            "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", -1)),
-            "plans": plans, "total_iters": t.plan.total_iters, "knn_calls": knn_calls,
-            "train_seconds": t.train_seconds, "fit_wall": fit_wall},
-           pathlib.Path(cfg.output_dir) / f"rank{t.rank}.pt")
-D.cleanup()
+            def step(crops):
+                if t.iteration == int(it):
+                    open(marker, "w").close()
+                    os._exit(13)
+                return real_step(crops)
+
+            t.train_step = step
+    clock = os.environ.get("DINOKIT_TEST_CLOCK")  # "rank:factor": this rank's clock runs factor x fast
+    if clock:
+        rank, factor = clock.split(":")
+        if t.rank == int(rank):
+            import time as _time, types, dinokit.trainer as T
+            t0 = _time.perf_counter()
+            T.time = types.SimpleNamespace(**{k: getattr(_time, k) for k in dir(_time) if not k.startswith("_")})
+            T.time.perf_counter = lambda: t0 + (_time.perf_counter() - t0) * float(factor)
+    plans = []
+    real_plan = t._plan_from_budget
+    def record_plan(sec_per_iter, again=False):
+        real_plan(sec_per_iter, again)
+        plans.append((t.iteration, t.plan.total_iters))
+    t._plan_from_budget = record_plan
+    knn_calls = []
+    real_knn = t.run_knn
+    def knn():
+        knn_calls.append(t.iteration)
+        if t.main:  # a slow evaluation on rank 0: the other rank must not count the wait as training time
+            __import__("time").sleep(float(os.environ.get("DINOKIT_TEST_KNN_SLEEP", "0")))
+        return real_knn()
+    t.run_knn = knn
+    w0 = __import__("time").perf_counter()
+    t.fit()
+    fit_wall = __import__("time").perf_counter() - w0
+    student, teacher, _ = t._model_states()
+    is_ddp = lambda m: isinstance(m, torch.nn.parallel.DistributedDataParallel)
+    torch.save({"resumed_at": resumed_at, "iteration": t.iteration, "center": t.dino_loss.center.cpu(),
+                "student": student, "teacher": teacher, "fsdp": t.fsdp,
+                "syncbn": [any(isinstance(m, torch.nn.SyncBatchNorm) for m in x.modules())
+                           for x in (t.student, t.teacher)],
+                "student_ddp": is_ddp(t.student_ddp), "teacher_ddp": is_ddp(t.teacher_fwd),
+                "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", -1)),
+                "plans": plans, "total_iters": t.plan.total_iters, "knn_calls": knn_calls,
+                "train_seconds": t.train_seconds, "fit_wall": fit_wall},
+               pathlib.Path(cfg.output_dir) / f"rank{t.rank}.pt")
+    D.cleanup()
+
+
+# everything above lives in main()'s frame, freed (and the process group destroyed) while the interpreter
+# is alive: torch objects that hold gloo work, freed during interpreter finalisation, can abort the process
+main()
+__import__("gc").collect()
 '''
 
 # 16 images: 2 ranks x 2 = 1 process x 4 = 4 iterations per epoch; 2 epochs = 8 AdamW steps. No drop path (random

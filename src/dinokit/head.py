@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .models.linear import Linear, linear, matmul_nt
+
 __all__ = ["DINOHead", "WeightNormLinear"]
 
 
@@ -42,7 +44,7 @@ class _ScaledOutputWeightNorm(torch.autograd.Function):
         norm = torch.linalg.vector_norm(v, dim=1)  # [out], fp32
         s = g.squeeze(1) / norm
         xl, vl = (x, v) if lowp is None else (x.to(lowp), v.to(lowp))
-        z = F.linear(xl, vl)
+        z = matmul_nt(xl, vl)
         ctx.save_for_backward(xl, vl, v, g, z, s, norm)
         ctx.x_dtype = x.dtype
         return z * s
@@ -54,13 +56,13 @@ class _ScaledOutputWeightNorm(torch.autograd.Function):
             dz = (dy * s).to(z.dtype)
             dx = dv = dg = None
             if ctx.needs_input_grad[0]:
-                dx = torch.matmul(dz, vl).to(ctx.x_dtype)
+                dx = matmul_nt(dz, vl.t()).to(ctx.x_dtype)
             c = None
             if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
                 c = (dy * z).flatten(0, -2).sum(0)  # d loss / d s, [out]
             if ctx.needs_input_grad[1]:
                 coef = -c * s / (norm * norm)  # d loss / d ||v|| over ||v||: the norm's term along v
-                dvl = torch.matmul(dz.flatten(0, -2).t(), xl.flatten(0, -2))  # [out, in], autocast dtype
+                dvl = matmul_nt(dz.flatten(0, -2).t(), xl.flatten(0, -2).t())  # [out, in], autocast dtype
                 # mixed dtypes promote inside the one kernel (no separate cast pass); same dtype: in place
                 dv = torch.addcmul(dvl, v, coef.unsqueeze(1)) if dvl.dtype != v.dtype else \
                     dvl.addcmul_(v, coef.unsqueeze(1))
@@ -95,7 +97,7 @@ class WeightNormLinear(nn.Module):
             lowp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
             with torch.autocast(dev, enabled=False):
                 return _ScaledOutputWeightNorm.apply(x, self.weight_v, self.weight_g, lowp)
-        return F.linear(x, self.weight)
+        return linear(x, self.weight)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Accept torch's ``parametrizations.weight_norm`` key style (original0 = g, original1 = v).
@@ -121,18 +123,18 @@ class DINOHead(nn.Module):
         super().__init__()
         nlayers = max(nlayers, 1)
         if nlayers == 1:
-            self.mlp = nn.Linear(in_dim, bottleneck_dim)
+            self.mlp = Linear(in_dim, bottleneck_dim)
         else:
-            layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim)]
+            layers: list[nn.Module] = [Linear(in_dim, hidden_dim)]
             if use_bn:
                 layers.append(nn.BatchNorm1d(hidden_dim))
             layers.append(nn.GELU())
             for _ in range(nlayers - 2):
-                layers.append(nn.Linear(hidden_dim, hidden_dim))
+                layers.append(Linear(hidden_dim, hidden_dim))
                 if use_bn:
                     layers.append(nn.BatchNorm1d(hidden_dim))
                 layers.append(nn.GELU())
-            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+            layers.append(Linear(hidden_dim, bottleneck_dim))
             self.mlp = nn.Sequential(*layers)
         self.apply(self._init_weights)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)

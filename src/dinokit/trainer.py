@@ -15,6 +15,7 @@ diagnostics, an online k-NN monitor, and a time budget that plans the whole sche
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -992,6 +993,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         return trainer.fit()
     finally:
         D.cleanup()
+        # free the models (DDP/FSDP state that may hold gloo work) now, not during interpreter finalisation,
+        # where releasing such objects can abort the process after a finished run
+        del trainer
+        gc.collect()
 
 
 if os.environ.get("DINOKIT_DETERMINISTIC", "0") not in ("", "0"):

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import DataError
+from ..models.linear import matmul_nt
 from .retrieval import IMAGE_EXTENSIONS, compute_ap, extract_descriptors, list_images, square_loader
 from .whitening import PCAWhitening, l2n
 
@@ -179,7 +180,7 @@ def evaluate_copy_detection(model: nn.Module, root: str | Path, imsize: int = 32
         if whitening is not None:
             q = whitening(q)
         q = l2n(q)
-        ranking = torch.topk(q @ db.T, k, dim=1, largest=True, sorted=True).indices.numpy()
+        ranking = torch.topk(matmul_nt(q, db), k, dim=1, largest=True, sorted=True).indices.numpy()
         aps = block_ap(ranking, data.positives[name])
         scored = ~np.isnan(aps)
         result["blocks"][name] = {"mAP": float(aps[scored].mean()) if scored.any() else float("nan"),

@@ -38,6 +38,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import ConfigError, DataError
+from ..models.linear import matmul_nt
 from .whitening import patch_crop
 
 __all__ = [
@@ -181,7 +182,7 @@ def propagate_labels(feat_tar: torch.Tensor, ctx_feats: torch.Tensor, ctx_segs: 
     out = torch.empty(C, tar.shape[0], dtype=torch.float32, device=tar.device)
     for s in range(0, tar.shape[0], chunk):
         sl = slice(s, s + chunk)
-        aff = torch.exp(src @ tar[sl].T / temperature)  # [n*hw, chunk]
+        aff = torch.exp(matmul_nt(src, tar[sl]) / temperature)  # [n*hw, chunk]
         if mask is not None:
             aff = (aff.view(n, hw, -1) * mask[:, sl].to(aff.dtype)).view(n * hw, -1)
         kth = torch.topk(aff, k, dim=0).values[-1]

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.linear import matmul_nt
+
 __all__ = ["knn_classifier", "knn_classify_multi", "knn_eval", "extract_features", "extract_outputs",
            "frozen_features", "default_chunk_size", "aligned_labels", "is_vit"]
 
@@ -92,11 +94,10 @@ def knn_classify_multi(train_features: torch.Tensor, train_labels: torch.Tensor,
     classes = torch.arange(num_classes, device=device)
     top1 = {k: 0 for k in ks}
     top5 = {k: 0 for k in ks}
-    train_t = train_features.t()
     for start in range(0, n_test, chunk_size):
         feats = test_features[start:start + chunk_size].to(device=device, dtype=train_features.dtype)
         targets = test_labels[start:start + chunk_size]
-        sims = feats @ train_t
+        sims = matmul_nt(feats, train_features)  # test @ train.T (oneDNN for fp32 on CPU)
         dist, idx = sims.topk(kmax, dim=1, largest=True, sorted=True)
         del sims
         neighbours = train_labels[idx]  # [B, kmax]

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.linear import Linear
+
 __all__ = ["LinearClassifier", "LinearSweep", "train_linear_on_features", "linear_probe", "train_transform",
            "accuracy"]
 
@@ -44,7 +46,7 @@ class LinearClassifier(nn.Module):
     def __init__(self, dim: int, num_labels: int = 1000, generator: torch.Generator | None = None):
         super().__init__()
         self.num_labels = num_labels
-        self.linear = nn.Linear(dim, num_labels)
+        self.linear = Linear(dim, num_labels)
         with torch.no_grad():
             self.linear.weight.normal_(0.0, 0.01, generator=generator)
             self.linear.bias.zero_()

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from .linear import Linear, linear
+
 __all__ = ["VisionTransformer", "vit_tiny", "vit_small", "vit_base", "interpolate_pos_embed", "VIT_CONFIGS"]
 
 # name -> (embed_dim, depth, num_heads)
@@ -81,9 +83,9 @@ class DropPath(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, in_features: int, hidden_features: int):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = Linear(in_features, hidden_features)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fc2 = Linear(hidden_features, in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -160,8 +162,8 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = _SplitHeads.apply(self.qkv(x), 3, self.num_heads)
@@ -185,8 +187,8 @@ class Attention(nn.Module):
         tokens (the same ``qkv`` weights, split), one attention row, the projection of one token."""
         B, N, C = x.shape
         w, b = self.qkv.weight, self.qkv.bias
-        q = F.linear(x[:, :1], w[:C], None if b is None else b[:C])
-        k, v = _SplitHeads.apply(F.linear(x, w[C:], None if b is None else b[C:]), 2, self.num_heads)
+        q = linear(x[:, :1], w[:C], None if b is None else b[:C])
+        k, v = _SplitHeads.apply(linear(x, w[C:], None if b is None else b[C:]), 2, self.num_heads)
         q = q.reshape(B, 1, self.num_heads, self.head_dim).transpose(1, 2)
         out = self._attend(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(B, 1, C))

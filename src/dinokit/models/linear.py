@@ -1,0 +1,117 @@
+"""fp32 linear layers on CPU through oneDNN instead of the BLAS that ``F.linear`` calls.
+
+PyTorch's CPU ``F.linear`` / ``mm`` in fp32 call MKL's ``sgemm``; under bf16/fp16 they already go to oneDNN. On
+AMD CPUs MKL takes a generic code path: on this project's Zen 5-class machine fp32 ``F.linear`` at ViT-S shapes
+runs at ~190-210 GFLOP/s while oneDNN's fp32 matmul (the same kernel library PyTorch uses for bf16, reached through
+``torch.ops.mkldnn._linear_pointwise``) runs at ~440-480 GFLOP/s forward and for the input gradient and ~320 for
+the weight gradient (docs/benchmarks.md). Same IEEE fp32 arithmetic with fp32 accumulation; only the summation
+order differs, as between any two BLAS libraries.
+
+:func:`linear` is ``F.linear`` with that path for fp32 CPU tensors outside autocast (and PyTorch's own everywhere
+else: GPUs, autocast, other dtypes, ``torch.compile`` tracing); :class:`Linear` is an ``nn.Linear`` that calls it
+(same parameters, same state-dict keys). ``DINOKIT_ONEDNN_LINEAR=0`` in the environment turns the path off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Linear", "linear", "matmul_nt", "onednn_linear_enabled"]
+
+
+def _available() -> bool:
+    if os.environ.get("DINOKIT_ONEDNN_LINEAR", "1") == "0":
+        return False
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
+        return False
+
+
+_ENABLED = _available()
+
+
+def _register_flop_formula() -> None:
+    """Let ``torch.utils.flop_counter.FlopCounterMode`` count the oneDNN linear like ``addmm`` (2 M N K)."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    def flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        rows = 1
+        for d in x_shape[:-1]:
+            rows *= d
+        return 2 * rows * x_shape[-1] * w_shape[0]
+
+    try:
+        register_flop_formula(torch.ops.mkldnn._linear_pointwise)(flops)
+    except (RuntimeError, ValueError):  # already registered (module re-imported)
+        pass
+
+
+if _ENABLED:
+    _register_flop_formula()
+
+
+def onednn_linear_enabled() -> bool:
+    """Whether fp32 CPU linears of :func:`linear` go through oneDNN in this process."""
+    return _ENABLED
+
+
+def _onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``x @ w.T + b`` by oneDNN (``w`` may be a strided view: oneDNN reads the strides)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """Forward ``y = x wᵀ + b``; backward ``dx = dy w`` and ``dw = dyᵀ x`` as oneDNN matmuls on strided views (no
+    transposed copies), ``db`` a column sum — the products autograd computes for ``F.linear``."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return _onednn(x, w, b)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        dx = dw = db = None
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if ctx.needs_input_grad[0]:
+            dx = _onednn(dy, w.t(), None)
+        if ctx.needs_input_grad[1]:
+            dw = _onednn(dy2.t(), x.reshape(-1, x.shape[-1]).t(), None)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy2.sum(0)
+        return dx, dw, db
+
+
+def _use_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return (_ENABLED and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+            and x.dim() >= 2 and x.shape[-1] > 0 and x.numel() > 0 and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; fp32 on CPU outside autocast through oneDNN (module docstring)."""
+    if _use_onednn(x, weight):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` for a 2-D ``b`` (``a`` and ``b`` may be strided views) without autograd, for hand-written
+    backward passes; fp32 on CPU outside autocast through oneDNN (module docstring), else ``F.linear(a, b)``."""
+    if _use_onednn(a, b):
+        return _onednn(a, b, None)
+    return F.linear(a, b)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose forward is :func:`linear` (same parameters, initialisation and state-dict keys)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
