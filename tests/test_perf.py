@@ -200,6 +200,12 @@ def test_split_heads_is_one_copy_each_way_and_its_gradient_is_exact():
                                                                           .requires_grad_(),))
     gk = torch.autograd.grad(_SplitHeads.apply(x, 3, H)[1].sum(), x)[0]  # only k used: zeros for q and v
     assert gk.reshape(B, N, 3, H, d)[:, :, 1].eq(1).all() and gk.reshape(B, N, 3, H, d)[:, :, [0, 2]].eq(0).all()
+    from dinokit.models.vit import _split_heads
+
+    with torch.no_grad():  # no gradients (teacher, extraction): strided views for SDPA, no copy at all
+        views = _split_heads(x, 3, H)
+    assert all(t.data_ptr() == x.data_ptr() + i * H * d * 8 for i, t in enumerate(views))
+    assert all(torch.equal(t, ref[i]) for i, t in enumerate(views))
     # in an attention layer's backward: no select_backward (three full-size zero tensors filled and summed)
     attn = Attention(3 * 8, num_heads=3)
     y = torch.randn(2, 9, 24, requires_grad=True)

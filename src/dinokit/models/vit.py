@@ -156,6 +156,15 @@ class _SplitHeads(torch.autograd.Function):
         return torch.stack([g.transpose(1, 2) for g in grads], dim=2).reshape(B, N, parts * heads * d), None, None
 
 
+def _split_heads(x: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, ...]:
+    """:class:`_SplitHeads` when gradients flow; without them (teacher, extraction) strided views, which SDPA reads
+    without a copy."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _SplitHeads.apply(x, parts, heads)
+    B, N, _ = x.shape
+    return x.reshape(B, N, parts, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True):
         super().__init__()
@@ -166,7 +175,7 @@ class Attention(nn.Module):
         self.proj = Linear(dim, dim)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = _SplitHeads.apply(self.qkv(x), 3, self.num_heads)
+        q, k, v = _split_heads(self.qkv(x), 3, self.num_heads)
         return q, k, v
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -188,7 +197,7 @@ class Attention(nn.Module):
         B, N, C = x.shape
         w, b = self.qkv.weight, self.qkv.bias
         q = linear(x[:, :1], w[:C], None if b is None else b[:C])
-        k, v = _SplitHeads.apply(linear(x, w[C:], None if b is None else b[C:]), 2, self.num_heads)
+        k, v = _split_heads(linear(x, w[C:], None if b is None else b[C:]), 2, self.num_heads)
         q = q.reshape(B, 1, self.num_heads, self.head_dim).transpose(1, 2)
         out = self._attend(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(B, 1, C))
