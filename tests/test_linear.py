@@ -19,6 +19,13 @@ from dinokit.models import linear as L
 pytestmark = pytest.mark.skipif(not L.onednn_linear_enabled(), reason="PyTorch built without oneDNN")
 
 
+@pytest.fixture(autouse=True)
+def small_sizes_take_the_path(monkeypatch, request):
+    """Small test matrices take the oneDNN path (the size threshold is tested on its own)."""
+    if "threshold" not in request.node.name:
+        monkeypatch.setattr(L, "MIN_DIM", 1)
+
+
 def _ops(fn) -> list[str]:
     names = []
 
@@ -90,6 +97,14 @@ def test_only_fp32_cpu_outside_autocast_takes_the_onednn_path():
         assert "_linear_pointwise" not in ops
     assert L.linear(x.double(), w.double()).dtype == torch.float64
     assert L.linear(torch.randn(0, 8), w).shape == (0, 6)
+
+
+def test_size_threshold_keeps_narrow_layers_on_f_linear():
+    """Inner or output size below MIN_DIM (the demo's width-128 blocks measured slower through oneDNN)."""
+    for k, n, expected in ((128, 512, False), (512, 128, False), (192, 192, True), (384, 1536, True)):
+        ops = _ops(lambda k=k, n=n: L.linear(torch.randn(4, k), torch.randn(n, k)))
+        assert ("_linear_pointwise" in ops) == expected, (k, n)
+    assert L.MIN_DIM == 192
 
 
 def test_linear_module_is_an_nn_linear_with_the_same_state_dict():

@@ -89,10 +89,16 @@ class _OneDNNLinear(torch.autograd.Function):
         return dx, dw, db
 
 
+# Below this inner or output size MKL was as fast or faster in a whole step: the Fashion-MNIST demo's blocks
+# (width 128) ran 13% slower in fp32 through oneDNN (438 vs 504 img/s) although each product alone measured
+# 0.9-2x faster; ViT-T (192) and wider gain 1.3-1.6x (docs/benchmarks.md).
+MIN_DIM = 192
+
+
 def _use_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
     return (_ENABLED and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
-            and x.dim() >= 2 and x.shape[-1] > 0 and x.numel() > 0 and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling())
+            and x.dim() >= 2 and x.numel() > 0 and min(x.shape[-1], w.shape[0]) >= MIN_DIM
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
