@@ -14,7 +14,10 @@ State-dict keys equal the reference's, so official backbone weights load with ``
 
 Speed: attention runs through :func:`torch.nn.functional.scaled_dot_product_attention`, except for bf16/fp16 on CPU
 with gradients, where an explicit softmax with fp32 logits is faster than the CPU flash kernel's backward;
-:meth:`VisionTransformer.get_last_selfattention` computes the maps explicitly in fp32.
+:meth:`VisionTransformer.get_last_selfattention` computes the maps explicitly in fp32. The linears are
+:class:`dinokit.models.linear.Linear` (oneDNN for fp32 on CPU; same parameters), ``q, k, v`` are split as one
+contiguous copy when gradients flow, and stochastic depth is fused into the residual addition
+(docs/benchmarks.md, "What changed").
 """
 
 from __future__ import annotations
