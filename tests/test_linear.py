@@ -146,6 +146,11 @@ def test_vit_and_head_train_the_same_with_and_without_onednn(monkeypatch):
         assert (a - b).norm() <= 1e-4 * b.norm() + 1e-6
 
 
+def test_only_x86_64_takes_the_path():
+    assert not L._available("aarch64") and not L._available("arm64")
+    assert L._available("x86_64") == L._available("AMD64") == L._available()
+
+
 def test_environment_switch_turns_the_path_off():
     code = "from dinokit.models import linear as L; print(L.onednn_linear_enabled())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

@@ -9,12 +9,15 @@ order differs, as between any two BLAS libraries.
 
 :func:`linear` is ``F.linear`` with that path for fp32 CPU tensors outside autocast (and PyTorch's own everywhere
 else: GPUs, autocast, other dtypes, ``torch.compile`` tracing); :class:`Linear` is an ``nn.Linear`` that calls it
-(same parameters, same state-dict keys). ``DINOKIT_ONEDNN_LINEAR=0`` in the environment turns the path off.
+(same parameters, same state-dict keys). ``DINOKIT_ONEDNN_LINEAR=0`` in the environment turns the path off. It is
+taken on x86-64 CPUs only, where oneDNN has its JIT kernels and where it was measured; elsewhere (e.g. ARM, where
+PyTorch's BLAS may be Accelerate or OpenBLAS) ``F.linear`` stays.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +26,10 @@ from torch import nn
 __all__ = ["Linear", "linear", "matmul_nt", "onednn_linear_enabled"]
 
 
-def _available() -> bool:
+def _available(machine: str | None = None) -> bool:
     if os.environ.get("DINOKIT_ONEDNN_LINEAR", "1") == "0":
+        return False
+    if (machine or platform.machine()).lower() not in ("x86_64", "amd64"):
         return False
     try:
         return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
