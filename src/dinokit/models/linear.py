@@ -66,13 +66,15 @@ def onednn_linear_enabled() -> bool:
 
 
 def _onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """``x @ w.T + b`` by oneDNN (``w`` may be a strided view: oneDNN reads the strides)."""
+    """``x @ w.T + b`` by oneDNN. ``w`` may be a strided view (oneDNN reads its strides, e.g. ``w.t()``); an ``x``
+    whose rows are not contiguous is copied contiguous by the op first."""
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
 class _OneDNNLinear(torch.autograd.Function):
-    """Forward ``y = x wᵀ + b``; backward ``dx = dy w`` and ``dw = dyᵀ x`` as oneDNN matmuls on strided views (no
-    transposed copies), ``db`` a column sum — the products autograd computes for ``F.linear``."""
+    """Forward ``y = x wᵀ + b``; backward ``dx = dy w`` and ``dw = dyᵀ x`` as oneDNN matmuls (``w.t()`` and ``xᵀ``
+    passed as strided views; the op copies ``dyᵀ`` contiguous, one transposed copy of ``dy``), ``db`` a column
+    sum — the products autograd computes for ``F.linear``."""
 
     @staticmethod
     def forward(ctx, x, w, b):
@@ -114,7 +116,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b.T`` for a 2-D ``b`` (``a`` and ``b`` may be strided views) without autograd, for hand-written
+    """``a @ b.T`` for a 2-D ``b`` (strided views allowed, see :func:`_onednn`) without autograd, for hand-written
     backward passes; fp32 on CPU outside autocast through oneDNN (module docstring), else ``F.linear(a, b)``."""
     if _use_onednn(a, b):
         return _onednn(a, b, None)
