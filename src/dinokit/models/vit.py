@@ -136,6 +136,12 @@ def _lowp_cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     return _LowpCPUAttention.apply(q, k, v, scale)
 
 
+def _heads_view(x: torch.Tensor, parts: int, heads: int) -> torch.Tensor:
+    """``[B, N, parts * H * d]`` as the strided view ``[parts, B, H, N, d]``."""
+    B, N, _ = x.shape
+    return x.reshape(B, N, parts, heads, -1).permute(2, 0, 3, 1, 4)
+
+
 class _SplitHeads(torch.autograd.Function):
     """``[B, N, parts * H * d] -> parts`` contiguous ``[B, H, N, d]`` tensors (the ``qkv`` or ``kv`` projection).
 
@@ -147,14 +153,13 @@ class _SplitHeads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, parts: int, heads: int):
-        B, N, _ = x.shape
-        t = x.reshape(B, N, parts, heads, -1).permute(2, 0, 3, 1, 4).contiguous()
-        ctx.shape, ctx.dtype, ctx.device = (B, N, parts, heads, t.shape[-1]), x.dtype, x.device
+        t = _heads_view(x, parts, heads).contiguous()
+        ctx.shape, ctx.dtype, ctx.device = t.shape, x.dtype, x.device  # [parts, B, H, N, d]
         return t.unbind(0)
 
     @staticmethod
     def backward(ctx, *grads):
-        B, N, parts, heads, d = ctx.shape
+        parts, B, heads, N, d = ctx.shape
         grads = [torch.zeros((B, heads, N, d), dtype=ctx.dtype, device=ctx.device) if g is None else g for g in grads]
         return torch.stack([g.transpose(1, 2) for g in grads], dim=2).reshape(B, N, parts * heads * d), None, None
 
@@ -164,8 +169,7 @@ def _split_heads(x: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor,
     without a copy."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _SplitHeads.apply(x, parts, heads)
-    B, N, _ = x.shape
-    return x.reshape(B, N, parts, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    return _heads_view(x, parts, heads).unbind(0)
 
 
 class Attention(nn.Module):
