@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 TINY_VIT = ["--arch", "vit_custom", "--embed-dim", "32", "--depth", "2", "--num-heads", "2", "--patch-size", "8",
             "--global-crop-size", "32", "--local-crop-size", "16", "--local-crops-number", "2", "--out-dim", "64",
@@ -40,3 +42,21 @@ def make_fashion_like(root: Path, n_train: int = 64, n_test: int = 32, seed: int
         save_idx(root / f"{split}-images-idx3-ubyte.gz", imgs)
         save_idx(root / f"{split}-labels-idx1-ubyte.gz", labels)
     return root
+
+
+class OpLog(TorchDispatchMode):
+    """Records every ATen call: (overload packet name, output shapes, output dtypes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, list, list]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        self.calls.append((func.overloadpacket.__name__, [tuple(o.shape) for o in outs if isinstance(o, torch.Tensor)],
+                           [o.dtype for o in outs if isinstance(o, torch.Tensor)]))
+        return out
+
+    def count(self, name: str) -> int:
+        return sum(1 for c in self.calls if c[0] == name)

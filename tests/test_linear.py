@@ -16,6 +16,8 @@ from dinokit.head import DINOHead
 from dinokit.models import build_backbone
 from dinokit.models import linear as L
 
+from .helpers import OpLog
+
 pytestmark = pytest.mark.skipif(not L.onednn_linear_enabled(), reason="PyTorch built without oneDNN")
 
 
@@ -27,16 +29,9 @@ def small_sizes_take_the_path(monkeypatch, request):
 
 
 def _ops(fn) -> list[str]:
-    names = []
-
-    class Log(torch.utils._python_dispatch.TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            names.append(str(func.overloadpacket.__name__))
-            return func(*args, **(kwargs or {}))
-
-    with Log():
+    with OpLog() as log:
         fn()
-    return names
+    return [c[0] for c in log.calls]
 
 
 def _close_to_float64(ours: torch.Tensor, fp32: torch.Tensor, exact: torch.Tensor) -> None:

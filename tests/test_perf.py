@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from dinokit.head import DINOHead, WeightNormLinear
@@ -20,25 +19,9 @@ from dinokit.models import build_backbone
 from dinokit.optim import build_optimizer, clip_gradients
 from dinokit.teacher import build_teacher, ema_update
 
+from .helpers import OpLog
+
 aten = torch.ops.aten
-
-
-class OpLog(TorchDispatchMode):
-    """Records every ATen call: (overload packet name, output shapes, output dtypes)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[tuple[str, list, list]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        outs = out if isinstance(out, (tuple, list)) else [out]
-        self.calls.append((func.overloadpacket.__name__, [tuple(o.shape) for o in outs if isinstance(o, torch.Tensor)],
-                           [o.dtype for o in outs if isinstance(o, torch.Tensor)]))
-        return out
-
-    def count(self, name: str) -> int:
-        return sum(1 for c in self.calls if c[0] == name)
 
 
 def _cpu_flash_flop_counter() -> FlopCounterMode:
