@@ -299,13 +299,14 @@ def main(argv=None) -> int:
         for fn in cands.values():
             fn()
     probes = {}
+    libs = gemm_libraries()  # F.linear (MKL in fp32) and, where present, oneDNN's matmul
     if not a.no_ceiling:
         for prec in precisions:
             dt = torch.float32 if prec == "fp32" else torch.bfloat16
             mats = [(torch.randn(m, k, device=device).to(dt), torch.randn(n, k, device=device).to(dt), 2.0 * m * k * n)
                     for (m, k, n) in block_shapes(dim, g_tokens).values()]
             for x, w, _ in mats:
-                for fn in gemm_libraries().values():
+                for fn in libs.values():
                     fn(x, w)
             probes[prec] = mats
 
@@ -322,7 +323,7 @@ def main(argv=None) -> int:
             best = 0.0
             for x, w, f in mats:
                 inner = max(1, int(3e9 // f))
-                for fn in gemm_libraries().values():  # the best library: F.linear (MKL in fp32) or oneDNN
+                for fn in libs.values():  # the best library
                     t0 = time.perf_counter()
                     for _ in range(inner):
                         fn(x, w)
