@@ -111,7 +111,9 @@ class TrainConfig:
     num_workers: int = _f(10, "DataLoader worker processes per training process.")
     device: str = _f("auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N.")
     precision: str = _f("auto", "auto (bf16 autocast where the hardware supports it, else fp32) | fp32 | bf16 | "
-                        "fp16 (GPU, with a gradient scaler). Use fp32 first if the loss becomes NaN.",
+                        "fp16 (GPU, with a gradient scaler). Use fp32 first if the loss becomes NaN. fp32 on x86 "
+                        "CPUs runs the linear layers through oneDNN (about 2x MKL on AMD CPUs; "
+                        "DINOKIT_ONEDNN_LINEAR=0 turns it off).",
                         choices=("auto", "fp32", "bf16", "fp16"))
     use_fp16: bool | None = _f(None, "Reference flag: true = precision fp16, false = precision fp32.")
     compile: bool = _f(False, "torch.compile the student and teacher.")
