@@ -305,3 +305,27 @@ def test_a_data_bound_run_gets_one_hint_naming_what_would_help(folder, tmp_path,
     tr._data_bound_hinted = False
     tr._hint_if_data_bound(0.1)  # below the threshold: quiet
     assert "waiting for data" not in capsys.readouterr().err
+
+
+def test_loader_workers_are_capped_at_the_cpus_of_this_process(folder, tmp_path, capsys, monkeypatch):
+    """The paper's 10 workers on a 2-CPU machine: PyTorch warns the loader may freeze, and the extra workers only
+    time-share the CPUs with the step. The crops do not depend on the worker count, so the cap changes only speed."""
+    import warnings
+
+    from dinokit import trainer as T
+
+    monkeypatch.setattr(T.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert (T.cpus_per_process(), T.loader_workers(10), T.loader_workers(1), T.loader_workers(0)) == (2, 2, 1, 0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two training processes on this node share the CPUs
+    assert (T.cpus_per_process(), T.loader_workers(10)) == (1, 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert T.cpus_per_process() == 1  # never 0
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "excessive worker creation" UserWarning from the DataLoader
+        tr = Trainer(tiny(folder, tmp_path / "out", "--num-workers", "10"))
+    assert tr.loader.num_workers == 2
+    assert "2 DataLoader workers, not 10: 2 CPUs for this process" in capsys.readouterr().err
+    assert tr.cfg.num_workers == 10  # the configuration (and its saved config.yaml) keeps what was asked

@@ -108,7 +108,8 @@ class TrainConfig:
     save_every_steps: int = _f(0, "Also checkpoint every N iterations (mid-epoch resume); 0: end of epoch only.")
     keep_last: int = _f(0, "Keep only the K newest numbered checkpoints (0: keep all).")
     seed: int = _f(0, "Random seed (torch, numpy, python and every augmentation stream).")
-    num_workers: int = _f(10, "DataLoader worker processes per training process.")
+    num_workers: int = _f(10, "DataLoader worker processes per training process; for folders and tensor data "
+                          "sets at most the CPUs available to the process (the crops do not depend on it).")
     device: str = _f("auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N.")
     precision: str = _f("auto", "auto (bf16 autocast where the hardware supports it, else fp32) | fp32 | bf16 | "
                         "fp16 (GPU, with a gradient scaler). Use fp32 first if the loss becomes NaN. fp32 on x86 "

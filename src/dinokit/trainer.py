@@ -269,6 +269,25 @@ class BatchAugmentCollate:
         return self.augment(imgs, generator=g)
 
 
+def cpus_per_process() -> int:
+    """CPUs this process may use (its affinity mask) shared among the training processes on this node."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, cpus // max(1, local))
+
+
+def loader_workers(requested: int) -> int:
+    """DataLoader workers for a folder / tensor data set: ``requested``, at most :func:`cpus_per_process`.
+
+    More workers than CPUs only time-share them with the training step (and PyTorch warns that the loader may
+    freeze); the crops do not depend on the worker count (:class:`AugmentedDataset` seeds each sample), so the
+    cap changes nothing but speed. The paper's 10 workers per GPU assume a node with many cores per GPU."""
+    return min(requested, cpus_per_process())
+
+
 def build_train_data(cfg: TrainConfig, rank: int, world: int):
     """Dataset, sampler, loader and (for the batched path) the on-device augmentation."""
     from .augmentation import BatchMultiCrop, DINOAugmentation
@@ -311,12 +330,13 @@ def build_train_data(cfg: TrainConfig, rank: int, world: int):
             aug = DINOAugmentation(**aug_kw)
         dataset = AugmentedDataset(base, transform=aug)
         collate = collate_crops
+    workers = loader_workers(cfg.num_workers)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size_per_gpu, sampler=sampler, num_workers=cfg.num_workers,
+        dataset, batch_size=cfg.batch_size_per_gpu, sampler=sampler, num_workers=workers,
         collate_fn=collate, pin_memory=torch.cuda.is_available(), drop_last=True,
         # its own generator: creating an iterator must not consume the global RNG (exact resume)
         generator=torch.Generator().manual_seed(cfg.seed),
-        persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers > 0 else None)
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
     return base, sampler, loader, device_augment
 
 
@@ -393,6 +413,10 @@ class Trainer:
         _random.seed(cfg.seed)
 
         self.dataset, self.sampler, self.loader, self.device_augment = build_train_data(cfg, self.rank, self.world)
+        if self.loader.num_workers < cfg.num_workers:
+            self._log_console(f"{self.loader.num_workers} DataLoader workers, not {cfg.num_workers}: "
+                              f"{cpus_per_process()} CPUs for this process (the crops do not depend on the "
+                              "worker count)")
         self.student, self.teacher, self.embed_dim = build_student_teacher(cfg)
         self.student.to(self.device)
         self.teacher.to(self.device)
@@ -664,13 +688,15 @@ class Trainer:
             return
         self._data_bound_hinted = True
         cfg = self.cfg
-        tips = [f"more --num-workers (now {cfg.num_workers}; {os.cpu_count()} CPUs here)"]
+        workers, cpus = self.loader.num_workers, cpus_per_process()
+        tips = [f"more --num-workers (now {workers}; {cpus} CPUs for this process)"] if workers < cpus else []
         if hasattr(self.dataset, "images") and not cfg.fast_augment:  # tensor data set, per-image PIL chain
             tips.append("--fast-augment (batched augmentation for same-size tensor images)")
         elif not hasattr(self.dataset, "images") and cfg.augment_impl == "reference":
             tips.append("--augment-impl fast (same crop distributions, several times the images/s per worker)")
+        advice = f"try {', or '.join(tips)}" if tips else f"every CPU ({cpus}) already runs a loader worker"
         self._log_console(f"warning: {100 * wait_frac:.0f}% of the training time was spent waiting for data; the "
-                          f"input pipeline is the bottleneck: try {', or '.join(tips)}")
+                          f"input pipeline is the bottleneck: {advice}")
 
     def _log_console(self, msg: str) -> None:
         if self.main:
