@@ -169,3 +169,19 @@ def test_shard_cli_errors(tmp_path, capsys):
     assert main(["train", "--data", f"{tmp_path}/{{000000..000001}}.tar", "--output-dir", str(tmp_path / "t"),
                  *TINY_VIT]) == 2
     assert "000000.tar does not exist" in capsys.readouterr().err
+
+
+def test_resuming_shards_with_another_worker_count_says_the_batch_order_changes(shards, tmp_path, capsys):
+    """With shards the batch composition depends on the worker count: a resume with another count (e.g. auto on
+    a machine with other CPUs) warns and names the count that keeps the uninterrupted run's order."""
+    out = tmp_path / "out"
+    spec = f"{shards}/sh/{{000000..000003}}.tar"
+    args = ["train", "--data", spec, "--output-dir", str(out), *TINY_VIT, "--batch-size-per-gpu", "4"]
+    assert main([*args, "--epochs", "1", "--num-workers", "0"]) == 0
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["loader_workers"] == 0
+    capsys.readouterr()
+    assert main([*args, "--epochs", "2", "--num-workers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "1 loader workers now, 0 when" in err and "--num-workers 0 keeps the order" in err
+    assert main([*args, "--epochs", "3", "--num-workers", "1"]) == 0  # same count as the last save: quiet
+    assert "loader workers now" not in capsys.readouterr().err

@@ -8,6 +8,8 @@ import torch
 
 from dinokit.cli import build_parser
 from dinokit.commands.train import config_from_args
+from dinokit.config import TrainConfig
+from dinokit.errors import ConfigError
 from dinokit.trainer import NonFiniteLossError, Trainer
 
 from .helpers import TINY_VIT, make_fashion_like, make_image_folder
@@ -307,25 +309,31 @@ def test_a_data_bound_run_gets_one_hint_naming_what_would_help(folder, tmp_path,
     assert "waiting for data" not in capsys.readouterr().err
 
 
-def test_loader_workers_are_capped_at_the_cpus_of_this_process(folder, tmp_path, capsys, monkeypatch):
-    """The paper's 10 workers on a 2-CPU machine: PyTorch warns the loader may freeze, and the extra workers only
-    time-share the CPUs with the step. The crops do not depend on the worker count, so the cap changes only speed."""
+def test_loader_workers_auto_is_the_papers_10_at_most_one_per_cpu(folder, tmp_path, capsys, monkeypatch):
+    """The default (-1, auto): the reference's 10 workers per process, but not more than the CPUs this process may
+    use — on a 2-CPU machine 10 workers only time-share the CPUs and PyTorch warns the loader may freeze. An
+    explicit count is honoured. The crops do not depend on the count, so auto changes nothing but speed."""
     import warnings
 
     from dinokit import trainer as T
 
+    assert TrainConfig().num_workers == -1
     monkeypatch.setattr(T.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert (T.cpus_per_process(), T.loader_workers(10), T.loader_workers(1), T.loader_workers(0)) == (2, 2, 1, 0)
+    assert (T.cpus_per_process(), T.loader_workers(-1), T.loader_workers(10), T.loader_workers(0)) == (2, 2, 10, 0)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two training processes on this node share the CPUs
-    assert (T.cpus_per_process(), T.loader_workers(10)) == (1, 1)
+    assert (T.cpus_per_process(), T.loader_workers(-1)) == (1, 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert T.cpus_per_process() == 1  # never 0
+    monkeypatch.setattr(T.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert T.loader_workers(-1) == 10  # a GPU node: the reference's count
 
+    monkeypatch.setattr(T.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "excessive worker creation" UserWarning from the DataLoader
-        tr = Trainer(tiny(folder, tmp_path / "out", "--num-workers", "10"))
-    assert tr.loader.num_workers == 2
-    assert "2 DataLoader workers, not 10: 2 CPUs for this process" in capsys.readouterr().err
-    assert tr.cfg.num_workers == 10  # the configuration (and its saved config.yaml) keeps what was asked
+        tr = Trainer(tiny(folder, tmp_path / "out", "--num-workers", "-1"))  # TINY_VIT's 0 overridden
+    assert tr.loader.num_workers == 2 and tr.cfg.num_workers == -1
+    with pytest.raises(ConfigError, match="num_workers"):
+        tiny(folder, tmp_path / "o2", "--num-workers", "-2")

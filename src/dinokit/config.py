@@ -108,8 +108,9 @@ class TrainConfig:
     save_every_steps: int = _f(0, "Also checkpoint every N iterations (mid-epoch resume); 0: end of epoch only.")
     keep_last: int = _f(0, "Keep only the K newest numbered checkpoints (0: keep all).")
     seed: int = _f(0, "Random seed (torch, numpy, python and every augmentation stream).")
-    num_workers: int = _f(10, "DataLoader worker processes per training process; for folders and tensor data "
-                          "sets at most the CPUs available to the process (the crops do not depend on it).")
+    num_workers: int = _f(-1, "DataLoader worker processes per training process; -1 (auto): the reference's 10, "
+                          "at most one per CPU available to the process. The crops do not depend on it; for tar "
+                          "shards the batch order does (resume with the same value).")
     device: str = _f("auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N.")
     precision: str = _f("auto", "auto (bf16 autocast where the hardware supports it, else fp32) | fp32 | bf16 | "
                         "fp16 (GPU, with a gradient scaler). Use fp32 first if the loss becomes NaN. fp32 on x86 "
@@ -188,8 +189,8 @@ class TrainConfig:
             bad("koleo_loss_weight must be >= 0")
         if self.koleo_loss_weight > 0 and self.batch_size_per_gpu < 2:
             bad("koleo_loss_weight > 0 needs batch_size_per_gpu >= 2 (each feature needs a nearest neighbour)")
-        if self.num_workers < 0:
-            bad("num_workers must be >= 0")
+        if self.num_workers < -1:
+            bad("num_workers must be >= 0, or -1 (auto)")
         for name in ("keep_last", "save_every_steps", "saveckp_freq", "log_every"):
             if getattr(self, name) < 0:
                 bad(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -280,12 +280,21 @@ def cpus_per_process() -> int:
 
 
 def loader_workers(requested: int) -> int:
-    """DataLoader workers for a folder / tensor data set: ``requested``, at most :func:`cpus_per_process`.
+    """DataLoader workers per training process: ``requested``, or for ``-1`` (the default, "auto") the paper's 10
+    at most, and no more than :func:`cpus_per_process` — extra workers would only time-share the CPUs with the
+    training step (and PyTorch warns that the loader may freeze). An explicit count is honoured (more workers
+    than CPUs can help when reading is I/O-bound). The crops never depend on the count (:class:`AugmentedDataset`
+    seeds each sample); for tar shards the batch composition does (resume with the same count)."""
+    return min(AUTO_WORKERS, cpus_per_process()) if requested < 0 else requested
 
-    More workers than CPUs only time-share them with the training step (and PyTorch warns that the loader may
-    freeze); the crops do not depend on the worker count (:class:`AugmentedDataset` seeds each sample), so the
-    cap changes nothing but speed. The paper's 10 workers per GPU assume a node with many cores per GPU."""
-    return min(requested, cpus_per_process())
+
+AUTO_WORKERS = 10  # the reference's default, per GPU
+
+
+def _shard_count_type() -> type:
+    from .shards import _ShardCount
+
+    return _ShardCount
 
 
 def build_train_data(cfg: TrainConfig, rank: int, world: int):
@@ -413,10 +422,6 @@ class Trainer:
         _random.seed(cfg.seed)
 
         self.dataset, self.sampler, self.loader, self.device_augment = build_train_data(cfg, self.rank, self.world)
-        if self.loader.num_workers < cfg.num_workers:
-            self._log_console(f"{self.loader.num_workers} DataLoader workers, not {cfg.num_workers}: "
-                              f"{cpus_per_process()} CPUs for this process (the crops do not depend on the "
-                              "worker count)")
         self.student, self.teacher, self.embed_dim = build_student_teacher(cfg)
         self.student.to(self.device)
         self.teacher.to(self.device)
@@ -609,6 +614,7 @@ class Trainer:
             "epoch_progress": {"loss": self._epoch_progress[0], "n": self._epoch_progress[1],
                                "last": self._epoch_progress[2]},
             "rng": rng_state(),
+            "loader_workers": self.loader.num_workers,
             "config": config_to_dict(self.cfg),
             "dinokit_version": _version(),
         }
@@ -653,6 +659,12 @@ class Trainer:
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
         self._log_console(f"resumed from {path} at epoch {self.epoch}, iteration {self.iteration}")
+        saved = ckpt.get("loader_workers")
+        if saved is not None and saved != self.loader.num_workers and isinstance(self.dataset, _shard_count_type()):
+            self._log_console(f"warning: {self.loader.num_workers} loader workers now, {saved} when {path} was "
+                              f"saved: with tar shards the batches come in another order than in the "
+                              f"uninterrupted run (every image still once per epoch); --num-workers {saved} "
+                              f"keeps the order")
 
     def save(self, numbered: bool = False) -> None:
         if not self.main and not self.fsdp:
@@ -880,7 +892,8 @@ class Trainer:
             nparams = sum(p.numel() for p in self.student.parameters())
             self._log_console(f"{cfg.arch}/{cfg.patch_size} ({nparams / 1e6:.2f}M params with head) on "
                               f"{self.device} [{self.precision}], world {self.world}, global batch "
-                              f"{self.global_batch}, {len(self.dataset)} images, {self.plan.niter_per_ep} it/epoch")
+                              f"{self.global_batch}, {len(self.dataset)} images, {self.plan.niter_per_ep} it/epoch, "
+                              f"{self.loader.num_workers} loader workers")
         last = {}
         while self.iteration < self.plan.total_iters:
             epoch = self.epoch
