@@ -238,10 +238,37 @@ def test_bf16_cpu_attention_skips_the_flash_kernel_keeps_fp32_logits_and_agrees(
     softmaxes = [c for c in log.calls if c[0] == "_softmax"]
     assert len(softmaxes) == 2 and all(c[2] == [torch.float32] for c in softmaxes)  # one per block, fp32
     assert (out.detach().float() - ref).norm() / ref.norm() < 2e-2  # bf16 matmuls
-    for ctx in (torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16)):  # fp32, or no gradients: SDPA
-        with OpLog() as log2, torch.no_grad(), ctx:
+    with OpLog() as log2, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out_nograd = m.forward_features(x)  # no gradients (teacher, extraction): the same explicit maths
+    assert log2.count("_scaled_dot_product_flash_attention_for_cpu") == 0
+    assert [c[2] for c in log2.calls if c[0] == "_softmax"] == [[torch.float32]] * 2
+    assert out_nograd.equal(out.detach())  # the very same values as with gradients
+    for dtype in (None, torch.float16):  # fp32, and fp16 without gradients: SDPA
+        with OpLog() as log3, torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.bfloat16,
+                                                              enabled=dtype is not None):
             m.forward_features(x)
-        assert log2.count("_scaled_dot_product_flash_attention_for_cpu") == 2 and log2.count("_softmax") == 0
+        assert log3.count("_scaled_dot_product_flash_attention_for_cpu") == 2 and log3.count("_softmax") == 0
+
+
+def test_lowp_probs_in_chunks_equal_one_product_and_the_fp32_softmax(monkeypatch):
+    """The probabilities of the bf16 CPU attention are computed over chunks of (image, head) slices (the fp32
+    logits of a chunk stay in cache for the softmax): chunking changes no value."""
+    from dinokit.models import vit as V
+
+    torch.manual_seed(0)
+    q, k = (torch.randn(3, 4, 37, 16) * 2).bfloat16(), (torch.randn(3, 4, 37, 16) * 2).bfloat16()
+    whole = torch.matmul(q.float() * 0.25, k.float().transpose(-2, -1)).softmax(-1)
+    for chunk_bytes in (1, 4 * 37 * 37 * 5, 1 << 30):  # one slice per chunk, 5 per chunk (uneven), all at once
+        monkeypatch.setattr(V, "_PROBS_CHUNK_BYTES", chunk_bytes)
+        p = V._lowp_probs(q, k, 0.25)
+        assert p.dtype == torch.bfloat16 and p.shape == (3, 4, 37, 37)
+        assert p.equal(whole.to(torch.bfloat16))
+    qs = q.transpose(1, 2).contiguous().transpose(1, 2)  # a strided view, as the teacher's split gives
+    assert V._lowp_probs(qs, k, 0.25).equal(whole.to(torch.bfloat16))
+    with OpLog() as log:  # 12 slices of 37 x 37 fp32 logits in chunks of 5: three products
+        monkeypatch.setattr(V, "_PROBS_CHUNK_BYTES", 4 * 37 * 37 * 5)
+        V._lowp_probs(q, k, 0.25)
+    assert log.count("bmm") == 3
 
 
 def test_bf16_attention_gradients_agree_with_fp32():
