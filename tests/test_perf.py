@@ -270,6 +270,30 @@ def test_lowp_probs_in_chunks_equal_one_product_and_the_fp32_softmax(monkeypatch
         V._lowp_probs(q, k, 0.25)
     assert log.count("bmm") == 3
 
+    # without gradients the output is computed chunk by chunk too (no [B, H, N, M] tensor at once): same values
+    v = torch.randn(3, 4, 37, 16).bfloat16()
+    full = torch.matmul(whole.to(torch.bfloat16), v)
+    for chunk_bytes in (1, 4 * 37 * 37 * 5, 1 << 30):
+        monkeypatch.setattr(V, "_PROBS_CHUNK_BYTES", chunk_bytes)
+        assert V._lowp_attention_nograd(q, k, v, 0.25).equal(full)
+    with OpLog() as log:
+        monkeypatch.setattr(V, "_PROBS_CHUNK_BYTES", 4 * 37 * 37 * 5)
+        V._lowp_attention_nograd(q, k, v, 0.25)
+    assert log.count("bmm") == 6 and log.count("empty") <= 8  # 3 chunks x (logits, output)
+
+
+def test_bf16_attention_without_gradients_keeps_sdpa_for_very_long_sequences(monkeypatch):
+    """One (image, head) slice of fp32 logits above ``_EXPLICIT_MAX_SLICE_BYTES`` (3601 tokens: 52 MB): SDPA's
+    flash kernel, O(N) memory and as fast there."""
+    from dinokit.models import vit as V
+
+    m = _vit()  # 32 px, patch 8: 17 tokens
+    x = torch.randn(2, 3, 32, 32)
+    monkeypatch.setattr(V, "_EXPLICIT_MAX_SLICE_BYTES", 4 * 17 * 17 - 1)
+    with OpLog() as log, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        m.forward_features(x)
+    assert log.count("_scaled_dot_product_flash_attention_for_cpu") == 2 and log.count("_softmax") == 0
+
 
 def test_bf16_attention_gradients_agree_with_fp32():
     m = _vit()
