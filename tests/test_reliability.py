@@ -27,7 +27,7 @@ import dinokit.checkpoint
 import dinokit.loss
 from dinokit.cli import build_parser, main
 from dinokit.commands.train import config_from_args
-from dinokit.errors import DataError, DinokitError
+from dinokit.errors import ConfigError, DataError, DinokitError
 from dinokit.trainer import Trainer
 
 from .fault_injection import (
@@ -39,7 +39,7 @@ from .fault_injection import (
     temp_files,
     train_args,
 )
-from .helpers import make_image_folder
+from .helpers import TINY_VIT, make_image_folder
 
 # ---------------------------------------------------------------------------------------------------------
 # shared set-up: 12 images, batch 4 -> 3 iterations per epoch, 3 epochs = 9 iterations
@@ -475,3 +475,44 @@ def test_property_random_files_through_dataset_augmentation_and_loader(files, ba
             assert [tuple(c.shape) for c in crops] == [(sampler.batch_size, 3, 16, 16)] * 2 + [
                 (sampler.batch_size, 3, 8, 8)]
             assert all(c.dtype == torch.float32 and torch.isfinite(c).all() for c in crops)
+
+
+def test_one_run_per_output_directory(tmp_path, capsys):
+    """A second run on an output directory another process is training into stops with one clear error that
+    names the holder, and leaves the first run's files alone; the lock dies with its process (no stale lock)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from dinokit.checkpoint import LOCK_NAME, lock_output_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    temp = out / ".checkpoint.pth.abc123.tmp"  # as if the first run were writing a checkpoint right now
+    temp.write_bytes(b"partial")
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        from dinokit.checkpoint import lock_output_dir
+        lock_output_dir({str(out)!r})
+        print("locked", flush=True)
+        sys.stdin.read()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=rf"in use by another dinokit run \(pid {holder.pid} on .*\)"):
+            lock_output_dir(out)
+        folder = make_image_folder(tmp_path / "imgs", n_per_class=4)
+        assert main(["train", "--data", str(folder), "--output-dir", str(out), *TINY_VIT, "--epochs", "1"]) == 2
+        err = capsys.readouterr().err
+        assert f"is in use by another dinokit run (pid {holder.pid} on" in err and "Traceback" not in err
+        assert temp.exists() and not (out / "checkpoint.pth").exists()  # refused before touching anything
+    finally:
+        holder.kill()
+        holder.wait()
+    release = lock_output_dir(out)  # the holder was SIGKILLed: its lock went with it
+    again = lock_output_dir(out)  # the same process may lock its directory again (shared, counted)
+    assert (out / LOCK_NAME).read_text().startswith(f"pid {os.getpid()} on ")
+    release()
+    release()  # idempotent
+    again()
+    assert str((out / LOCK_NAME).resolve()) not in dinokit.checkpoint._HELD  # released: the file is closed

@@ -22,6 +22,7 @@ import os
 import sys
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from . import distributed as D
 from .checkpoint import (
     fault_kill,
     find_resume_checkpoint,
+    lock_output_dir,
     remove_stale_temp_files,
     rng_state,
     rotate_checkpoints,
@@ -531,6 +533,8 @@ class Trainer:
             probe = self.out / ".dinokit-write-test"
             probe.write_bytes(b"ok")
             probe.unlink()
+            # one run per output directory (before removing temp files: another run's may be a live write)
+            self._unlock = weakref.finalize(self, lock_output_dir(self.out))
             for p in remove_stale_temp_files(self.out):  # left by a run killed while writing a checkpoint
                 self._log_console(f"removed {p.name}, an incomplete checkpoint write of a killed run")
         except OSError as e:
