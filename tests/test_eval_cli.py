@@ -61,6 +61,21 @@ def test_knn_cli(setup, capsys):
     assert res["model"]["arch"] == "vit_custom" and res["feature_dim"] == 32
 
 
+def test_knn_cli_warns_in_one_line_about_a_validation_class_the_train_set_lacks(setup, tmp_path):
+    """A validation class missing from the train set cannot be predicted: the command says so in one line
+    (``dinokit knn: warning: ...``, not Python's ``file:line: UserWarning`` with a source line) and goes on."""
+    _, train, _, ckpt, _ = setup
+    val = make_image_folder(tmp_path / "val", n_per_class=2, classes=("a", "zebra"), size=(36, 40), seed=1)
+    r = subprocess.run([sys.executable, "-m", "dinokit", "knn", "--weights", str(ckpt), "--train-data", str(train),
+                        "--val-data", str(val), "--k", "1", "--num-workers", "0", *COMMON],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert ("dinokit knn: warning: 1 validation class(es) not in the train set (zebra): their 2 images can never "
+            "be predicted and count as errors\n") in r.stderr
+    assert "UserWarning" not in r.stderr and "aligned_labels(" not in r.stderr
+    assert "4 val images, 4 classes" in r.stdout
+
+
 def test_linear_cli(setup, capsys):
     tmp, train, val, ckpt, _ = setup
     out = tmp / "linear.json"

@@ -114,3 +114,27 @@ def test_extract_features_order_and_multiblock():
         assert f3.shape == (5, 64) and torch.allclose(f3[:, 0::2], cls) and torch.allclose(f3[:, 1::2], avg)
         pt, _ = extract_features(model, ds, batch_size=4, patch_tokens=True, progress=False)
         assert pt.shape == (5, 4, 32) and torch.allclose(pt, inter[1][:, 1:], atol=1e-5)
+
+
+def test_validation_labels_are_matched_to_train_classes_by_name():
+    """ImageFolder trees number classes by their sorted names: a validation folder missing a class, or holding one
+    the train set lacks, must not shift labels. A class absent from the train set is warned about (its images can
+    never be predicted); no shared class at all is an error, not a silent 0%."""
+    from types import SimpleNamespace
+
+    from dinokit.errors import DataError
+    from dinokit.eval.knn import aligned_labels
+
+    train = SimpleNamespace(classes=["bird", "cat", "dog"], labels=torch.tensor([0, 1, 2]))
+    same = SimpleNamespace(classes=["bird", "cat", "dog"], labels=torch.tensor([2, 0, 1]))
+    assert aligned_labels(train, same).tolist() == [2, 0, 1]
+    missing = SimpleNamespace(classes=["cat", "dog"], labels=torch.tensor([0, 1, 1]))  # no bird: cat is 0 here
+    assert aligned_labels(train, missing).tolist() == [1, 2, 2]
+    extra = SimpleNamespace(classes=["ant", "cat"], labels=torch.tensor([0, 0, 1, -1]))  # -1: unlabelled, kept
+    with pytest.warns(UserWarning, match=r"1 validation class\(es\) not in the train set \(ant\): their 2 images"):
+        assert aligned_labels(train, extra).tolist() == [3, 3, 1, -1]
+    disjoint = SimpleNamespace(classes=["ant", "bee"], labels=torch.tensor([0, 1]))
+    with pytest.raises(DataError, match=r"no validation class is a train class \(train: bird, cat, dog; "):
+        aligned_labels(train, disjoint)
+    unnamed = SimpleNamespace(classes=[], labels=torch.tensor([4, 5]))  # tensor data sets: labels as they are
+    assert aligned_labels(train, unnamed).tolist() == [4, 5]

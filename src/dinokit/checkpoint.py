@@ -149,7 +149,7 @@ def find_resume_checkpoint(output_dir: str | Path) -> tuple[dict[str, Any] | Non
         try:
             return load_checkpoint(cand), cand
         except CheckpointError as e:
-            warnings.warn(f"skipping unusable checkpoint: {e}", stacklevel=2)
+            warnings.warn(f"dinokit: skipping unusable checkpoint: {e}", stacklevel=2)
             errors.append(str(e))
     if errors:
         more = f" (and {len(errors) - 1} more unusable, see the warnings)" if len(errors) > 1 else ""

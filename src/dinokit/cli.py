@@ -8,8 +8,10 @@ Each command lives in ``dinokit/commands/<name>.py`` exposing ``HELP`` (one line
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
+import warnings
 
 from .errors import DinokitError
 
@@ -62,6 +64,26 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _one_line_warnings(command: str):
+    """dinokit's own warnings (messages starting ``dinokit: ``) as one line ``dinokit <command>: warning: ...``
+    instead of Python's ``file:line: UserWarning: ...`` plus a source line; other libraries' warnings unchanged.
+    Only the formatting changes (``warnings.formatwarning``), so warnings stay filterable and recordable."""
+    original = warnings.formatwarning
+
+    def fmt(message, category, filename, lineno, line=None):
+        text = str(message)
+        if text.startswith("dinokit: "):
+            return f"dinokit {command}: warning: {text[len('dinokit: '):]}\n"
+        return original(message, category, filename, lineno, line)
+
+    warnings.formatwarning = fmt
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     only = argv[0] if argv and argv[0] in COMMANDS else None
@@ -71,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        with _one_line_warnings(args.command):
+            return int(args._run(args) or 0)
     except DinokitError as e:
         print(f"dinokit {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -259,7 +259,7 @@ def write_shards(data: str | os.PathLike, out: str | os.PathLike, maxcount: int 
             try:
                 ext, blob = _encode(path)
             except DataError as e:
-                warnings.warn(f"dinokit shard: skipping unreadable image {path} ({e})", UserWarning, stacklevel=2)
+                warnings.warn(f"dinokit: skipping unreadable image {path} ({e})", UserWarning, stacklevel=2)
                 skipped.append(path)
                 continue
             info: dict[str, Any] = {"path": os.path.relpath(path, root)}

@@ -692,7 +692,7 @@ class Trainer:
 
                 write_report(self.out)
             except Exception as e:  # a report must never kill training
-                warnings.warn(f"report not written: {e}", stacklevel=2)
+                warnings.warn(f"dinokit: report not written: {e}", stacklevel=2)
 
     # -- logging ------------------------------------------------------------------------------------------
     DATA_BOUND_FRAC = 0.25  # an epoch spending more of its time waiting for data than this gets a hint

@@ -295,7 +295,7 @@ def infer_arch(state_dict: dict[str, torch.Tensor], hints: dict[str, Any] | None
         if heads is None:
             heads = std[1] if std else _default_heads(embed_dim)
             if embed_dim not in _STANDARD_HEADS:
-                warnings.warn(f"the number of attention heads cannot be read from the weights; assuming "
+                warnings.warn(f"dinokit: the number of attention heads cannot be read from the weights; assuming "
                               f"{heads} for width {embed_dim} (pass num_heads= / use a dinokit checkpoint or "
                               f"export, which record it)", stacklevel=2)
         heads = int(heads)

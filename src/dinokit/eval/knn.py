@@ -30,6 +30,7 @@ Differences from the reference (same numbers where the reference runs at all):
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import DataError
 from ..models.linear import matmul_nt
 
 __all__ = ["knn_classifier", "knn_classify_multi", "knn_eval", "extract_features", "extract_outputs",
@@ -161,11 +163,22 @@ def aligned_labels(train_ds, val_ds) -> torch.Tensor:
         return labels
     index = {c: i for i, c in enumerate(tc)}
     extra = [c for c in vc if c not in index]
+    if len(extra) == len(vc):
+        raise DataError(f"no validation class is a train class (train: {_names(tc)}; validation: {_names(vc)}): "
+                        "the class sub-folders of the two data sets must have the same names")
     index.update({c: len(tc) + i for i, c in enumerate(extra)})
     mapping = torch.tensor([index[c] for c in vc], dtype=torch.long)
     ok = labels >= 0
+    if extra:
+        n = int(sum(int((labels == vc.index(c)).sum()) for c in extra))
+        warnings.warn(f"dinokit: {len(extra)} validation class(es) not in the train set ({_names(extra)}): their "
+                      f"{n} images can never be predicted and count as errors", stacklevel=2)
     labels[ok] = mapping[labels[ok]]
     return labels
+
+
+def _names(classes: list[str], most: int = 5) -> str:
+    return ", ".join(classes[:most]) + (f" and {len(classes) - most} more" if len(classes) > most else "")
 
 
 def frozen_features(model: nn.Module, x: torch.Tensor, n_last_blocks: int = 1,
