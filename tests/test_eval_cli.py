@@ -121,6 +121,41 @@ def test_features_cli(setup, capsys):
     assert rc == 0 and load_file(str(out))["features"].shape == (12, 64)
 
 
+def test_bf16_precision_of_the_feature_evaluations(setup, capsys, monkeypatch):
+    """--precision bf16 (knn, linear, features): the backbone's forward under bf16 autocast, features returned in
+    fp32, close to the fp32 ones but not equal; recorded in the outputs. fp32 stays the default."""
+    from dinokit.eval import knn as K
+
+    tmp, train, val, ckpt, _ = setup
+    entered = []
+    real = K.eval_autocast
+    monkeypatch.setattr(K, "eval_autocast", lambda p, d: entered.append(p) or real(p, d))
+    f32, b16 = tmp / "f32.safetensors", tmp / "b16.safetensors"
+    for out, extra in ((f32, []), (b16, ["--precision", "bf16"])):
+        assert main(["features", "--weights", str(ckpt), "--data", str(train), "--out", str(out),
+                     "--num-workers", "0", *COMMON, *extra]) == 0
+    a, b = load_file(str(f32))["features"], load_file(str(b16))["features"]
+    assert b.dtype == torch.float32 and not torch.equal(a, b) and (a - b).norm() < 3e-2 * a.norm()
+    with safe_open(str(b16), "pt") as f:
+        assert f.metadata()["precision"] == "bf16"
+    assert entered.count("bf16") == 1 and entered.count("fp32") == 1  # one batch each
+    knn_out = tmp / "knn16.json"
+    assert main(["knn", "--weights", str(ckpt), "--train-data", str(train), "--val-data", str(val), "--k", "1",
+                 "--num-workers", "0", *COMMON, "--precision", "bf16", "--output", str(knn_out)]) == 0
+    res = json.loads(knn_out.read_text())
+    assert res["precision"] == "bf16" and res["knn"]["1"]["top1"] == pytest.approx(100.0)
+    lin_out = tmp / "lin16.json"
+    entered.clear()
+    assert main(["linear", "--weights", str(ckpt), "--train-data", str(train), "--val-data", str(val),
+                 "--augment", "--epochs", "1", "--batch-size", "6", "--num-workers", "0", *COMMON,
+                 "--precision", "bf16", "--output", str(lin_out)]) == 0
+    assert json.loads(lin_out.read_text())["linear"]["precision"] == "bf16"
+    assert set(entered) == {"bf16"} and len(entered) == 1 + 2  # val features (one batch), 2 training batches
+    capsys.readouterr()
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
+        K.eval_autocast("fp16", "cpu")
+
+
 def test_attention_cli(setup, capsys):
     tmp, train, _, ckpt, _ = setup
     wide = tmp / "wide.png"

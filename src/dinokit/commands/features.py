@@ -11,6 +11,7 @@ from pathlib import Path
 from ._common import (
     add_eval_size_arguments,
     add_model_arguments,
+    add_precision_argument,
     check_positive,
     eval_dataset,
     eval_image_size,
@@ -19,10 +20,11 @@ from ._common import (
 )
 
 HELP = "extract frozen features (CLS, last-n CLS, patch tokens) of images to a .safetensors file"
-DESCRIPTION = """Extract frozen features (fp32, eval mode) with the evaluation transform
-(Resize(resize_size, bicubic) + CenterCrop(image_size) + ImageNet normalisation). --image-size defaults to the
-size the ViT's position embedding was trained at (224 for the official checkpoints, the global crop size for
-dinokit runs), --resize-size to image_size*256/224 (equal to --image-size: the whole image).
+DESCRIPTION = """Extract frozen features (eval mode; fp32, or bf16 autocast with --precision bf16) with the
+evaluation transform (Resize(resize_size, bicubic) + CenterCrop(image_size) + ImageNet normalisation).
+--image-size defaults to the size the ViT's position embedding was trained at (224 for the official checkpoints,
+the global crop size for dinokit runs), --resize-size to image_size*256/224 (equal to --image-size: the whole
+image).
 
 Output (safetensors):
   features      [N, D]: the CLS token after the final norm (pooled output for ResNets); with
@@ -54,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--n-last-blocks", type=int, default=1,
                    help="concatenate the CLS tokens of the last n blocks (ViT; default: 1)")
     d.add_argument("--patch-tokens", action="store_true", help="also save the last block's patch tokens")
+    add_precision_argument(d)
     add_eval_size_arguments(d)
 
 
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = next(model.parameters()).device
     outs, labels = extract_outputs(model, ds, fn, batch_size=args.batch_size, num_workers=args.num_workers,
-                                   device=device, progress=not args.no_progress)
+                                   device=device, progress=not args.no_progress, precision=args.precision)
     tensors = {"features": outs[0].contiguous()}
     if args.patch_tokens:
         tensors["patch_tokens"] = outs[1].contiguous()
@@ -94,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     meta = {"format": "dinokit-features", "data": str(args.data), "n": str(len(ds)),
             "feature": f"cls_last_{n}_blocks" if n > 1 else "cls", "n_last_blocks": str(n),
             "image_size": str(image_size), "resize_size": str(eval_resize_size(image_size, args.resize_size)),
+            "precision": args.precision,
             "model": json.dumps(model_info(args, model))}
     if ":" in str(args.data) and not Path(args.data).exists():
         meta["split"] = args.split

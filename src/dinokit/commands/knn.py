@@ -9,6 +9,7 @@ from ..eval.knn import FEATURES
 from ._common import (
     add_eval_size_arguments,
     add_model_arguments,
+    add_precision_argument,
     check_positive,
     eval_dataset,
     eval_image_size,
@@ -22,14 +23,14 @@ from ._common import (
 HELP = "weighted k-NN classification accuracy of frozen features (DINO protocol)"
 DESCRIPTION = """Weighted k-NN evaluation of a frozen backbone (DINO paper §4.1; reference eval_knn.py).
 
-Features (--features): the CLS token after the final norm (pooled output for ResNets; the reference), the
-mean of the last block's patch tokens (avgpool), or both, each L2-normalised, concatenated (concat; the
-demo's knn_top1); fp32, eval mode, on Resize(resize_size, bicubic) + CenterCrop(image_size) + ImageNet
-normalisation; L2-normalised. --image-size defaults to the size the ViT's position embedding was trained at
-(224 for the official checkpoints, the global crop size for dinokit runs), --resize-size to image_size*256/224;
---resize-size equal to --image-size keeps the whole image. Each val image takes the k most cosine-similar train
-images, weighted exp(similarity / T). Top-1 / top-5 in percent for every --k (the paper reports k=20,
-T=0.07). The neighbours are searched once for the largest k.
+Features (--features): the CLS token after the final norm (pooled output for ResNets; the reference), the mean
+of the last block's patch tokens (avgpool), or both, each L2-normalised, concatenated (concat; the demo's
+knn_top1); fp32 (--precision bf16: bf16 autocast), eval mode, on Resize(resize_size, bicubic) +
+CenterCrop(image_size) + ImageNet normalisation; L2-normalised. --image-size defaults to the size the ViT's
+position embedding was trained at (224 for the official checkpoints, the global crop size for dinokit runs),
+--resize-size to image_size*256/224; --resize-size equal to --image-size keeps the whole image. Each val image
+takes the k most cosine-similar train images, weighted exp(similarity / T). Top-1 / top-5 in percent for every
+--k (the paper reports k=20, T=0.07). The neighbours are searched once for the largest k.
 
 examples:
   dinokit knn --weights dino_deitsmall16_pretrain.pth --train-data imagenet/train --val-data imagenet/val
@@ -55,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_eval_size_arguments(d)
     d.add_argument("--features", choices=FEATURES, default="cls",
                    help="cls (reference), avgpool (mean patch token) or concat (default: cls)")
+    add_precision_argument(d)
     d.add_argument("--output", metavar="FILE", default=None, help="write the results as JSON (percent)")
 
 
@@ -76,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     require_labels(val_ds, args.val_data, "val")
     device = next(model.parameters()).device
     kw = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=device,
-              progress=not args.no_progress)
+              progress=not args.no_progress, precision=args.precision)
     train_feats, _ = extract_features(model, train_ds, desc="train features", features=args.features, **kw)
     val_feats, _ = extract_features(model, val_ds, desc="val features", features=args.features, **kw)
     train_labels, val_labels = train_ds.labels, aligned_labels(train_ds, val_ds)
@@ -85,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     res = knn_eval(train_feats.to(bank_device), train_labels, val_feats.to(bank_device), val_labels,
                    ks=sorted(set(args.k)), T=args.temperature, num_classes=num_classes)
     print(f"k-NN (weighted, T={args.temperature:g}): {len(train_ds)} train / {len(val_ds)} val images, "
-          f"{num_classes} classes, {train_feats.shape[1]}-d {args.features} features at {image_size} px")
+          f"{num_classes} classes, {train_feats.shape[1]}-d {args.features} features at {image_size} px"
+          f"{' (bf16)' if args.precision == 'bf16' else ''}")
     print(format_table(["k", "top-1", "top-5"],
                        [[k, f"{r['top1']:.2f}", f"{r['top5']:.2f}"] for k, r in res.items()]))
     if args.output:
@@ -94,6 +97,6 @@ def run(args: argparse.Namespace) -> int:
                    "train_data": args.train_data, "val_data": args.val_data, "n_train": len(train_ds),
                    "n_val": len(val_ds), "num_classes": num_classes, "feature_dim": int(train_feats.shape[1]),
                    "image_size": image_size, "resize_size": eval_resize_size(image_size, args.resize_size),
-                   "features": args.features}
+                   "features": args.features, "precision": args.precision}
         print(f"wrote {write_json(args.output, payload)}")
     return 0

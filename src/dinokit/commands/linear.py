@@ -9,6 +9,7 @@ from ..augmentation import eval_resize_size
 from ._common import (
     add_eval_size_arguments,
     add_model_arguments,
+    add_precision_argument,
     check_eval_sizes,
     check_positive,
     eval_image_size,
@@ -61,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_eval_size_arguments(d)
     d.add_argument("--val-freq", type=int, default=1, help="validate every N epochs (default: 1)")
     d.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed (default: 0)")
+    add_precision_argument(d)
     d.add_argument("--output", metavar="FILE", default=None, help="write the results as JSON (percent)")
 
 
@@ -80,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
                        batch_size=args.batch_size, augment=args.augment, image_size=image_size,
                        resize_size=args.resize_size,
                        num_workers=args.num_workers, device=device, weight_decay=args.weight_decay,
-                       seed=args.seed, val_freq=args.val_freq, progress=not args.no_progress)
+                       seed=args.seed, val_freq=args.val_freq, progress=not args.no_progress,
+                       precision=args.precision)
     print(f"linear probe ({res['mode']}): {res['n_train']} train / {res['n_val']} val images, "
           f"{res['num_labels']} classes, {res['feature_dim']}-d features, {args.epochs} epochs")
     rows = [[f"{r['lr']:g}", f"{r['lr_scaled']:.3g}", f"{r['best']['top1']:.2f}", f"{r['best']['top5']:.2f}",

@@ -3,8 +3,9 @@
 
 Protocol, as the reference:
 
-* features: the frozen backbone in eval mode, fp32, no autocast, on the evaluation transform (Resize 256
-  bicubic, CenterCrop 224, ImageNet normalisation); for a ViT the CLS token after the final norm;
+* features: the frozen backbone in eval mode, fp32 (bf16 autocast on request: :func:`eval_autocast`), on the
+  evaluation transform (Resize 256 bicubic, CenterCrop 224, ImageNet normalisation); for a ViT the CLS token after
+  the final norm;
 * train and test features are L2-normalised, so ``test @ train.T`` are cosine similarities;
 * for each test image, the ``k`` most similar train images (sorted) vote for their labels with weight
   ``exp(s / T)`` (``T = 0.07``); the class with the largest total wins; top-5 counts the target among the
@@ -29,6 +30,7 @@ Differences from the reference (same numbers where the reference runs at all):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -227,13 +229,29 @@ def _loader(data, batch_size: int, num_workers: int) -> torch.utils.data.DataLoa
                                        persistent_workers=False)
 
 
+EVAL_PRECISIONS = ("fp32", "bf16")
+
+
+def eval_autocast(precision: str, device: str | torch.device):
+    """The forward's numeric context for ``precision``: nothing for ``"fp32"`` (the reference's evaluation
+    protocol), bf16 autocast on ``device`` for ``"bf16"`` (faster on CPUs with bf16 units and on GPUs; features
+    differ from fp32 ones by bf16 rounding, the outputs are returned in fp32 either way)."""
+    if precision not in EVAL_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(EVAL_PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
 @torch.no_grad()
 def extract_outputs(model: nn.Module, data, fn: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, ...]],
                     batch_size: int = 128, num_workers: int = 0, device: str | torch.device = "cpu",
-                    progress: bool = True, desc: str = "features") -> tuple[list[torch.Tensor], torch.Tensor]:
+                    progress: bool = True, desc: str = "features", precision: str = "fp32"
+                    ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Run ``fn(model, images)`` (returning a tuple of ``[B, ...]`` tensors) over a data set or loader in its
-    order, with the model in eval mode, no gradients, fp32. Returns the outputs stacked on CPU (preallocated
-    once, float32) and the labels (int64). The model's train/eval mode is restored afterwards."""
+    order, with the model in eval mode, no gradients, in ``precision`` (:func:`eval_autocast`; default fp32).
+    Returns the outputs stacked on CPU (preallocated once, float32) and the labels (int64). The model's
+    train/eval mode is restored afterwards."""
     from tqdm.auto import tqdm
 
     device = torch.device(device)
@@ -252,7 +270,8 @@ def extract_outputs(model: nn.Module, data, fn: Callable[[nn.Module, torch.Tenso
         for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
             images, target = (batch[0], batch[1]) if isinstance(batch, list | tuple) else (batch, None)
             images = images.to(device, non_blocking=True).float()
-            res = fn(model, images)
+            with eval_autocast(precision, device):
+                res = fn(model, images)
             res = tuple(r.detach().float().cpu() for r in (res if isinstance(res, tuple) else (res,)))
             b = len(images)
             if n is not None:
@@ -283,8 +302,8 @@ def extract_outputs(model: nn.Module, data, fn: Callable[[nn.Module, torch.Tenso
 def extract_features(model: nn.Module, dataset_or_loader, batch_size: int = 128, num_workers: int = 0,
                      device: str | torch.device = "cpu", n_last_blocks: int = 1,
                      avgpool_patchtokens: bool = False, patch_tokens: bool = False,
-                     progress: bool = True, desc: str = "features", features: str = "cls"
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     progress: bool = True, desc: str = "features", features: str = "cls",
+                     precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen features of every image, in data-set order: ``(features float32 [N, D] on CPU, labels int64)``.
 
     The model runs in eval mode under ``no_grad`` in fp32 (reference ``extract_features``; the reference also
@@ -294,7 +313,8 @@ def extract_features(model: nn.Module, dataset_or_loader, batch_size: int = 128,
     mean of the last block's patch tokens, ``"concat"`` :func:`concat_features` of the CLS token and that mean
     ``[N, 2D]`` (the Fashion-MNIST demo's feature); both need a ViT and
     ignore ``n_last_blocks``/``avgpool_patchtokens``. Labels are ``-1`` for unlabelled images; a DataLoader passed
-    in must not shuffle. ``desc`` labels the progress bar."""
+    in must not shuffle. ``desc`` labels the progress bar. ``precision="bf16"`` runs the forward under bf16
+    autocast (:func:`eval_autocast`)."""
     if features not in FEATURES:
         raise ValueError(f"features must be cls, avgpool or concat, got {features!r}")
     if features != "cls" and not is_vit(model):
@@ -317,7 +337,8 @@ def extract_features(model: nn.Module, dataset_or_loader, batch_size: int = 128,
             return frozen_features(m, x, n_last_blocks, avgpool_patchtokens)
 
     outs, labels = extract_outputs(model, dataset_or_loader, fn, batch_size=batch_size,
-                                   num_workers=num_workers, device=device, progress=progress, desc=desc)
+                                   num_workers=num_workers, device=device, progress=progress, desc=desc,
+                                   precision=precision)
     if not outs:
         return torch.zeros(0, 0), labels
     return outs[0], labels

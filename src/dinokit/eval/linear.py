@@ -196,15 +196,17 @@ def linear_probe(model: nn.Module, train_spec, val_spec, lrs: Sequence[float] = 
                  n_last_blocks: int = 4, avgpool_patchtokens: bool = False, batch_size: int = 128,
                  augment: bool = False, image_size: int = 224, num_workers: int = 0,
                  device: str | torch.device = "cpu", weight_decay: float = 0.0, seed: int = 0,
-                 val_freq: int = 1, progress: bool = True, resize_size: int | None = None) -> dict[str, Any]:
+                 val_freq: int = 1, progress: bool = True, resize_size: int | None = None,
+                 precision: str = "fp32") -> dict[str, Any]:
     """The whole linear evaluation of a frozen ``model`` on data specs (a folder, ``fashion-mnist:DIR``; see
     :func:`dinokit.data.build_dataset`; Fashion-MNIST uses its train split for ``train_spec`` and its test
     split for ``val_spec``). Returns ``{"results": [per lr], "best": the best lr's entry, "feature_dim",
-    "num_labels", "n_train", "n_val", "mode"}``."""
+    "num_labels", "n_train", "n_val", "mode"}``. ``precision="bf16"``: the frozen backbone's forward under bf16
+    autocast (:func:`dinokit.eval.knn.eval_autocast`); the classifiers train in fp32 either way."""
     from ..augmentation import eval_transform
     from ..data import build_dataset
     from ..errors import DataError
-    from .knn import aligned_labels, extract_features, is_vit
+    from .knn import aligned_labels, eval_autocast, extract_features, is_vit
 
     device = torch.device(device)
     model = model.eval().to(device)
@@ -221,7 +223,7 @@ def linear_probe(model: nn.Module, train_spec, val_spec, lrs: Sequence[float] = 
     train_labels = train_ds.labels.clone()
     num_labels = int(max(int(train_labels.max()), int(val_labels.max()))) + 1
     kw = dict(batch_size=batch_size, num_workers=num_workers, device=device, n_last_blocks=n_last_blocks,
-              avgpool_patchtokens=avgpool_patchtokens, progress=progress)
+              avgpool_patchtokens=avgpool_patchtokens, progress=progress, precision=precision)
     val_feats, _ = extract_features(model, val_ds, desc="val features", **kw)
     if not augment:
         train_feats, _ = extract_features(model, train_ds, desc="train features", **kw)
@@ -241,7 +243,7 @@ def linear_probe(model: nn.Module, train_spec, val_spec, lrs: Sequence[float] = 
 
         def batches(epoch):  # the augmented data set lists the same files as train_ds: same labels
             for images, labels in loader:
-                with torch.no_grad():
+                with torch.no_grad(), eval_autocast(precision, device):
                     feats = frozen_features(model, images.to(device), n_last_blocks, avgpool_patchtokens)
                 yield feats.float().reshape(len(feats), -1), labels.long().to(device)
 
@@ -251,5 +253,5 @@ def linear_probe(model: nn.Module, train_spec, val_spec, lrs: Sequence[float] = 
     return {"mode": "augment" if augment else "cached-features", "results": results, "best": best,
             "feature_dim": int(dim), "num_labels": num_labels, "n_train": len(train_ds), "n_val": len(val_ds),
             "epochs": epochs, "batch_size": batch_size, "n_last_blocks": n_last_blocks,
-            "avgpool_patchtokens": avgpool_patchtokens, "weight_decay": weight_decay}
+            "avgpool_patchtokens": avgpool_patchtokens, "weight_decay": weight_decay, "precision": precision}
 
