@@ -208,7 +208,7 @@ def test_two_process_gloo_training(folder, tmp_path):
     ["--local-crops-number", "0", "--optimizer", "lars"],  # no multi-crop: the 96-px local default is unused
     ["--arch", "resnet18", "--optimizer", "sgd", "--use-bn-in-head"],  # CNN with the default drop_path_rate 0.1
 ])
-def test_no_multicrop_and_cnn_backbones_train(folder, tmp_path, extra):
+def test_no_multicrop_and_cnn_backbones_train(folder, tmp_path, extra, capsys):
     no_multicrop = "0" in extra
     cfg = cfg_for(["--data", str(folder), "--output-dir", str(tmp_path / "o"), *TINY_VIT, "--batch-size-per-gpu",
                    "4", "--epochs", "1", "--local-crop-size", "96" if no_multicrop else "16", *extra])
@@ -216,6 +216,8 @@ def test_no_multicrop_and_cnn_backbones_train(folder, tmp_path, extra):
     summary = t.fit()
     assert summary["iterations"] == 3
     assert t.dino_loss.ncrops == (2 if no_multicrop else 4)
+    # the start line names a ViT with its patch size, a CNN without one
+    assert ("[dinokit] resnet18 (" if "resnet18" in extra else "[dinokit] vit_custom/8 (") in capsys.readouterr().err
 
 
 def test_one_device_resolver_for_training_and_evaluation():

@@ -894,7 +894,9 @@ class Trainer:
         since = (0, 0.0)
         if self.main:
             nparams = sum(p.numel() for p in self.student.parameters())
-            self._log_console(f"{cfg.arch}/{cfg.patch_size} ({nparams / 1e6:.2f}M params with head) on "
+            arch = f"{cfg.arch}/{cfg.patch_size}" if isinstance(getattr(self.teacher.backbone, "patch_size", None),
+                                                                 int) else cfg.arch
+            self._log_console(f"{arch} ({nparams / 1e6:.2f}M params with head) on "
                               f"{self.device} [{self.precision}], world {self.world}, global batch "
                               f"{self.global_batch}, {len(self.dataset)} images, {self.plan.niter_per_ep} it/epoch, "
                               f"{self.loader.num_workers} loader workers")
