@@ -75,6 +75,14 @@ def test_missing_run_dir_is_one_line_error(tmp_path):
     assert r.returncode == 2 and "run directory not found" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_folder_that_is_not_a_run_is_refused_and_left_alone(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")  # e.g. the images folder instead of the output folder
+    r = subprocess.run([sys.executable, "-m", "dinokit", "report", str(tmp_path)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "is not a dinokit run directory" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "report.html").exists()
+
+
 def _chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -216,6 +216,13 @@ def test_broken_files(tmp_path):
         with pytest.raises(CheckpointError) as e:
             load_backbone(tmp_path / name)
         assert str(tmp_path / name) in str(e.value) and "\n" not in str(e.value)
+    # what a file that cannot be a checkpoint is, said plainly (not "the unpickler rejects operand 255")
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "photo.jpg")
+    for name, kind in (("photo.jpg", "a JPEG image"), ("notes.txt", "a text file"), ("empty.pth", "empty")):
+        with pytest.raises(CheckpointError, match=rf"is not a weights file: it is {kind}\. Pass a \.pth"):
+            load_backbone(tmp_path / name)
     with pytest.raises(CheckpointError, match="directory"):
         safe_load(tmp_path)
     torch.save({"epoch": 3, "notes": "no tensors"}, tmp_path / "nodict.pth")

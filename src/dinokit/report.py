@@ -228,6 +228,9 @@ def write_report(run_dir: str | Path, n_images: int = 8, projection_points: int 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DataError(f"run directory not found: {run_dir}")
+    if not any((run_dir / name).exists() for name in ("log.jsonl", "config.yaml", "checkpoint.pth", "results.json")):
+        raise DataError(f"{run_dir} is not a dinokit run directory (no log.jsonl, config.yaml, checkpoint.pth or "
+                        "results.json): pass the --output-dir of a training run")
     log = read_log(run_dir)
     body: dict[str, str] = {}
 

@@ -125,6 +125,10 @@ def safe_load(path: str | os.PathLike) -> Any:
             return load_file(str(path), device="cpu")
         except Exception as e:  # SafetensorError, OSError, ...
             raise CheckpointError(f"cannot read safetensors file {path}: {_first_line(e)}") from None
+    kind = _other_format(path)
+    if kind:
+        raise CheckpointError(f"{path} is not a weights file: it is {kind}. Pass a .pth checkpoint or a "
+                              ".safetensors file") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": irrelevant to the user
@@ -143,6 +147,30 @@ def safe_load(path: str | os.PathLike) -> Any:
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint or safetensors file (truncated or another "
             f"format?): {type(e).__name__}: {_first_line(e)}") from None
+
+
+_MAGICS = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"GIF8", "a GIF image"),
+           (b"BM", "a BMP image"), (b"RIFF", "a RIFF file (WebP image?)"), (b"\x1f\x8b", "gzip-compressed"),
+           (b"%PDF", "a PDF document"))
+
+
+def _other_format(path: Path) -> str:
+    """What a file that cannot be a PyTorch checkpoint (zip archive or pickle) looks like, or ``""``."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return ""  # torch.load reports the read error
+    if not head:
+        return "empty"
+    if head.startswith(b"PK") or head.startswith(b"\x80"):  # torch.save's zip archive, a (legacy) pickle
+        return ""
+    for magic, name in _MAGICS:
+        if head.startswith(magic):
+            return name
+    if all(32 <= c < 127 or c in (9, 10, 13) for c in head):
+        return "a text file"
+    return ""
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
