@@ -257,14 +257,17 @@ def test_lowp_probs_in_chunks_equal_one_product_and_the_fp32_softmax(monkeypatch
 
     torch.manual_seed(0)
     q, k = (torch.randn(3, 4, 37, 16) * 2).bfloat16(), (torch.randn(3, 4, 37, 16) * 2).bfloat16()
-    whole = torch.matmul(q.float() * 0.25, k.float().transpose(-2, -1)).softmax(-1)
-    for chunk_bytes in (1, 4 * 37 * 37 * 5, 1 << 30):  # one slice per chunk, 5 per chunk (uneven), all at once
+    exact = torch.matmul(q.double() * 0.25, k.double().transpose(-2, -1)).softmax(-1)
+    monkeypatch.setattr(V, "_PROBS_CHUNK_BYTES", 1 << 30)
+    whole = V._lowp_probs(q, k, 0.25)  # one product over the batch
+    assert whole.dtype == torch.bfloat16 and whole.shape == (3, 4, 37, 37)
+    # fp32 logits and softmax: within bf16 rounding of the exact probabilities (bf16 logits would not be)
+    assert ((whole.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-30).all()
+    for chunk_bytes in (1, 4 * 37 * 37 * 5):  # one slice per chunk, 5 per chunk (uneven)
         monkeypatch.setattr(V, "_PROBS_CHUNK_BYTES", chunk_bytes)
-        p = V._lowp_probs(q, k, 0.25)
-        assert p.dtype == torch.bfloat16 and p.shape == (3, 4, 37, 37)
-        assert p.equal(whole.to(torch.bfloat16))
+        assert V._lowp_probs(q, k, 0.25).equal(whole)
     qs = q.transpose(1, 2).contiguous().transpose(1, 2)  # a strided view, as the teacher's split gives
-    assert V._lowp_probs(qs, k, 0.25).equal(whole.to(torch.bfloat16))
+    assert V._lowp_probs(qs, k, 0.25).equal(whole)
     with OpLog() as log:  # 12 slices of 37 x 37 fp32 logits in chunks of 5: three products
         monkeypatch.setattr(V, "_PROBS_CHUNK_BYTES", 4 * 37 * 37 * 5)
         V._lowp_probs(q, k, 0.25)
@@ -272,7 +275,7 @@ def test_lowp_probs_in_chunks_equal_one_product_and_the_fp32_softmax(monkeypatch
 
     # without gradients the output is computed chunk by chunk too (no [B, H, N, M] tensor at once): same values
     v = torch.randn(3, 4, 37, 16).bfloat16()
-    full = torch.matmul(whole.to(torch.bfloat16), v)
+    full = torch.matmul(whole, v)
     for chunk_bytes in (1, 4 * 37 * 37 * 5, 1 << 30):
         monkeypatch.setattr(V, "_PROBS_CHUNK_BYTES", chunk_bytes)
         assert V._lowp_attention_nograd(q, k, v, 0.25).equal(full)
@@ -280,6 +283,31 @@ def test_lowp_probs_in_chunks_equal_one_product_and_the_fp32_softmax(monkeypatch
         monkeypatch.setattr(V, "_PROBS_CHUNK_BYTES", 4 * 37 * 37 * 5)
         V._lowp_attention_nograd(q, k, v, 0.25)
     assert log.count("bmm") == 6 and log.count("empty") <= 8  # 3 chunks x (logits, output)
+
+
+def test_bf16_logit_products_go_to_onednn_only_when_their_operands_are_bf16_values(monkeypatch):
+    """fp32 products of upcast bf16 ``q`` (times a power-of-two scale) and ``k``: ``fp32_precision = "bf16"``
+    lets PyTorch send them to oneDNN, which may round operands to bf16 — exact for such operands. Any other
+    case (fp16 inputs, a scale that is not a power of two) keeps PyTorch's default; the setting is restored."""
+    from dinokit.models import vit as V
+
+    flag = torch.backends.mkldnn.matmul
+    before = flag.fp32_precision
+    q = torch.randn(2, 3, 5, 16).bfloat16()
+    with V._fp32_products_of_bf16_values(q, 0.25):
+        assert flag.fp32_precision == "bf16"
+    assert flag.fp32_precision == before
+    for args in ((q.half(), 0.25), (q, 0.3)):
+        with V._fp32_products_of_bf16_values(*args):
+            assert flag.fp32_precision == before
+    k = torch.randn(2, 3, 5, 16).bfloat16()
+    exact = torch.matmul(q.double() * 0.25, k.double().transpose(-2, -1))
+    with V._fp32_products_of_bf16_values(q, 0.25):
+        s = torch.matmul(q.float() * 0.25, k.float().transpose(-2, -1))
+    assert s.dtype == torch.float32 and (s.double() - exact).abs().max() < 1e-5  # fp32 accuracy, not bf16's
+    with pytest.raises(RuntimeError), V._fp32_products_of_bf16_values(q, 0.25):
+        raise RuntimeError
+    assert flag.fp32_precision == before
 
 
 def test_bf16_attention_without_gradients_keeps_sdpa_for_very_long_sequences(monkeypatch):
