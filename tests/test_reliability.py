@@ -516,3 +516,63 @@ def test_one_run_per_output_directory(tmp_path, capsys):
     release()  # idempotent
     again()
     assert str((out / LOCK_NAME).resolve()) not in dinokit.checkpoint._HELD  # released: the file is closed
+
+
+def test_sigterm_stops_after_the_iteration_with_a_checkpoint_and_the_same_command_resumes_bitwise(
+        data, reference, tmp_path):
+    """Pre-emption (SIGTERM from a scheduler, ``docker stop``, ``kill``): the current iteration ends, a checkpoint
+    is written, the process exits with 143 and one line; the same command then ends exactly as an uninterrupted
+    run — no work lost, unlike SIGKILL (which redoes the iterations since the last checkpoint)."""
+    out = tmp_path / "run"
+    args = train_args(data, out, "--save-every-steps", "2")
+    r = run_cli(args, fault="term_after_iteration:5")  # not a multiple of 2: no periodic checkpoint there
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr[-3000:]
+    assert "dinokit train: stopped: SIGTERM at iteration 5, checkpoint saved" in r.stderr
+    assert "Traceback" not in r.stderr
+    ck = load_state(out)
+    assert (ck["epoch"], ck["iteration"], ck["step_in_epoch"]) == (1, 5, 2)
+    r = run_cli([*args, "--num-workers", "2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr and "iteration 5" in r.stderr
+    assert_same_training_state(load_state(reference), load_state(out))
+    assert iteration_losses(out) == iteration_losses(reference)
+    assert epoch_records(out) == epoch_records(reference)
+
+
+def test_sigterm_to_the_whole_process_group_with_loader_workers(data, tmp_path):
+    """A scheduler signals every process of the job, the data-loader workers too: they leave it to the trainer,
+    which still finishes its iteration and writes the checkpoint."""
+    import subprocess
+    import sys
+    import time
+
+    from .fault_injection import cli_env
+
+    out = tmp_path / "run"
+    args = train_args(data, out, "--num-workers", "2", epochs=200)
+    p = subprocess.Popen([sys.executable, "-m", "dinokit", "train", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=cli_env(), start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(iteration_losses(out) if (out / "log.jsonl").exists() else {}) < 3:
+            time.sleep(0.2)
+        os.killpg(p.pid, signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "stopped: SIGTERM at iteration" in err and "Traceback" not in err
+    assert load_state(out)["iteration"] == max(iteration_losses(out)) >= 3
+
+
+def test_a_second_sigint_interrupts_at_once():
+    from dinokit.trainer import _StopSignals
+
+    before = signal.getsignal(signal.SIGINT)
+    with _StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT  # the first only asks
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before  # restored

@@ -3,7 +3,8 @@
 
 Fault injection for tests (see docs/reliability.md): ``DINOKIT_FAULT=kill_during_save:N`` SIGKILLs the process
 after writing half of its N-th checkpoint temp file; ``DINOKIT_FAULT=kill_after_iteration:K`` SIGKILLs the
-trainer right after iteration K (before that iteration's checkpoint, if any).
+trainer right after iteration K (before that iteration's checkpoint, if any); ``term_after_iteration:K`` sends
+it SIGTERM there instead (the graceful stop of :meth:`dinokit.trainer.Trainer.fit`).
 """
 
 from __future__ import annotations
@@ -37,10 +38,15 @@ _SAVES = [0]  # checkpoint writes in this process (for DINOKIT_FAULT=kill_during
 
 
 def fault_kill(point: str, n: int) -> None:
-    """SIGKILL this process if ``DINOKIT_FAULT`` is ``<point>:<n>`` (test-only fault injection)."""
+    """SIGKILL this process if ``DINOKIT_FAULT`` is ``<point>:<n>`` (test-only fault injection);
+    ``term_after_iteration:<n>`` sends SIGTERM instead (a graceful stop)."""
     name, _, arg = os.environ.get("DINOKIT_FAULT", "").partition(":")
-    if name == point and arg.strip().isdigit() and int(arg) == n:
+    if not (arg.strip().isdigit() and int(arg) == n):
+        return
+    if name == point:
         os.kill(os.getpid(), signal.SIGKILL)
+    elif point == "kill_after_iteration" and name == "term_after_iteration":
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class _Writer:

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         with _one_line_warnings(args.command):
             return int(args._run(args) or 0)
     except DinokitError as e:
-        print(f"dinokit {args.command}: error: {e}", file=sys.stderr)
+        print(f"dinokit {args.command}: {getattr(e, 'label', 'error')}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"dinokit {args.command}: interrupted", file=sys.stderr)

@@ -587,11 +587,11 @@ def build_shard_loader(cfg, rank: int, world: int):
         aug = DINOAugmentation(**aug_kw)
     stream = ShardStream(paths, counts, cfg.batch_size_per_gpu, seed=cfg.seed, rank=rank, world=world,
                          map_fn=SeededTransform(aug, lazy_open=fast))
-    from .trainer import loader_workers
+    from .trainer import _ignore_stop_signals, loader_workers
 
     workers = loader_workers(cfg.num_workers)
     loader = torch.utils.data.DataLoader(
         stream, batch_size=cfg.batch_size_per_gpu, num_workers=workers, collate_fn=collate_crops,
         pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None)
+        prefetch_factor=4 if workers > 0 else None, worker_init_fn=_ignore_stop_signals if workers > 0 else None)
     return _ShardCount(n, meta), stream, loader, None

@@ -19,7 +19,9 @@ import gc
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 import weakref
@@ -54,11 +56,62 @@ from .teacher import ema_update
 from .wrapper import MultiCropWrapper
 
 __all__ = ["Trainer", "train", "resolve_device", "resolve_precision", "build_student_teacher",
-           "NonFiniteLossError"]
+           "NonFiniteLossError", "Stopped"]
 
 
 class NonFiniteLossError(DinokitError):
     exit_code = 3
+
+
+class Stopped(DinokitError):
+    """Training stopped on SIGTERM / SIGINT after a checkpoint (the same command resumes). Exit status 128 + the
+    signal's number, as a process killed by it would have."""
+
+    label = "stopped"
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+
+
+class _StopSignals:
+    """While training: the first SIGTERM or SIGINT (scheduler pre-emption, ``docker stop``, ``kill``, Ctrl-C)
+    only records a stop request, which the loop honours after the current iteration by writing a checkpoint;
+    a second SIGINT interrupts at once. Main thread only (elsewhere: nothing changes); the previous handlers
+    come back on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:  # asked twice: stop now
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                old = signal.getsignal(sig)
+                if old is signal.SIG_IGN:  # e.g. SIGINT of a background job: leave it ignored
+                    continue
+                self._old[sig] = old
+                signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM / SIGINT to the training process (which stops after a checkpoint); they
+    end with it (PyTorch's workers watch their parent)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -347,7 +400,8 @@ def build_train_data(cfg: TrainConfig, rank: int, world: int):
         collate_fn=collate, pin_memory=torch.cuda.is_available(), drop_last=True,
         # its own generator: creating an iterator must not consume the global RNG (exact resume)
         generator=torch.Generator().manual_seed(cfg.seed),
-        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=_ignore_stop_signals if workers > 0 else None)
     return base, sampler, loader, device_augment
 
 
@@ -885,8 +939,8 @@ class Trainer:
 
     # -- main loop ----------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        from tqdm import tqdm
-
+        """Train to the end of the plan (resumed state included). A first SIGTERM / SIGINT stops it after the
+        current iteration with a checkpoint (:class:`Stopped`); the same command resumes."""
         cfg = self.cfg
         budget_s = cfg.time_budget_minutes * 60.0
         calib = {"n": 0, "t": 0.0}
@@ -900,6 +954,27 @@ class Trainer:
                               f"{self.device} [{self.precision}], world {self.world}, global batch "
                               f"{self.global_batch}, {len(self.dataset)} images, {self.plan.niter_per_ep} it/epoch, "
                               f"{self.loader.num_workers} loader workers")
+        with _StopSignals() as stop:
+            return self._fit(stop, budget_s, calib, need_plan, since)
+
+    STOP_CHECK_EVERY = 10  # iterations between the ranks' agreements on a stop request (world > 1)
+
+    def _stop_requested(self, stop: _StopSignals) -> bool:
+        """Whether to stop after this iteration: the signal of this process, or with several ranks the agreement
+        of all (every :attr:`STOP_CHECK_EVERY` iterations, so that every rank stops at the same iteration)."""
+        if self.world == 1:
+            return stop.signum is not None
+        if self.iteration % self.STOP_CHECK_EVERY:
+            return False
+        agreed = self._agree(float(stop.signum or 0))[0]
+        if agreed and stop.signum is None:
+            stop.signum = int(agreed)
+        return bool(agreed)
+
+    def _fit(self, stop: _StopSignals, budget_s: float, calib: dict, need_plan: bool, since) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        cfg = self.cfg
         last = {}
         while self.iteration < self.plan.total_iters:
             epoch = self.epoch
@@ -959,6 +1034,13 @@ class Trainer:
                 if self._knn_due(epoch_end=False):
                     self.run_knn()
                     t_prev = time.perf_counter()  # the monitor is neither data wait nor training time
+                if self._stop_requested(stop):
+                    bar.close()
+                    self.save()
+                    name = signal.Signals(stop.signum).name
+                    self._log_console(f"{name}: stopped after iteration {self.iteration} (epoch {epoch}) with a "
+                                      f"checkpoint in {self.out}; the same command resumes from it")
+                    raise Stopped(f"{name} at iteration {self.iteration}, checkpoint saved", stop.signum)
                 if self.step_in_epoch >= n_this_epoch or self.iteration >= self.plan.total_iters:
                     break
             bar.close()
