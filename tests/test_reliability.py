@@ -576,3 +576,24 @@ def test_a_second_sigint_interrupts_at_once():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before  # restored
+
+
+def test_ranks_agree_on_a_stop_every_ten_iterations():
+    """With several ranks a stop request (on any of them) is agreed at iterations 10, 20, ... (the maximum over
+    the ranks), so every rank writes its part of the checkpoint after the same iteration."""
+    from dinokit.trainer import Trainer, _StopSignals
+
+    t = Trainer.__new__(Trainer)
+    t.world, agreed = 2, []
+    t._agree = lambda *v: (agreed.append(v) or [float(signal.SIGTERM)])  # another rank was signalled
+    stop = _StopSignals()
+    for it, expect in ((7, False), (9, False)):
+        t.iteration = it
+        assert t._stop_requested(stop) is expect
+    assert agreed == []  # no collective between the agreement points
+    t.iteration = 10
+    assert t._stop_requested(stop) and stop.signum == signal.SIGTERM and agreed == [(0.0,)]
+    t.world, stop.signum, t.iteration = 1, None, 3  # one process: its own signal, at once, no collective
+    assert not t._stop_requested(stop)
+    stop.signum = signal.SIGINT
+    assert t._stop_requested(stop) and len(agreed) == 1
