@@ -109,15 +109,21 @@ def test_sigkill_mid_epoch_then_same_command_ends_bitwise_identical_with_any_wor
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     ck = load_state(out)
     assert (ck["epoch"], ck["iteration"], ck["step_in_epoch"]) == (1, 4, 1)
-    # restart with the same command, now with 2 data-loader workers (per-sample seeds: same crops)
+    # restart with the same command, now with 2 data-loader workers (per-sample seeds: same crops); iteration 5
+    # was logged twice (before the kill and when redone) with the same loss
+    _resume_and_match(args, out, reference, from_iteration=4)
+
+
+def _resume_and_match(args: list[str], out: Path, reference: Path, from_iteration: int) -> None:
+    """Run the same command again, with 2 data-loader workers (per-sample seeds: the same crops): it resumes at
+    ``from_iteration`` and ends bitwise as the uninterrupted ``reference`` — state, per-iteration losses and the
+    per-epoch means, although an epoch was split over two processes."""
     r = run_cli([*args, "--num-workers", "2"])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed from" in r.stderr and "iteration 4" in r.stderr
+    assert "resumed from" in r.stderr and f"iteration {from_iteration}" in r.stderr
     assert_same_training_state(load_state(reference), load_state(out))
-    # the loss curve too; iteration 5 was logged twice (before the kill and when redone) with the same loss
     assert iteration_losses(out) == iteration_losses(reference)
     assert len(iteration_losses(out)) == 9
-    # and the per-epoch means, although epoch 1 was split over two processes
     assert epoch_records(out) == epoch_records(reference)
 
 
@@ -531,12 +537,7 @@ def test_sigterm_stops_after_the_iteration_with_a_checkpoint_and_the_same_comman
     assert "Traceback" not in r.stderr
     ck = load_state(out)
     assert (ck["epoch"], ck["iteration"], ck["step_in_epoch"]) == (1, 5, 2)
-    r = run_cli([*args, "--num-workers", "2"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed from" in r.stderr and "iteration 5" in r.stderr
-    assert_same_training_state(load_state(reference), load_state(out))
-    assert iteration_losses(out) == iteration_losses(reference)
-    assert epoch_records(out) == epoch_records(reference)
+    _resume_and_match(args, out, reference, from_iteration=5)
 
 
 def test_sigterm_to_the_whole_process_group_with_loader_workers(data, tmp_path):
