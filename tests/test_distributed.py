@@ -79,8 +79,26 @@ def main():
             __import__("time").sleep(float(os.environ.get("DINOKIT_TEST_KNN_SLEEP", "0")))
         return real_knn()
     t.run_knn = knn
+    term = os.environ.get("DINOKIT_TEST_TERM")  # "rank:iteration": this rank alone gets SIGTERM after it
+    if term:
+        rank, it = map(int, term.split(":"))
+        if t.rank == rank:
+            inner_step = t.train_step
+
+            def step_then_term(crops):
+                out = inner_step(crops)
+                if t.iteration + 1 == it:  # the loop counts the iteration after train_step
+                    os.kill(os.getpid(), __import__("signal").SIGTERM)
+                return out
+
+            t.train_step = step_then_term
+    from dinokit.trainer import Stopped
+    stopped = None
     w0 = __import__("time").perf_counter()
-    t.fit()
+    try:
+        t.fit()
+    except Stopped as e:
+        stopped = str(e)
     fit_wall = __import__("time").perf_counter() - w0
     student, teacher, _ = t._model_states()
     is_ddp = lambda m: isinstance(m, torch.nn.parallel.DistributedDataParallel)
@@ -91,7 +109,7 @@ def main():
                 "student_ddp": is_ddp(t.student_ddp), "teacher_ddp": is_ddp(t.teacher_fwd),
                 "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", -1)),
                 "plans": plans, "total_iters": t.plan.total_iters, "knn_calls": knn_calls,
-                "train_seconds": t.train_seconds, "fit_wall": fit_wall},
+                "train_seconds": t.train_seconds, "fit_wall": fit_wall, "stopped": stopped},
                pathlib.Path(cfg.output_dir) / f"rank{t.rank}.pt")
     D.cleanup()
 
@@ -237,6 +255,17 @@ def test_elastic_restart_resumes_from_the_last_checkpoint(work, ddp_run):
     for key in ("student", "teacher"):
         assert max_diff(r0[key], ref[key]) < TOL, key
     torch.testing.assert_close(r0["center"], ref["center"], rtol=0, atol=TOL)
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_agreed_iteration(work):
+    """Only rank 1 is signalled (after iteration 3): the ranks agree at the next check (iteration 10), both stop
+    there and the checkpoint is that iteration's — no rank waits forever in a collective the other left."""
+    out = work / "term"
+    torchrun(work, out, "--batch-size-per-gpu", "2", "--epochs", "4", env={"DINOKIT_TEST_TERM": "1:3"})
+    r0, r1 = rank_state(out, 0), rank_state(out, 1)
+    assert r0["stopped"] == r1["stopped"] == "SIGTERM at iteration 10, checkpoint saved"
+    assert r0["iteration"] == r1["iteration"] == Trainer.STOP_CHECK_EVERY == 10
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == 10
 
 
 def test_time_budget_ranks_agree_on_one_plan(work):
