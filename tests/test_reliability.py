@@ -577,6 +577,14 @@ def test_a_second_sigint_interrupts_at_once():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before  # restored
+    # a handler someone else installed (submitit's SIGTERM bypass in SLURM jobs) is left alone
+    theirs = signal.signal(signal.SIGTERM, lambda *a: None)
+    try:
+        mine = signal.getsignal(signal.SIGTERM)
+        with _StopSignals():
+            assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, theirs)
 
 
 def test_ranks_agree_on_a_stop_every_ten_iterations():

@@ -77,8 +77,8 @@ class Stopped(DinokitError):
 class _StopSignals:
     """While training: the first SIGTERM or SIGINT (scheduler pre-emption, ``docker stop``, ``kill``, Ctrl-C)
     only records a stop request, which the loop honours after the current iteration by writing a checkpoint;
-    a second SIGINT interrupts at once. Main thread only (elsewhere: nothing changes); the previous handlers
-    come back on exit."""
+    a second SIGINT interrupts at once. Main thread only (elsewhere: nothing changes), and only where the signal
+    has Python's default handling; the previous handlers come back on exit."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -95,7 +95,10 @@ class _StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 old = signal.getsignal(sig)
-                if old is signal.SIG_IGN:  # e.g. SIGINT of a background job: leave it ignored
+                # only Python's defaults are taken over: an ignored signal (SIGINT of a background job) stays
+                # ignored, and a handler someone installed stays theirs (submitit's SIGTERM bypass: SLURM jobs
+                # are checkpointed and requeued by submitit on SIGUSR2, see dinokit.submitit_launcher)
+                if old not in (signal.SIG_DFL, signal.default_int_handler):
                     continue
                 self._old[sig] = old
                 signal.signal(sig, self._handle)
