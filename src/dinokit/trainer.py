@@ -327,6 +327,9 @@ class BatchAugmentCollate:
         return self.augment(imgs, generator=g)
 
 
+AUTO_WORKERS = 10  # num_workers -1 (auto): the reference's default per GPU, at most one per CPU
+
+
 def cpus_per_process() -> int:
     """CPUs this process may use (its affinity mask) shared among the training processes on this node."""
     try:
@@ -344,9 +347,6 @@ def loader_workers(requested: int) -> int:
     than CPUs can help when reading is I/O-bound). The crops never depend on the count (:class:`AugmentedDataset`
     seeds each sample); for tar shards the batch composition does (resume with the same count)."""
     return min(AUTO_WORKERS, cpus_per_process()) if requested < 0 else requested
-
-
-AUTO_WORKERS = 10  # the reference's default, per GPU
 
 
 def _shard_count_type() -> type:
