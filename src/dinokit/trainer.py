@@ -52,6 +52,7 @@ from .loss import DINOLoss, KoLeoLoss
 from .models import build_backbone
 from .optim import build_optimizer, cancel_gradients_last_layer, clip_gradients, get_params_groups
 from .schedules import cosine_scheduler
+from .shards import is_shard_spec
 from .teacher import ema_update
 from .wrapper import MultiCropWrapper
 
@@ -349,12 +350,6 @@ def loader_workers(requested: int) -> int:
     return min(AUTO_WORKERS, cpus_per_process()) if requested < 0 else requested
 
 
-def _shard_count_type() -> type:
-    from .shards import _ShardCount
-
-    return _ShardCount
-
-
 def build_train_data(cfg: TrainConfig, rank: int, world: int):
     """Dataset, sampler, loader and (for the batched path) the on-device augmentation."""
     from .augmentation import BatchMultiCrop, DINOAugmentation
@@ -362,7 +357,7 @@ def build_train_data(cfg: TrainConfig, rank: int, world: int):
 
     if not cfg.data_path:
         raise ConfigError("no training data: pass --data DIR (a folder of images) or fashion-mnist:<dir>")
-    from .shards import build_shard_loader, is_shard_spec
+    from .shards import build_shard_loader
 
     if is_shard_spec(cfg.data_path):  # WebDataset tar shards, streamed (see dinokit.shards)
         return build_shard_loader(cfg, rank, world)
@@ -721,7 +716,7 @@ class Trainer:
             set_rng_state(ckpt["rng"])
         self._log_console(f"resumed from {path} at epoch {self.epoch}, iteration {self.iteration}")
         saved = ckpt.get("loader_workers")
-        if saved is not None and saved != self.loader.num_workers and isinstance(self.dataset, _shard_count_type()):
+        if saved is not None and saved != self.loader.num_workers and is_shard_spec(self.cfg.data_path):
             self._log_console(f"warning: {self.loader.num_workers} loader workers now, {saved} when {path} was "
                               f"saved: with tar shards the batches come in another order than in the "
                               f"uninterrupted run (every image still once per epoch); --num-workers {saved} "
@@ -945,10 +940,6 @@ class Trainer:
         """Train to the end of the plan (resumed state included). A first SIGTERM / SIGINT stops it after the
         current iteration with a checkpoint (:class:`Stopped`); the same command resumes."""
         cfg = self.cfg
-        budget_s = cfg.time_budget_minutes * 60.0
-        calib = {"n": 0, "t": 0.0}
-        need_plan = budget_s > 0 and not self.planned_from_budget
-        since = (0, 0.0)
         if self.main:
             nparams = sum(p.numel() for p in self.student.parameters())
             arch = f"{cfg.arch}/{cfg.patch_size}" if isinstance(getattr(self.teacher.backbone, "patch_size", None),
@@ -958,7 +949,7 @@ class Trainer:
                               f"{self.global_batch}, {len(self.dataset)} images, {self.plan.niter_per_ep} it/epoch, "
                               f"{self.loader.num_workers} loader workers")
         with _StopSignals() as stop:
-            return self._fit(stop, budget_s, calib, need_plan, since)
+            return self._fit(stop)
 
     STOP_CHECK_EVERY = 10  # iterations between the ranks' agreements on a stop request (world > 1)
 
@@ -974,10 +965,13 @@ class Trainer:
             stop.signum = int(agreed)
         return bool(agreed)
 
-    def _fit(self, stop: _StopSignals, budget_s: float, calib: dict, need_plan: bool, since) -> dict[str, Any]:
+    def _fit(self, stop: _StopSignals) -> dict[str, Any]:
         from tqdm import tqdm
 
         cfg = self.cfg
+        calib = {"n": 0, "t": 0.0}
+        need_plan = cfg.time_budget_minutes > 0 and not self.planned_from_budget
+        since = (0, 0.0)
         last = {}
         while self.iteration < self.plan.total_iters:
             epoch = self.epoch
