@@ -38,15 +38,14 @@ _SAVES = [0]  # checkpoint writes in this process (for DINOKIT_FAULT=kill_during
 
 
 def fault_kill(point: str, n: int) -> None:
-    """SIGKILL this process if ``DINOKIT_FAULT`` is ``<point>:<n>`` (test-only fault injection);
-    ``term_after_iteration:<n>`` sends SIGTERM instead (a graceful stop)."""
+    """SIGKILL this process if ``DINOKIT_FAULT`` is ``<point>:<n>`` (test-only fault injection); the same point
+    named ``term_...`` instead of ``kill_...`` sends SIGTERM (a graceful stop)."""
     name, _, arg = os.environ.get("DINOKIT_FAULT", "").partition(":")
     if not (arg.strip().isdigit() and int(arg) == n):
         return
-    if name == point:
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif point == "kill_after_iteration" and name == "term_after_iteration":
-        os.kill(os.getpid(), signal.SIGTERM)
+    sig = {point: signal.SIGKILL, point.replace("kill_", "term_", 1): signal.SIGTERM}.get(name)
+    if sig is not None:
+        os.kill(os.getpid(), sig)
 
 
 class _Writer:
