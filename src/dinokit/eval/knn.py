@@ -171,11 +171,11 @@ def aligned_labels(train_ds, val_ds) -> torch.Tensor:
     index.update({c: len(tc) + i for i, c in enumerate(extra)})
     mapping = torch.tensor([index[c] for c in vc], dtype=torch.long)
     ok = labels >= 0
+    labels[ok] = mapping[labels[ok]]
     if extra:
-        n = int(sum(int((labels == vc.index(c)).sum()) for c in extra))
+        n = int((labels >= len(tc)).sum())  # the extra classes' indices follow the train classes'
         warnings.warn(f"dinokit: {len(extra)} validation class(es) not in the train set ({_names(extra)}): their "
                       f"{n} images can never be predicted and count as errors", stacklevel=2)
-    labels[ok] = mapping[labels[ok]]
     return labels
 
 

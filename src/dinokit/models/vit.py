@@ -127,6 +127,11 @@ def _fp32_precision(flag, value: str):
         flag.fp32_precision = old
 
 
+def _slices_per_chunk(N: int, M: int) -> int:
+    """(image, head) slices whose ``[N, M]`` fp32 logits fit in ``_PROBS_CHUNK_BYTES`` (at least one)."""
+    return max(1, _PROBS_CHUNK_BYTES // (4 * N * M))
+
+
 def _lowp_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """``softmax(q k^T * scale)`` for low-precision ``q [B, H, N, d]``, ``k [B, H, M, d]``: logits and softmax in
     fp32, the probabilities returned in ``q``'s dtype, ``[B, H, N, M]``.
@@ -138,7 +143,7 @@ def _lowp_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     chunks the explicit form was 2x slower than the flash kernel from 257 tokens on (docs/benchmarks.md)."""
     B, H, N, d = q.shape
     M = k.shape[-2]
-    step = max(1, _PROBS_CHUNK_BYTES // (4 * N * M))
+    step = _slices_per_chunk(N, M)
     with _fp32_products_of_bf16_values(q, scale):
         if step >= B * H:  # one chunk
             return torch.matmul(q.float() * scale, k.float().transpose(-2, -1)).softmax(dim=-1).to(q.dtype)
@@ -156,7 +161,7 @@ def _lowp_attention_nograd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     the chunk, not with the batch: high-resolution feature extraction, attention maps of large images)."""
     B, H, N, d = q.shape
     M = k.shape[-2]
-    step = max(1, _PROBS_CHUNK_BYTES // (4 * N * M))
+    step = _slices_per_chunk(N, M)
     with torch.autocast("cpu", enabled=False):
         if step >= B * H:
             return torch.matmul(_lowp_probs(q, k, scale), v)
