@@ -16,18 +16,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import io
 import json
-import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from _common import interleaved, median  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # (global crops, global size, local crops, local size) of the train_step configurations in run_all.py
@@ -92,16 +95,10 @@ def main(argv=None) -> int:
         out.float().square().sum().backward()
         m.zero_grad(set_to_none=True)
 
-    names = list(models)
-    for name in names:  # warm-up
-        step(models[name])
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(a.rounds):
-        for name in names[r % 2:] + names[:r % 2]:
-            t0 = time.perf_counter()
-            step(models[name])
-            times[name].append(time.perf_counter() - t0)
-    med = {n: statistics.median(v) for n, v in times.items()}
+    for m in models.values():  # warm-up
+        step(m)
+    times = interleaved({name: functools.partial(step, m) for name, m in models.items()}, a.rounds)
+    med = {n: median(v) for n, v in times.items()}
     rec = {"arch": a.arch, "patch_size": a.patch_size, "precision": a.precision, "base": a.base,
            "base_s": med["base"], "work_s": med["work"], "speedup": med["base"] / med["work"], "rounds": a.rounds,
            "no_grad": a.no_grad}

@@ -21,17 +21,16 @@ bound. Profiled times include the profiler's overhead on small ops; shares, not 
 
 from __future__ import annotations
 
+import functools
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import machine_info  # noqa: E402
+from _common import interleaved, machine_info, median  # noqa: E402
 from train_step import IMPLS, build, make_crops, parse_args  # noqa: E402
 
 KINDS = {
@@ -77,13 +76,8 @@ def main(argv=None) -> int:
         for _ in range(a.warmup):
             step(crops, a.precision)
     # unprofiled steps interleaved round-robin with a rotating order (load hits all candidates alike)
-    times: dict[str, list[float]] = {impl: [] for impl in impls}
-    for r in range(a.steps):
-        for impl in impls[r % len(impls):] + impls[:r % len(impls)]:
-            t0 = time.perf_counter()
-            steps[impl](crops, a.precision)
-            times[impl].append(time.perf_counter() - t0)
-    rows = {impl: {"step_s": statistics.median(times[impl]), **profile_kinds(steps[impl], crops, a.precision)}
+    times = interleaved({impl: functools.partial(steps[impl], crops, a.precision) for impl in impls}, a.steps)
+    rows = {impl: {"step_s": median(times[impl]), **profile_kinds(steps[impl], crops, a.precision)}
             for impl in impls}
     ref = rows.get("reference")
     for r in rows.values():
