@@ -309,6 +309,17 @@ def test_a_data_bound_run_gets_one_hint_naming_what_would_help(folder, tmp_path,
     tr._data_bound_hinted = False
     tr._hint_if_data_bound(0.1)  # below the threshold: quiet
     assert "waiting for data" not in capsys.readouterr().err
+    # every CPU already runs a worker and the augmentation is the fast one: nothing to try, and it says so
+    from types import SimpleNamespace
+
+    from dinokit import trainer as T
+
+    monkeypatch.setattr(T, "cpus_per_process", lambda: 2)
+    tr.loader, tr.cfg.augment_impl, tr._data_bound_hinted = SimpleNamespace(num_workers=2), "fast", False
+    tr._hint_if_data_bound(0.5)
+    err = capsys.readouterr().err
+    assert "the input pipeline is the bottleneck: every CPU (2) already runs a loader worker" in err
+    assert "try" not in err
 
 
 def test_loader_workers_auto_is_the_papers_10_at_most_one_per_cpu(folder, tmp_path, capsys, monkeypatch):
