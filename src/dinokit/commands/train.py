@@ -43,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if "_" in f.name:
             names.append(f"--{f.name}")
         names += _ALIASES.get(f.name, [])
-        kw = dict(dest=f.name, default=argparse.SUPPRESS,
-                  help=f"{f.metadata.get('help', '')} (default: {_default_str(default)})")
+        help_text = f"{f.metadata.get('help', '')} (default: {_default_str(default)})"
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))  # text, not a format
         origin = get_origin(typ)
         if origin is tuple:
             kw.update(nargs=len(get_args(typ)), type=float, metavar="X")
