@@ -220,3 +220,21 @@ def test_koleo_gradient_spreads_a_clump():
         KoLeoLoss()(x).backward()
         opt.step()
     assert nearest(x) > 1.5 * before
+
+
+@pytest.mark.parametrize("chunk_pairs", [False, True])
+def test_loss_computes_in_at_least_float32_and_keeps_float64(chunk_pairs):
+    """bf16 outputs are upcast to float32; float64 ones stay float64 (``.float()`` used to round a float64 run's
+    loss, centre and clipping norms to float32: 3.5e-8 off the reference in the float64 equivalence test)."""
+    from dinokit.optim import clip_gradients
+
+    K, B = 16, 3
+    for dtype, want in ((torch.bfloat16, torch.float32), (torch.float32, torch.float32), (torch.float64, torch.float64)):
+        loss_fn = DINOLoss(K, 4, 0.04, 0.04, 0, 1).to(torch.float64 if dtype == torch.float64 else torch.float32)
+        s = torch.randn(4 * B, K, dtype=dtype, requires_grad=True)
+        t = torch.randn(2 * B, K, dtype=dtype)
+        loss = loss_fn(s, t, epoch=0, chunk_pairs=chunk_pairs)
+        assert loss.dtype == want and loss_fn.center.dtype == want
+        loss.backward()
+        assert s.grad.dtype == dtype
+        assert clip_gradients([s], 1e-3).dtype == want

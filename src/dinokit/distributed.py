@@ -8,6 +8,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from .dtypes import at_least_fp32
+
 __all__ = ["init_distributed", "is_dist", "get_rank", "get_world_size", "is_main_process", "barrier",
            "all_reduce_mean", "clip_sharded_gradients", "cleanup"]
 
@@ -77,7 +79,7 @@ def clip_sharded_gradients(model: torch.nn.Module, clip: float) -> torch.Tensor:
     if not grads:
         return torch.zeros(0)
     local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-    sq = torch.stack([x.float().pow(2).sum() for x in local])
+    sq = torch.stack([at_least_fp32(x).pow(2).sum() for x in local])
     if is_dist():
         dist.all_reduce(sq)
     norms = sq.sqrt()

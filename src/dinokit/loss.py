@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import is_dist
+from .dtypes import at_least_fp32, at_least_fp32_dtype
 
 __all__ = ["DINOLoss", "KoLeoLoss", "sinkhorn_knopp", "teacher_temp_schedule", "CENTERINGS"]
 
@@ -67,7 +68,7 @@ def sinkhorn_knopp(teacher_output: torch.Tensor, temp: float, n_iterations: int 
     the log domain (every division a subtraction of a ``logsumexp``): the same values, but no ``exp`` overflow
     or underflow at sharp temperatures, where the plain form turns rows of tiny values into 0 / 0.
     """
-    log_q = teacher_output.detach().float().t() / temp  # [K, N]
+    log_q = at_least_fp32(teacher_output.detach()).t() / temp  # [K, N]
     k = log_q.shape[0]
     n = torch.tensor(float(log_q.shape[1]), device=log_q.device)
     if is_dist():
@@ -94,7 +95,7 @@ class KoLeoLoss(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] < 2:
             raise ValueError("KoLeo needs at least 2 rows (a nearest neighbour)")
-        x = F.normalize(x.float(), dim=-1, eps=self.eps)
+        x = F.normalize(at_least_fp32(x), dim=-1, eps=self.eps)
         with torch.no_grad():
             sim = x @ x.t()
             sim.fill_diagonal_(-2.0)  # below any cosine: a row is never its own neighbour
@@ -116,10 +117,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def forward(ctx, student_output, teacher_probs, ncrops: int, student_temp: float):
         B = teacher_probs.shape[0] // 2
         q = teacher_probs.view(2, B, -1)
-        total = torch.zeros((), dtype=torch.float32, device=student_output.device)
+        total = torch.zeros((), dtype=at_least_fp32_dtype(student_output.dtype), device=student_output.device)
         n_terms = 0
         for v in range(ncrops):
-            log_p = F.log_softmax(student_output[v * B:(v + 1) * B].float().div(student_temp), dim=-1)
+            log_p = F.log_softmax(at_least_fp32(student_output[v * B:(v + 1) * B]).div(student_temp), dim=-1)
             for iq in range(2):
                 if iq != v:
                     total = total + torch.sum(-q[iq] * log_p, dim=-1).mean()
@@ -134,10 +135,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         B = teacher_probs.shape[0] // 2
         q = teacher_probs.view(2, B, -1)
         qsum = q.sum(dim=-1, keepdim=True)  # [2, B, 1], 1 up to rounding
-        scale = grad_out.float() / (ctx.student_temp * B * ctx.n_terms)
+        scale = at_least_fp32(grad_out) / (ctx.student_temp * B * ctx.n_terms)
         grad = torch.empty_like(student_output)
         for v in range(ctx.ncrops):
-            p = F.softmax(student_output[v * B:(v + 1) * B].float().div(ctx.student_temp), dim=-1)
+            p = F.softmax(at_least_fp32(student_output[v * B:(v + 1) * B]).div(ctx.student_temp), dim=-1)
             pair = [iq for iq in range(2) if iq != v]
             target = q[pair[0]] if len(pair) == 1 else q[0] + q[1]
             count = qsum[pair[0]] if len(pair) == 1 else qsum[0] + qsum[1]
@@ -193,15 +194,15 @@ class DINOLoss(nn.Module):
         if self.centering == "sinkhorn_knopp":
             teacher_out = sinkhorn_knopp(teacher_output, temp, self.sinkhorn_iterations)
         else:
-            teacher_out = F.softmax((teacher_output.detach().float() - self.center) / temp, dim=-1)
+            teacher_out = F.softmax((at_least_fp32(teacher_output.detach()) - self.center) / temp, dim=-1)
         if chunk_pairs:
             loss = _ChunkedCrossEntropy.apply(student_output, teacher_out, self.ncrops, self.student_temp)
             self.update_center(teacher_output)
             return loss
         teacher_chunks = teacher_out.chunk(2)
-        student_chunks = student_output.float().div(self.student_temp).chunk(self.ncrops)
+        student_chunks = at_least_fp32(student_output).div(self.student_temp).chunk(self.ncrops)
 
-        total = student_output.new_zeros((), dtype=torch.float32)
+        total = student_output.new_zeros((), dtype=at_least_fp32_dtype(student_output.dtype))
         n_terms = 0
         log_qs = [F.log_softmax(s, dim=-1) for s in student_chunks]
         for iq, q in enumerate(teacher_chunks):
@@ -217,7 +218,7 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
         """``c <- m c + (1 - m) * sum_ranks(sum_rows t) / (rows * world)`` (reference semantics)."""
-        batch_center = torch.sum(teacher_output.float(), dim=0, keepdim=True)
+        batch_center = torch.sum(at_least_fp32(teacher_output), dim=0, keepdim=True)
         world = 1
         if is_dist():
             dist.all_reduce(batch_center)

@@ -8,6 +8,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .dtypes import at_least_fp32
+
 __all__ = ["get_params_groups", "LARS", "clip_gradients", "cancel_gradients_last_layer", "build_optimizer"]
 
 
@@ -74,7 +76,7 @@ def clip_gradients(model: nn.Module | Iterable[torch.Tensor], clip: float) -> to
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(0)
-    norms = torch.stack(torch._foreach_norm(grads, 2.0)).float()
+    norms = at_least_fp32(torch.stack(torch._foreach_norm(grads, 2.0)))
     coefs = clip / (norms + 1e-6)
     if norms.device.type == "cpu":
         # reading the coefficients costs nothing on CPU: scale only the gradients that exceed the ceiling

@@ -46,6 +46,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import TrainConfig, config_to_dict
+from .dtypes import at_least_fp32
 from .errors import CheckpointError, ConfigError, DinokitError
 from .head import DINOHead
 from .loss import DINOLoss, KoLeoLoss
@@ -428,7 +429,7 @@ def collapse_stats(teacher_output: torch.Tensor, center: torch.Tensor, temp: flo
     """Teacher-side collapse diagnostics on one batch: mean per-row entropy of the centred, sharpened targets
     (ln K means uniform collapse), KL of their mean to uniform (0 also means collapse), centre norm, and the
     number of distinct argmax prototypes (1 means one-prototype collapse)."""
-    p = torch.softmax((teacher_output.float() - center) / temp, dim=-1)
+    p = torch.softmax((at_least_fp32(teacher_output) - center) / temp, dim=-1)
     k = p.shape[-1]
     ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()
     mean_p = p.mean(0)

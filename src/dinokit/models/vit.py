@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from ..dtypes import at_least_fp32
 from .linear import Linear, linear
 
 __all__ = ["VisionTransformer", "vit_tiny", "vit_small", "vit_base", "interpolate_pos_embed", "VIT_CONFIGS"]
@@ -295,7 +296,7 @@ class Attention(nn.Module):
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
         """The explicit post-softmax attention ``[B, heads, N, N]`` (computed in fp32)."""
         q, k, _ = self._qkv(x)
-        attn = (q.float() @ k.float().transpose(-2, -1)) * self.scale
+        attn = (at_least_fp32(q) @ at_least_fp32(k).transpose(-2, -1)) * self.scale
         return attn.softmax(dim=-1)
 
 
@@ -363,7 +364,7 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, height: int, width: int, patc
     if side * side != num_patches:
         raise ValueError(f"position embedding has {num_patches} patch positions, not a square grid")
     grid = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), scale_factor=((h0 + 0.1) / side, (w0 + 0.1) / side), mode="bicubic",
+    grid = F.interpolate(at_least_fp32(grid), scale_factor=((h0 + 0.1) / side, (w0 + 0.1) / side), mode="bicubic",
                          align_corners=False)
     if grid.shape[-2:] != (h0, w0):
         raise RuntimeError(f"position-embedding interpolation gave {tuple(grid.shape[-2:])}, wanted {(h0, w0)}")
