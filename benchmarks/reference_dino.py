@@ -219,7 +219,7 @@ class MultiCropWrapper(nn.Module):
             x = [x]
         idx_crops = torch.cumsum(torch.unique_consecutive(torch.tensor([inp.shape[-1] for inp in x]),
                                                           return_counts=True)[1], 0)
-        start_idx, output = 0, torch.empty(0).to(x[0].device)
+        start_idx, output = 0, torch.empty(0, dtype=x[0].dtype).to(x[0].device)
         for end_idx in idx_crops:
             _out = self.backbone(torch.cat(x[start_idx:end_idx]))
             if isinstance(_out, tuple):
@@ -302,12 +302,17 @@ class ReferenceDINO:
 
     def __init__(self, arch="vit_small", patch_size=16, out_dim=65536, ncrops=10, global_crop_size=224,
                  drop_path_rate=0.1, clip_grad=3.0, freeze_last_layer=1, norm_last_layer=True,
-                 precision="fp32", device="cpu"):
-        student = build_vit(arch, patch_size, global_crop_size, drop_path_rate)
-        teacher = build_vit(arch, patch_size, global_crop_size, 0.0)
+                 precision="fp32", device="cpu", vit_dims=None, head_dims=(2048, 256)):
+        dim, depth, heads = VIT_CONFIGS[arch] if vit_dims is None else vit_dims  # vit_dims: a custom ViT
+        student, teacher = (VisionTransformer(img_size=global_crop_size, patch_size=patch_size, embed_dim=dim,
+                                              depth=depth, num_heads=heads, drop_path_rate=dpr)
+                            for dpr in (drop_path_rate, 0.0))
         embed_dim = student.embed_dim
-        self.student = MultiCropWrapper(student, DINOHead(embed_dim, out_dim, norm_last_layer=norm_last_layer))
-        self.teacher = MultiCropWrapper(teacher, DINOHead(embed_dim, out_dim))
+        hidden_dim, bottleneck_dim = head_dims
+        self.student = MultiCropWrapper(student, DINOHead(embed_dim, out_dim, norm_last_layer=norm_last_layer,
+                                                          hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim))
+        self.teacher = MultiCropWrapper(teacher, DINOHead(embed_dim, out_dim, hidden_dim=hidden_dim,
+                                                          bottleneck_dim=bottleneck_dim))
         self.student.to(device)
         self.teacher.to(device)
         self.teacher.load_state_dict(self.student.state_dict())

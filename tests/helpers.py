@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +61,17 @@ class OpLog(TorchDispatchMode):
 
     def count(self, name: str) -> int:
         return sum(1 for c in self.calls if c[0] == name)
+
+
+def reference_module():
+    """``benchmarks/reference_dino.py``: the reference's modules and training step re-created (student, teacher,
+    loss, clipping, optimiser and EMA as ``main_dino`` does them), loaded as a module; skips when absent."""
+    import pytest
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reference_dino.py"
+    if not path.exists():
+        pytest.skip("benchmarks/reference_dino.py (re-created reference modules) not present")
+    spec = importlib.util.spec_from_file_location("reference_dino_for_tests", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

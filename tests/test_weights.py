@@ -4,10 +4,8 @@ or broken files, strict architecture checks."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +22,8 @@ from dinokit.weights import (
 )
 from dinokit.wrapper import MultiCropWrapper
 
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers import reference_module
+
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
@@ -38,14 +37,6 @@ def _same_features(a, b, x=X):
         return torch.allclose(a.eval()(x), b.eval()(x), atol=1e-5, rtol=1e-5)
 
 
-def _reference_module():
-    path = ROOT / "benchmarks" / "reference_dino.py"
-    if not path.exists():
-        pytest.skip("benchmarks/reference_dino.py (re-created reference modules) not present")
-    spec = importlib.util.spec_from_file_location("reference_dino_for_tests", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # --------------------------------------------------------------------------------------- dinokit format
@@ -108,7 +99,7 @@ def _official_full_checkpoint(path, ref, weight_norm_style):
 
 @pytest.mark.parametrize("style", ["weight_g", "parametrizations"])
 def test_official_full_checkpoint(tmp_path, style):
-    ref = _reference_module()
+    ref = reference_module()
     student, teacher = _official_full_checkpoint(tmp_path / "full.pth", ref, style)
     obj = safe_load(tmp_path / "full.pth")  # argparse.Namespace allowed, nothing else
     assert isinstance(obj["args"], argparse.Namespace) and obj["args"].arch == "vit_tiny"
@@ -126,7 +117,7 @@ def test_official_full_checkpoint(tmp_path, style):
 def test_reference_format_state_dict_features_equal_direct_forward(tmp_path):
     """A backbone-only release (bare reference state dict, 150 keys for a 12-block ViT) gives the features of
     the reference implementation itself."""
-    ref = _reference_module()
+    ref = reference_module()
     vit = ref.build_vit("vit_tiny", 16, 224, 0.0).eval()
     torch.save(vit.state_dict(), tmp_path / "dino_vittiny16_pretrain.pth")
     m = load_backbone(tmp_path / "dino_vittiny16_pretrain.pth")
