@@ -229,8 +229,9 @@ def test_loss_computes_in_at_least_float32_and_keeps_float64(chunk_pairs):
     from dinokit.optim import clip_gradients
 
     K, B = 16, 3
-    for dtype, want in ((torch.bfloat16, torch.float32), (torch.float32, torch.float32), (torch.float64, torch.float64)):
-        loss_fn = DINOLoss(K, 4, 0.04, 0.04, 0, 1).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    f32, f64 = torch.float32, torch.float64
+    for dtype, want in ((torch.bfloat16, f32), (f32, f32), (f64, f64)):
+        loss_fn = DINOLoss(K, 4, 0.04, 0.04, 0, 1).to(want)
         s = torch.randn(4 * B, K, dtype=dtype, requires_grad=True)
         t = torch.randn(2 * B, K, dtype=dtype)
         loss = loss_fn(s, t, epoch=0, chunk_pairs=chunk_pairs)
