@@ -258,14 +258,27 @@ def test_elastic_restart_resumes_from_the_last_checkpoint(work, ddp_run):
 
 
 def test_sigterm_on_one_rank_stops_every_rank_at_the_same_agreed_iteration(work):
-    """Only rank 1 is signalled (after iteration 3): the ranks agree at the next check (iteration 10), both stop
-    there and the checkpoint is that iteration's — no rank waits forever in a collective the other left."""
+    """Only rank 1 is signalled (after iteration 3): the ranks agree at the next check (at most
+    STOP_CHECK_EVERY = 10 iterations apart, fewer for slow iterations), both stop there and the checkpoint is
+    that iteration's — no rank waits forever in a collective the other left."""
     out = work / "term"
     torchrun(work, out, "--batch-size-per-gpu", "2", "--epochs", "4", env={"DINOKIT_TEST_TERM": "1:3"})
     r0, r1 = rank_state(out, 0), rank_state(out, 1)
-    assert r0["stopped"] == r1["stopped"] == "SIGTERM at iteration 10, checkpoint saved"
-    assert r0["iteration"] == r1["iteration"] == Trainer.STOP_CHECK_EVERY == 10
-    assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == 10
+    it = r0["iteration"]
+    assert r1["iteration"] == it and 4 <= it <= Trainer.STOP_CHECK_EVERY == 10
+    assert r0["stopped"] == r1["stopped"] == f"SIGTERM at iteration {it}, checkpoint saved"
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == it
+
+
+@pytest.mark.parametrize(("iteration", "sec_per_iter", "expected"), [
+    (0, 0.01, 10), (10, 0.01, 20), (13, 0.2, 20),  # fast: every 10 iterations, on multiples of 10
+    (13, 1.0, 15), (15, 1.0, 20),  # 1 s per iteration: every 5 (about STOP_CHECK_SECONDS)
+    (13, 2.4, 14), (13, 30.0, 14), (0, 0.0, 10),  # slower: every iteration; a zero clock cannot divide by 0
+])
+def test_stop_agreements_come_every_few_seconds_at_iterations_all_ranks_compute_alike(iteration, sec_per_iter,
+                                                                                      expected):
+    assert Trainer.STOP_CHECK_SECONDS == 5.0
+    assert Trainer._next_stop_check(iteration, sec_per_iter) == expected
 
 
 def test_time_budget_ranks_agree_on_one_plan(work):

@@ -952,16 +952,30 @@ class Trainer:
         with _StopSignals() as stop:
             return self._fit(stop)
 
-    STOP_CHECK_EVERY = 10  # iterations between the ranks' agreements on a stop request (world > 1)
+    STOP_CHECK_EVERY = 10  # at most this many iterations between the ranks' agreements on a stop request
+    STOP_CHECK_SECONDS = 5.0  # and about this many seconds: slow iterations agree more often
+
+    @classmethod
+    def _next_stop_check(cls, iteration: int, sec_per_iter: float) -> int:
+        """The iteration of the next agreement: the next multiple of ``n = STOP_CHECK_SECONDS / sec_per_iter``
+        iterations, ``1 <= n <= STOP_CHECK_EVERY``. torchrun's agent, signalled itself, forwards the signal and
+        kills its workers 30 s later: the ranks must reach an agreement and write the checkpoint before that."""
+        n = max(1, min(cls.STOP_CHECK_EVERY, int(cls.STOP_CHECK_SECONDS / max(sec_per_iter, 1e-9))))
+        return (iteration // n + 1) * n
 
     def _stop_requested(self, stop: _StopSignals) -> bool:
         """Whether to stop after this iteration: the signal of this process, or with several ranks the agreement
-        of all (every :attr:`STOP_CHECK_EVERY` iterations, so that every rank stops at the same iteration)."""
+        of all, so that every rank stops at the same iteration. The ranks agree at iterations every rank computes
+        alike (:meth:`_next_stop_check` from the slowest rank's speed, which the agreement itself carries)."""
         if self.world == 1:
             return stop.signum is not None
-        if self.iteration % self.STOP_CHECK_EVERY:
+        if self.iteration < self._stop_check_at:
             return False
-        agreed = self._agree(float(stop.signum or 0))[0]
+        now = time.perf_counter()
+        since_it, since_t = self._stop_check_since
+        agreed, sec_per_iter = self._agree(float(stop.signum or 0), (now - since_t) / max(self.iteration - since_it, 1))
+        self._stop_check_at = self._next_stop_check(self.iteration, sec_per_iter)
+        self._stop_check_since = (self.iteration, now)
         if agreed and stop.signum is None:
             stop.signum = int(agreed)
         return bool(agreed)
@@ -971,6 +985,7 @@ class Trainer:
 
         cfg = self.cfg
         calib = {"n": 0, "t": 0.0}
+        self._stop_check_at, self._stop_check_since = 0, (self.iteration, time.perf_counter())  # world > 1
         need_plan = cfg.time_budget_minutes > 0 and not self.planned_from_budget
         since = (0, 0.0)
         last = {}
