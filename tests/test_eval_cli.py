@@ -260,3 +260,54 @@ def test_eval_image_size_defaults_to_the_trained_size(setup, capsys):
     capsys.readouterr()
     assert main(["linear", *base, "--train-data", str(train), "--val-data", str(train), "--resize-size", "16"]) == 2
     assert "--resize-size 16 is smaller than --image-size 32" in capsys.readouterr().err
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path):
+    from dinokit.commands._common import check_output_dir, check_output_file
+    from dinokit.errors import ConfigError
+
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("x")
+    assert check_output_file(tmp_path / "new" / "deeper" / "x.json") == tmp_path / "new" / "deeper" / "x.json"
+    assert check_output_dir(tmp_path / "new-dir") == tmp_path / "new-dir"
+    with pytest.raises(ConfigError, match="is a folder"):
+        check_output_file(tmp_path)
+    with pytest.raises(ConfigError, match="is not a folder"):
+        check_output_file(a_file / "x.json")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        check_output_dir(a_file)
+    with pytest.raises(ConfigError, match="is not a folder"):
+        check_output_dir(a_file / "sub")
+    if os.geteuid() != 0:  # root may write anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        try:
+            with pytest.raises(ConfigError, match="no permission"):
+                check_output_file(ro / "x.json")
+            with pytest.raises(ConfigError, match="no permission"):
+                check_output_dir(ro / "d")
+        finally:
+            ro.chmod(0o700)
+
+
+def test_file_system_errors_end_in_one_line(tmp_path, capsys, monkeypatch):
+    from dinokit import cli
+
+    def boom(args):
+        raise IsADirectoryError(21, "Is a directory", str(tmp_path))
+
+    monkeypatch.setattr(cli, "build_parser", lambda only=None: _FakeParser(boom))
+    assert cli.main(["knn"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"dinokit knn: error: Is a directory: {tmp_path}"
+
+
+class _FakeParser:
+    def __init__(self, run):
+        self.run = run
+
+    def parse_args(self, argv):
+        import argparse
+
+        return argparse.Namespace(_run=self.run, command=argv[0])

@@ -101,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dinokit {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the file system refused (permissions, a folder where a file goes, a full disk, ...)
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"dinokit {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from typing import Any
 from ..errors import CheckpointError, ConfigError, DataError
 from ..trainer import resolve_device
 
-__all__ = ["add_model_arguments", "add_precision_argument", "check_positive", "eval_dataset", "format_table",
+__all__ = ["add_model_arguments", "add_precision_argument", "check_output_dir", "check_output_file",
+           "check_positive", "eval_dataset", "format_table",
            "jsonable", "load_model", "model_info", "pct", "require_labels", "resolve_device", "write_json"]
 
 
@@ -136,6 +137,45 @@ def jsonable(obj):
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output_file(path: str | Path, option: str = "--out") -> Path:
+    """Refuse, before any work, an output file that cannot be written: an existing folder, a parent that is a
+    file, or a folder without write permission (the nearest existing ancestor, which ``mkdir -p`` would use)."""
+    import os
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder; give a file name")
+    base = _nearest_existing(path.parent)
+    if not base.is_dir():
+        raise ConfigError(f"{option} {path}: {base} is not a folder")
+    writable = os.access(path, os.W_OK) if path.exists() else os.access(base, os.W_OK | os.X_OK)
+    if not writable:
+        raise ConfigError(f"{option} {path}: no permission to write there")
+    return path
+
+
+def check_output_dir(path: str | Path, option: str = "--out") -> Path:
+    """As :func:`check_output_file` for an output folder (which may exist)."""
+    import os
+
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path} is a file, not a folder")
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        raise ConfigError(f"{option} {path}: {base} is not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: no permission to write there")
+    return path
 
 
 def write_json(path: str | Path, payload: dict) -> Path:
