@@ -311,3 +311,53 @@ class _FakeParser:
         import argparse
 
         return argparse.Namespace(_run=self.run, command=argv[0])
+
+
+def _with_unreadable_files(src: Path, dst: Path) -> Path:
+    """A copy of ``src`` plus, in class ``a``, a corrupt JPEG and an empty PNG, and in class ``c`` a truncated one."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    (dst / "a" / "0-corrupt.jpg").write_bytes(os.urandom(300))
+    (dst / "a" / "1-empty.png").write_bytes(b"")
+    good = sorted((dst / "c").iterdir())[0].read_bytes()
+    (dst / "c" / "zz-truncated.png").write_bytes(good[: len(good) // 3])
+    return dst
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_evaluations_leave_unreadable_images_out_instead_of_counting_a_substitute(setup, tmp_path, capsys,
+                                                                               workers):
+    """Training substitutes the next readable image for an unreadable one; evaluations used to do the same, so
+    features/k-NN counted a neighbour twice, under the unreadable file's label. Now their rows are left out,
+    with one warning, whether the files fail in the main process or in loader workers."""
+    tmp, train, val, ckpt, backbone = setup
+    bad_train = _with_unreadable_files(train, tmp_path / "train")
+    out = tmp_path / "f.safetensors"
+    with pytest.warns(UserWarning, match=r"3 unreadable image\(s\) of the input data left out .*12 of 15 used"):
+        rc = main(["features", "--weights", str(ckpt), "--data", str(bad_train), "--out", str(out),
+                   "--num-workers", str(workers), "--batch-size", "4", *COMMON])
+    assert rc == 0 and "(12 images)" in capsys.readouterr().out
+    tensors = load_file(out)
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    paths = json.loads(meta["paths"])
+    assert meta["n"] == "12" and len(paths) == 12 and not any("corrupt" in p or "empty" in p or "trunc" in p
+                                                               for p in paths)
+    # each row is its own file's feature, under its own label
+    clean = load_file(_features_of(ckpt, train, tmp_path / "clean.safetensors"))
+    torch.testing.assert_close(tensors["features"], clean["features"])
+    assert torch.equal(tensors["labels"], clean["labels"])
+
+    res = tmp_path / "knn.json"
+    with pytest.warns(UserWarning, match="left out"):
+        rc = main(["knn", "--weights", str(ckpt), "--train-data", str(bad_train), "--val-data", str(val), "--k", "1",
+                   "--num-workers", str(workers), "--batch-size", "4", *COMMON, "--output", str(res)])
+    assert rc == 0 and "12 train / 6 val images" in capsys.readouterr().out
+    assert json.loads(res.read_text())["n_train"] == 12
+
+
+def _features_of(ckpt, data, out):
+    assert main(["features", "--weights", str(ckpt), "--data", str(data), "--out", str(out), "--num-workers", "0",
+                 *COMMON]) == 0
+    return out

@@ -138,3 +138,33 @@ def test_validation_labels_are_matched_to_train_classes_by_name():
         aligned_labels(train, disjoint)
     unnamed = SimpleNamespace(classes=[], labels=torch.tensor([4, 5]))  # tensor data sets: labels as they are
     assert aligned_labels(train, unnamed).tolist() == [4, 5]
+
+
+def test_drop_unreadable_keeps_the_rows_of_readable_files_also_through_a_subset(tmp_path):
+    import warnings
+
+    from dinokit.data import ImageFolderDataset
+    from dinokit.eval.knn import drop_unreadable
+
+    from .helpers import make_image_folder
+
+    root = make_image_folder(tmp_path / "d", n_per_class=3, classes=("a", "b"))
+    (root / "a" / "0-bad.jpg").write_bytes(b"not an image")
+    ds = ImageFolderDataset(root, transform=lambda im: torch.tensor(im.getpixel((0, 0)), dtype=torch.float32),
+                            unreadable="leave_out")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows = torch.stack([ds[i][0] for i in range(len(ds))])
+    assert ds.readable().tolist() == [False] + [True] * 6
+    assert torch.equal(rows[0], rows[1])  # the unreadable file's row holds the next file's image
+    with pytest.warns(UserWarning, match=r"1 unreadable image\(s\) of the test data left out .*0-bad.jpg.*6 of 7"):
+        kept, labels = drop_unreadable(ds, "test", rows, ds.labels)
+    assert torch.equal(kept, rows[1:]) and labels.tolist() == [0, 0, 0, 1, 1, 1]
+    sub = torch.utils.data.Subset(ds, [0, 2, 5])
+    with pytest.warns(UserWarning, match="2 of 3 used"):
+        (kept_sub,) = drop_unreadable(sub, "test", rows[[0, 2, 5]])
+    assert torch.equal(kept_sub, rows[[2, 5]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left out: no warning
+        (same,) = drop_unreadable(torch.utils.data.Subset(ds, [1, 2]), "test", rows[[1, 2]])
+    assert torch.equal(same, rows[[1, 2]])

@@ -175,11 +175,18 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     the process-wide :func:`count_skipped`) and the item returned instead is the next readable one in listing
     order (wrapping around), so an epoch never crashes and the substitution is deterministic. If no file is
     readable at all, :class:`DataError` is raised. ``transform=None`` returns the RGB PIL image.
+
+    ``unreadable="leave_out"`` (evaluation) substitutes the same way, to keep batches whole, but the warning
+    says the file is left out: the caller drops the rows of the files :meth:`readable` marks False (see
+    :func:`dinokit.eval.knn.drop_unreadable`), so no image is counted twice or under another file's label.
     """
 
-    def __init__(self, root: str | os.PathLike, transform: Callable | None = None):
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None, unreadable: str = "substitute"):
+        if unreadable not in ("substitute", "leave_out"):
+            raise ValueError(f"unreadable must be 'substitute' or 'leave_out', got {unreadable!r}")
         self.root = Path(root).expanduser()
         self.transform = transform
+        self.unreadable = unreadable
         if not self.root.exists():
             raise DataError(f"image directory {self.root} does not exist")
         if not self.root.is_dir():
@@ -216,6 +223,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         workers."""
         return max(len(self.skipped), int(self._bad_shared.sum()))
 
+    def readable(self) -> torch.Tensor:
+        """``[N]`` bool: False for the files found unreadable so far (in this process or its DataLoader
+        workers), True for the others — after a full pass, exactly the readable files."""
+        return ~self._bad_shared
+
     def _mark_bad(self, index: int, err: Exception) -> None:
         path = self.samples[index][0]
         self._bad.add(index)
@@ -223,8 +235,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.skipped.add(path)
         if path not in _SKIPPED:
             _SKIPPED.add(path)
-            warnings.warn(f"dinokit: skipping unreadable image {path} ({err}); using the next image instead",
-                          UserWarning, stacklevel=3)
+            what = "using the next image instead" if self.unreadable == "substitute" else "it is left out"
+            warnings.warn(f"dinokit: skipping unreadable image {path} ({err}); {what}", UserWarning, stacklevel=3)
 
     def load(self, index: int) -> tuple[Image.Image, int]:
         """The RGB image and label at ``index``, or of the next readable file (see the class docstring)."""
@@ -393,8 +405,9 @@ class TensorImageDataset(torch.utils.data.Dataset):
 # spec -> data set
 
 
-def build_dataset(spec: str | os.PathLike, transform: Callable | None = None, split: str = "train"):
-    """Data set from a string spec:
+def build_dataset(spec: str | os.PathLike, transform: Callable | None = None, split: str = "train",
+                  unreadable: str = "substitute"):
+    """Data set from a string spec (``unreadable``: see :class:`ImageFolderDataset`):
 
     * ``DIR``: :class:`ImageFolderDataset` (``split`` is ignored: pass the train and val folders separately);
     * ``fashion-mnist:DIR``: Fashion-MNIST ``split`` ("train"/"test") from the IDX files in ``DIR``;
@@ -423,7 +436,7 @@ def build_dataset(spec: str | os.PathLike, transform: Callable | None = None, sp
     if sep and len(head) > 1 and "/" not in head and "\\" not in head and not Path(s).exists():
         raise DataError(f"unknown data spec {s!r}: expected a folder of images, fashion-mnist or "
                         "fashion-mnist:<dir>")
-    return ImageFolderDataset(s, transform=transform)
+    return ImageFolderDataset(s, transform=transform, unreadable=unreadable)
 
 
 # ---------------------------------------------------------------------------------------------------------

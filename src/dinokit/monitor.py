@@ -67,13 +67,13 @@ def _tensor_features(backbone, ds, cfg: TrainConfig, device, batch_size: int = 1
 def online_knn(backbone: torch.nn.Module, cfg: TrainConfig, device: torch.device, k: int = 20,
                T: float = 0.07) -> dict[str, Any]:
     from .data import build_dataset
-    from .eval.knn import extract_features, knn_classifier
+    from .eval.knn import drop_unreadable, extract_features, knn_classifier
 
     key = (cfg.knn_train, cfg.knn_val, cfg.knn_subset, cfg.global_crop_size)
     if key not in _CACHE:
         tf = knn_transform(cfg)
-        train = build_dataset(cfg.knn_train, transform=tf, split="train")
-        val = build_dataset(cfg.knn_val, transform=tf, split="test")
+        train = build_dataset(cfg.knn_train, transform=tf, split="train", unreadable="leave_out")
+        val = build_dataset(cfg.knn_val, transform=tf, split="test", unreadable="leave_out")
         _CACHE[key] = (_subset(train, cfg.knn_subset), _subset(val, cfg.knn_subset, seed=1))
     (train_ds, train_labels), (val_ds, val_labels) = _CACHE[key]
     was_training = backbone.training
@@ -83,6 +83,8 @@ def online_knn(backbone: torch.nn.Module, cfg: TrainConfig, device: torch.device
         if ftrain is None or fval is None:
             ftrain, _ = extract_features(backbone, train_ds, batch_size=256, device=device, progress=False)
             fval, _ = extract_features(backbone, val_ds, batch_size=256, device=device, progress=False)
+            ftrain, train_labels = drop_unreadable(train_ds, "k-NN monitor's train", ftrain, train_labels)
+            fval, val_labels = drop_unreadable(val_ds, "k-NN monitor's validation", fval, val_labels)
     finally:
         backbone.train(was_training)
     ftrain = torch.nn.functional.normalize(ftrain, dim=1)

@@ -115,7 +115,7 @@ def eval_dataset(spec: str, image_size: int, split: str, resize_size: int | None
     from ..data import build_dataset
 
     check_eval_sizes(image_size, resize_size)
-    return build_dataset(spec, transform=eval_transform(image_size, resize_size), split=split)
+    return build_dataset(spec, transform=eval_transform(image_size, resize_size), split=split, unreadable="leave_out")
 
 
 def require_labels(ds, spec: str, what: str) -> None:

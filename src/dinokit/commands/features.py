@@ -12,6 +12,7 @@ from ._common import (
     add_eval_size_arguments,
     add_model_arguments,
     add_precision_argument,
+    check_output_file,
     check_positive,
     eval_dataset,
     eval_image_size,
@@ -66,10 +67,11 @@ def run(args: argparse.Namespace) -> int:
 
     from ..augmentation import eval_resize_size
     from ..errors import ConfigError, DataError
-    from ..eval.knn import extract_outputs, frozen_features, is_vit
+    from ..eval.knn import drop_unreadable, extract_outputs, frozen_features, is_vit
 
     check_positive("--n-last-blocks", args.n_last_blocks)
     check_positive("--batch-size", args.batch_size)
+    out = check_output_file(args.out)
     model = load_model(args)
     image_size = eval_image_size(args.image_size, model)
     ds = eval_dataset(args.data, image_size, args.split, args.resize_size)
@@ -85,16 +87,18 @@ def run(args: argparse.Namespace) -> int:
         return frozen_features(m, x, n)
 
     device = next(model.parameters()).device
-    outs, labels = extract_outputs(model, ds, fn, batch_size=args.batch_size, num_workers=args.num_workers,
+    outs, _ = extract_outputs(model, ds, fn, batch_size=args.batch_size, num_workers=args.num_workers,
                                    device=device, progress=not args.no_progress, precision=args.precision)
+    labels = ds.labels  # each file's own label (an unreadable file's row holds a substitute: dropped below)
+    index = torch.arange(len(ds))
+    *outs, labels, index = drop_unreadable(ds, "input", *outs, labels, index)
     tensors = {"features": outs[0].contiguous()}
     if args.patch_tokens:
         tensors["patch_tokens"] = outs[1].contiguous()
     if getattr(ds, "has_labels", False):
         tensors["labels"] = labels.to(torch.int64).contiguous()
 
-    out = Path(args.out).expanduser()
-    meta = {"format": "dinokit-features", "data": str(args.data), "n": str(len(ds)),
+    meta = {"format": "dinokit-features", "data": str(args.data), "n": str(len(index)),
             "feature": f"cls_last_{n}_blocks" if n > 1 else "cls", "n_last_blocks": str(n),
             "image_size": str(image_size), "resize_size": str(eval_resize_size(image_size, args.resize_size)),
             "precision": args.precision,
@@ -107,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     samples = getattr(ds, "samples", None)
     if samples is not None:
         root = Path(getattr(ds, "root", os.path.commonpath([p for p, _ in samples]) if samples else "."))
-        rel = [os.path.relpath(p, root) for p, _ in samples]
+        rel = [os.path.relpath(samples[i][0], root) for i in index.tolist()]
         meta["root"] = str(root.resolve())
         text = json.dumps(rel)
         if len(text) <= _MAX_INLINE_PATHS:
@@ -124,5 +128,5 @@ def run(args: argparse.Namespace) -> int:
     shape = "x".join(map(str, tensors["features"].shape))
     extra = f", patch_tokens {'x'.join(map(str, tensors['patch_tokens'].shape))}" if args.patch_tokens else ""
     print(f"wrote {out}: features {shape}{extra}{', labels' if 'labels' in tensors else ''} "
-          f"({len(ds)} images)")
+          f"({len(index)} images)")
     return 0

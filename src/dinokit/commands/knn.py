@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..augmentation import eval_resize_size
-    from ..eval.knn import aligned_labels, extract_features, knn_eval
+    from ..eval.knn import aligned_labels, drop_unreadable, extract_features, knn_eval
 
     for k in args.k:
         check_positive("--k", k)
@@ -81,12 +81,13 @@ def run(args: argparse.Namespace) -> int:
               progress=not args.no_progress, precision=args.precision)
     train_feats, _ = extract_features(model, train_ds, desc="train features", features=args.features, **kw)
     val_feats, _ = extract_features(model, val_ds, desc="val features", features=args.features, **kw)
-    train_labels, val_labels = train_ds.labels, aligned_labels(train_ds, val_ds)
+    train_feats, train_labels = drop_unreadable(train_ds, "train", train_feats, train_ds.labels)
+    val_feats, val_labels = drop_unreadable(val_ds, "val", val_feats, aligned_labels(train_ds, val_ds))
     num_classes = int(max(int(train_labels.max()), int(val_labels.max()))) + 1
     bank_device = device if device.type == "cuda" else torch.device("cpu")
     res = knn_eval(train_feats.to(bank_device), train_labels, val_feats.to(bank_device), val_labels,
                    ks=sorted(set(args.k)), T=args.temperature, num_classes=num_classes)
-    print(f"k-NN (weighted, T={args.temperature:g}): {len(train_ds)} train / {len(val_ds)} val images, "
+    print(f"k-NN (weighted, T={args.temperature:g}): {len(train_labels)} train / {len(val_labels)} val images, "
           f"{num_classes} classes, {train_feats.shape[1]}-d {args.features} features at {image_size} px"
           f"{' (bf16)' if args.precision == 'bf16' else ''}")
     print(format_table(["k", "top-1", "top-5"],
@@ -94,8 +95,8 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         payload = {"knn": {str(k): r for k, r in res.items()}, "units": "percent",
                    "temperature": args.temperature, "model": model_info(args, model),
-                   "train_data": args.train_data, "val_data": args.val_data, "n_train": len(train_ds),
-                   "n_val": len(val_ds), "num_classes": num_classes, "feature_dim": int(train_feats.shape[1]),
+                   "train_data": args.train_data, "val_data": args.val_data, "n_train": len(train_labels),
+                   "n_val": len(val_labels), "num_classes": num_classes, "feature_dim": int(train_feats.shape[1]),
                    "image_size": image_size, "resize_size": eval_resize_size(image_size, args.resize_size),
                    "features": args.features, "precision": args.precision}
         print(f"wrote {write_json(args.output, payload)}")

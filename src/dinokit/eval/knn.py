@@ -179,6 +179,24 @@ def aligned_labels(train_ds, val_ds) -> torch.Tensor:
     return labels
 
 
+def drop_unreadable(ds, what: str, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``rows`` (tensors aligned with ``ds``'s images, e.g. features extracted in data-set order and labels)
+    without the images found unreadable during the extraction, with one warning naming them. Extraction
+    substitutes the next readable image for an unreadable one (:class:`dinokit.data.ImageFolderDataset`); its
+    row must not count, twice or under the unreadable file's label. ``ds`` may be a ``Subset``."""
+    base, idx = (ds.dataset, list(ds.indices)) if isinstance(ds, torch.utils.data.Subset) else (ds, None)
+    if not hasattr(base, "readable"):
+        return rows
+    keep = base.readable() if idx is None else base.readable()[idx]
+    if bool(keep.all()):
+        return rows
+    bad = (~keep).nonzero().flatten().tolist()
+    names = [base.samples[i if idx is None else idx[i]][0] for i in bad]
+    warnings.warn(f"dinokit: {len(bad)} unreadable image(s) of the {what} data left out ({_names(names, 3)}); "
+                  f"{int(keep.sum())} of {len(keep)} used", stacklevel=2)
+    return tuple(r[keep] for r in rows)
+
+
 def _names(classes: list[str], most: int = 5) -> str:
     return ", ".join(classes[:most]) + (f" and {len(classes) - most} more" if len(classes) > most else "")
 

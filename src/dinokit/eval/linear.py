@@ -206,15 +206,15 @@ def linear_probe(model: nn.Module, train_spec, val_spec, lrs: Sequence[float] = 
     from ..augmentation import eval_transform
     from ..data import build_dataset
     from ..errors import DataError
-    from .knn import aligned_labels, eval_autocast, extract_features, is_vit
+    from .knn import aligned_labels, drop_unreadable, eval_autocast, extract_features, is_vit
 
     device = torch.device(device)
     model = model.eval().to(device)
     if not is_vit(model):  # the reference's ResNet-50 setting: the pooled output
         n_last_blocks, avgpool_patchtokens = 1, False
     tf = eval_transform(image_size, resize_size)
-    train_ds = build_dataset(train_spec, transform=tf, split="train")
-    val_ds = build_dataset(val_spec, transform=tf, split="test")
+    train_ds = build_dataset(train_spec, transform=tf, split="train", unreadable="leave_out")
+    val_ds = build_dataset(val_spec, transform=tf, split="test", unreadable="leave_out")
     for name, ds in (("train", train_ds), ("validation", val_ds)):
         if not ds.has_labels:
             raise DataError(f"the {name} data ({train_spec if name == 'train' else val_spec}) has unlabelled "
@@ -225,8 +225,10 @@ def linear_probe(model: nn.Module, train_spec, val_spec, lrs: Sequence[float] = 
     kw = dict(batch_size=batch_size, num_workers=num_workers, device=device, n_last_blocks=n_last_blocks,
               avgpool_patchtokens=avgpool_patchtokens, progress=progress, precision=precision)
     val_feats, _ = extract_features(model, val_ds, desc="val features", **kw)
+    val_feats, val_labels = drop_unreadable(val_ds, "validation", val_feats, val_labels)
     if not augment:
         train_feats, _ = extract_features(model, train_ds, desc="train features", **kw)
+        train_feats, train_labels = drop_unreadable(train_ds, "train", train_feats, train_labels)
         results = train_linear_on_features(train_feats, train_labels, val_feats, val_labels, lrs, epochs,
                                            batch_size, num_labels, weight_decay, seed, val_freq, device,
                                            progress)
@@ -251,7 +253,7 @@ def linear_probe(model: nn.Module, train_spec, val_spec, lrs: Sequence[float] = 
                               progress)
     best = max(results, key=lambda r: r["best"]["top1"])
     return {"mode": "augment" if augment else "cached-features", "results": results, "best": best,
-            "feature_dim": int(dim), "num_labels": num_labels, "n_train": len(train_ds), "n_val": len(val_ds),
+            "feature_dim": int(dim), "num_labels": num_labels, "n_train": len(train_labels), "n_val": len(val_labels),
             "epochs": epochs, "batch_size": batch_size, "n_last_blocks": n_last_blocks,
             "avgpool_patchtokens": avgpool_patchtokens, "weight_decay": weight_decay, "precision": precision}
 
