@@ -361,3 +361,38 @@ def _features_of(ckpt, data, out):
     assert main(["features", "--weights", str(ckpt), "--data", str(data), "--out", str(out), "--num-workers", "0",
                  *COMMON]) == 0
     return out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["knn", "--image-size", "30"], "--image-size 30 is not a multiple of the ViT's patch size 8 (e.g. 24 or 32)"),
+    (["features", "--image-size", "0"], "--image-size must be > 0, got 0"),
+    (["linear", "--image-size", "4"], "--image-size 4 is not a multiple of the ViT's patch size 8 (e.g. 8)"),
+    (["knn", "--num-workers", "-1"], "--num-workers must be >= 0, got -1"),
+])
+def test_impossible_evaluation_options_are_one_line_errors(setup, tmp_path, capsys, argv, message):
+    _, train, val, ckpt, _ = setup
+    data = {"knn": ["--train-data", str(train), "--val-data", str(val)], "features": ["--data", str(train), "--out",
+            str(tmp_path / "f.safetensors")], "linear": ["--train-data", str(train), "--val-data", str(val)]}
+    rc = main([argv[0], "--weights", str(ckpt), *data[argv[0]], *argv[1:], "--device", "cpu", "--no-progress"])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == f"dinokit {argv[0]}: error: {message}"
+
+
+def test_more_last_blocks_or_neighbours_than_exist_are_named_and_recorded_as_used(setup, tmp_path, capsys):
+    _, train, val, ckpt, _ = setup
+    out = tmp_path / "f.safetensors"
+    with pytest.warns(UserWarning, match="--n-last-blocks 5 but the ViT has 2 blocks: using its 2"):
+        assert main(["features", "--weights", str(ckpt), "--data", str(train), "--out", str(out),
+                     "--n-last-blocks", "5", "--num-workers", "0", *COMMON]) == 0
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["n_last_blocks"] == "2" and f.get_tensor("features").shape == (12, 64)
+    res = tmp_path / "lin.json"
+    with pytest.warns(UserWarning, match="--n-last-blocks 4 but the ViT has 2 blocks"):  # linear's default: 4
+        assert main(["linear", "--weights", str(ckpt), "--train-data", str(train), "--val-data", str(val),
+                     "--epochs", "1", "--num-workers", "0", *COMMON, "--output", str(res)]) == 0
+    lin = json.loads(res.read_text())["linear"]
+    assert lin["n_last_blocks"] == 2 and lin["feature_dim"] == 64
+    with pytest.warns(UserWarning, match="--k 20 100 above the 12 train images: such a k votes with all of them"):
+        assert main(["knn", "--weights", str(ckpt), "--train-data", str(train), "--val-data", str(val),
+                     "--k", "1", "20", "100", "--num-workers", "0", *COMMON]) == 0
+    capsys.readouterr()

@@ -13,7 +13,7 @@ from ..errors import CheckpointError, ConfigError, DataError
 from ..trainer import resolve_device
 
 __all__ = ["add_model_arguments", "add_precision_argument", "check_output_dir", "check_output_file",
-           "check_positive", "eval_dataset", "format_table",
+           "check_positive", "eval_dataset", "format_table", "last_blocks",
            "jsonable", "load_model", "model_info", "pct", "require_labels", "resolve_device", "write_json"]
 
 
@@ -49,6 +49,8 @@ def load_model(args: argparse.Namespace, need_patches: bool = False):
     ``--device``. ``need_patches``: refuse a backbone without patch tokens (not a ViT)."""
     if not args.weights:
         raise ConfigError("--weights is required")
+    if getattr(args, "num_workers", 0) < 0:
+        raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
     path = Path(args.weights).expanduser()
     if not path.exists():
         raise CheckpointError(f"weights file not found: {args.weights}")
@@ -95,8 +97,30 @@ def add_precision_argument(group) -> None:
 
 def eval_image_size(requested: int | None, model) -> int:
     """``--image-size`` when given, else the input size the ViT's position embedding was trained at (pos-embed
-    grid x patch: 224 for the official checkpoints, the global crop size for dinokit runs), else 224."""
-    return requested or (getattr(model, "dinokit_arch", None) or {}).get("img_size") or 224
+    grid x patch: 224 for the official checkpoints, the global crop size for dinokit runs), else 224. A ViT
+    needs a size that is a multiple of its patch size."""
+    if requested is not None:
+        check_positive("--image-size", requested)
+    size = requested or (getattr(model, "dinokit_arch", None) or {}).get("img_size") or 224
+    patch = getattr(model, "patch_size", None)
+    if isinstance(patch, int) and size % patch:
+        near = sorted({max(patch, size // patch * patch), (size // patch + 1) * patch})
+        raise ConfigError(f"--image-size {size} is not a multiple of the ViT's patch size {patch} (e.g. "
+                          f"{' or '.join(map(str, near))})")
+    return size
+
+
+def last_blocks(model, n: int, option: str = "--n-last-blocks") -> int:
+    """``n`` for a ViT with at least ``n`` blocks; else all its blocks, with a warning (the result records the
+    number actually used)."""
+    import warnings
+
+    check_positive(option, n)
+    depth = len(getattr(model, "blocks", ()) or ())
+    if depth and n > depth:
+        warnings.warn(f"dinokit: {option} {n} but the ViT has {depth} blocks: using its {depth}", stacklevel=2)
+        return depth
+    return n
 
 
 def check_eval_sizes(image_size: int, resize_size: int | None) -> None:

@@ -16,6 +16,7 @@ from ._common import (
     check_positive,
     eval_dataset,
     eval_image_size,
+    last_blocks,
     load_model,
     model_info,
 )
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     vit = is_vit(model)
     if (args.patch_tokens or args.n_last_blocks > 1) and not vit:
         raise ConfigError("--patch-tokens / --n-last-blocks > 1 need a ViT backbone")
-    n = args.n_last_blocks
+    n = last_blocks(model, args.n_last_blocks)
 
     def fn(m, x):
         if args.patch_tokens:

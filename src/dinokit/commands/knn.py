@@ -84,6 +84,11 @@ def run(args: argparse.Namespace) -> int:
     train_feats, train_labels = drop_unreadable(train_ds, "train", train_feats, train_ds.labels)
     val_feats, val_labels = drop_unreadable(val_ds, "val", val_feats, aligned_labels(train_ds, val_ds))
     num_classes = int(max(int(train_labels.max()), int(val_labels.max()))) + 1
+    if too_big := [k for k in sorted(set(args.k)) if k > len(train_labels)]:
+        import warnings
+
+        warnings.warn(f"dinokit: --k {' '.join(map(str, too_big))} above the {len(train_labels)} train images: "
+                      f"such a k votes with all of them", stacklevel=1)
     bank_device = device if device.type == "cuda" else torch.device("cpu")
     res = knn_eval(train_feats.to(bank_device), train_labels, val_feats.to(bank_device), val_labels,
                    ks=sorted(set(args.k)), T=args.temperature, num_classes=num_classes)

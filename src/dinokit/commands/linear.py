@@ -14,6 +14,7 @@ from ._common import (
     check_positive,
     eval_image_size,
     format_table,
+    last_blocks,
     load_model,
     model_info,
     write_json,
@@ -78,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     check_eval_sizes(image_size, args.resize_size)
     device = next(model.parameters()).device
     res = linear_probe(model, args.train_data, args.val_data, lrs=args.lr, epochs=args.epochs,
-                       n_last_blocks=args.n_last_blocks, avgpool_patchtokens=args.avgpool_patchtokens,
+                       n_last_blocks=last_blocks(model, args.n_last_blocks),
+                       avgpool_patchtokens=args.avgpool_patchtokens,
                        batch_size=args.batch_size, augment=args.augment, image_size=image_size,
                        resize_size=args.resize_size,
                        num_workers=args.num_workers, device=device, weight_decay=args.weight_decay,
