@@ -325,3 +325,117 @@ def test_cli_davis(tmp_path, monkeypatch, capsys):
     rc = main(["davis", "--weights", "w.pth", "--davis-root", str(tmp_path / "nope"), "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "does not exist" in err
+
+
+def _cli(argv, capsys) -> tuple[int, str]:
+    """``dinokit davis ...`` in-process: exit code and stderr (argparse errors included)."""
+    from dinokit.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main(["davis", *argv])
+    except SystemExit as e:
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+def test_cli_davis_refuses_bad_options_before_any_work(tmp_path, monkeypatch, capsys):
+    import sys
+    import types
+
+    root = write_davis(tmp_path / "DAVIS", videos=("shapes",), T=3)
+    (tmp_path / "w.pth").write_bytes(b"")
+    mod = types.ModuleType("dinokit.weights")
+    mod.load_backbone = lambda *a, **k: pytest.fail("the model was loaded before the options were checked")
+    monkeypatch.setitem(sys.modules, "dinokit.weights", mod)
+    (tmp_path / "a_file").write_text("x")
+    base = ["--weights", str(tmp_path / "w.pth"), "--davis-root", str(root), "--no-progress"]
+    out = ["--out", str(tmp_path / "out")]
+    cases = [
+        (["--out", str(tmp_path / "a_file")], "is a file, not a folder"),
+        (["--out", str(tmp_path / "a_file" / "sub")], "is not a folder"),
+        ([*out, "--output", str(tmp_path)], "is a folder"),
+        ([*out, "--temperature", "0"], "--temperature must be a finite number > 0, got 0.0"),
+        ([*out, "--temperature", "-0.1"], "--temperature must be a finite number > 0"),
+        ([*out, "--temperature", "nan"], "--temperature must be a finite number > 0"),
+        ([*out, "--bound-th", "-1"], "--bound-th must be a finite number >= 0"),
+        ([*out, "--bound-th", "nan"], "--bound-th must be a finite number >= 0"),
+        ([*out, "--topk", "0"], "--topk >= 1"),
+        ([*out, "--temperature", "warm"], "invalid float value"),
+    ]
+    for extra, message in cases:
+        rc, err = _cli([*base, *extra], capsys)
+        assert rc == 2 and err.count("\n") == 1 and message in err and "Traceback" not in err, (extra, err)
+    assert not (tmp_path / "out").exists()
+    rc, err = _cli(["--eval-only", "--davis-root", str(root), "--out", str(tmp_path / "a_file")], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "is a file, not a folder" in err
+
+
+def test_propagation_refuses_a_non_positive_temperature():
+    from dinokit.errors import ConfigError
+
+    frames, masks = make_video(T=2, S=64)
+    for t in (0.0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match="temperature > 0"):
+            propagate_video(ColourPatches(), frames, masks[0], short_side=64, temperature=t)
+
+
+def _resave(path, mode):
+    Image.open(path).convert(mode).save(path)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_rgb_annotations_read_through_the_palette_as_indexed_ones(tmp_path, mode):
+    indexed = write_davis(tmp_path / "indexed", videos=("shapes",), T=4, S=64)
+    rgb = write_davis(tmp_path / "rgb", videos=("shapes",), T=4, S=64)
+    for p in (rgb / "Annotations/480p/shapes").glob("*.png"):
+        _resave(p, mode)
+    assert Image.open(rgb / "Annotations/480p/shapes/00000.png").mode == mode
+    segment_davis(ColourPatches(), indexed, tmp_path / "out_indexed", short_side=64)
+    segment_davis(ColourPatches(), rgb, tmp_path / "out_rgb", short_side=64)
+    for t in range(4):
+        a = np.array(Image.open(tmp_path / f"out_indexed/shapes/{t:05d}.png"))
+        b = np.array(Image.open(tmp_path / f"out_rgb/shapes/{t:05d}.png"))
+        assert a.shape == (64, 64) and set(np.unique(a)) == {0, 1, 2} and (a == b).all()
+    # the scores too: the RGB ground truth is read as the same labels
+    assert evaluate_davis(tmp_path / "out_rgb", rgb) == evaluate_davis(tmp_path / "out_indexed", indexed)
+
+
+def test_annotations_that_are_not_label_maps_are_refused(tmp_path):
+    root = write_davis(tmp_path / "DAVIS", videos=("shapes",), T=3, S=64)
+    first = root / "Annotations/480p/shapes/00000.png"
+    labels = np.array(Image.open(first))
+    rgb = davis_palette()[labels]
+    rgb[labels == 1] = (255, 255, 255)  # white: not a DAVIS palette colour
+    Image.fromarray(rgb).save(first)
+    with pytest.raises(DataError, match=r"00000.png is an RGB PNG with colour \(255, 255, 255\), not a DAVIS palette"):
+        segment_davis(ColourPatches(), root, tmp_path / "out", short_side=64)
+    Image.fromarray(np.stack([labels, np.full_like(labels, 255)], -1), mode="LA").save(first)
+    with pytest.raises(DataError, match="00000.png is a mode-LA image; it must be an indexed"):
+        segment_davis(ColourPatches(), root, tmp_path / "out", short_side=64)
+    # a greyscale label map is read as its values, as an indexed one
+    Image.fromarray(labels, mode="L").save(first)
+    out = propagate_video(ColourPatches(), sorted((root / "JPEGImages/480p/shapes").glob("*.jpg")), first,
+                          short_side=64)
+    assert (out[0] == labels).all() and set(np.unique(out[1])) == {0, 1, 2}
+
+
+def test_annotation_size_must_match_its_frames(tmp_path, monkeypatch, capsys):
+    root = write_davis(tmp_path / "DAVIS", videos=("shapes",), T=3, S=64)
+    first = root / "Annotations/480p/shapes/00000.png"
+    im = Image.open(first)
+    im.crop((0, 0, 64, 40)).save(first)  # 40x64 (HxW) annotation, 64x64 frames
+    with pytest.raises(DataError, match=r"annotation .*00000.png is 40x64 px but frame .*00000.jpg is 64x64 \(HxW\)"):
+        segment_davis(ColourPatches(), root, tmp_path / "out", short_side=64)
+    (tmp_path / "w.pth").write_bytes(b"")
+    _fake_weights(monkeypatch, ColourPatches())
+    rc, err = _cli(["--weights", str(tmp_path / "w.pth"), "--davis-root", str(root), "--out", str(tmp_path / "o"),
+                    "--short-side", "64", "--no-progress", "--device", "cpu"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "is 40x64 px but frame" in err
+    # scoring: the annotations of a video must share a size
+    im.save(first)
+    segment_davis(ColourPatches(), root, tmp_path / "out", short_side=64)
+    second = root / "Annotations/480p/shapes/00001.png"
+    Image.open(second).crop((0, 0, 64, 48)).save(second)
+    with pytest.raises(DataError, match=r"00001.png is 48x64 px, 00000.png 64x64 \(HxW\): all annotations"):
+        evaluate_davis(tmp_path / "out", root)

@@ -5,10 +5,21 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
-from ._common import add_model_arguments, format_table, load_model, model_info, pct, resolve_device, write_json
+from ._common import (
+    add_model_arguments,
+    check_output_dir,
+    check_output_file,
+    format_table,
+    load_model,
+    model_info,
+    pct,
+    resolve_device,
+    write_json,
+)
 
 HELP = "DAVIS-2017 video object segmentation by label propagation (J&F)"
 DESCRIPTION = """Semi-supervised video object segmentation by nearest-neighbour label propagation of frozen patch
@@ -23,7 +34,11 @@ DAVIS-ROOT holds JPEGImages/480p/<video>/*.jpg, Annotations/480p/<video>/*.png a
 (DAVIS-2017 trainval 480p from https://davischallenge.org/davis2017/code.html). Writes OUT/<video>/<frame>.png
 (indexed, DAVIS palette), then scores them as davis2017-evaluation does (first and last frames excluded) and writes
 OUT/davis_results.json plus the official global_results-<split>.csv and per-sequence_results-<split>.csv.
-Metrics are printed in percent and stored as fractions."""
+Metrics are printed in percent and stored as fractions.
+
+Annotations must have their frame's size and be indexed (palette) PNGs, as DAVIS ships them; a greyscale PNG is
+read as label values (0 background, 1..K objects, 255 void) and an RGB PNG back through the DAVIS palette (black
+background, (128,0,0) object 1, (0,128,0) object 2, ...; any other colour is refused)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size-mask-neighborhood", type=int, default=12,
                         help="spatial neighbourhood radius in patches; 0 = whole frame (default: 12)")
     parser.add_argument("--topk", type=int, default=5, help="sources kept per target patch (default: 5)")
-    parser.add_argument("--temperature", type=float, default=0.1, help="affinity temperature (default: 0.1)")
+    parser.add_argument("--temperature", type=float, default=0.1, help="affinity temperature, > 0 (default: 0.1)")
     parser.add_argument("--short-side", type=int, default=480,
                         help="frames are resized to this short side; the long side is floored to a multiple of "
                              "64 (default: 480, the reference)")
@@ -47,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="val", help="ImageSets/2017/<split>.txt (default: val)")
     parser.add_argument("--resolution", default="480p", help="JPEGImages/ and Annotations/ sub-folder (480p)")
     parser.add_argument("--bound-th", type=float, default=0.008,
-                        help="F boundary tolerance as a fraction of the image diagonal (default: 0.008)")
+                        help="F boundary tolerance as a fraction of the image diagonal, >= 0; a value >= 1 is "
+                             "taken as pixels (default: 0.008)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--no-eval", action="store_true", help="only write the segmentations")
     mode.add_argument("--eval-only", action="store_true", help="only score the PNGs already in OUT")
@@ -72,7 +88,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.n_last_frames < 0 or args.topk < 1 or args.size_mask_neighborhood < 0 or args.short_side < 1:
         raise ConfigError("need --n-last-frames >= 0, --topk >= 1, --size-mask-neighborhood >= 0, --short-side >= 1")
-    out = Path(args.out)
+    if not 0 < args.temperature < math.inf:
+        raise ConfigError(f"--temperature must be a finite number > 0, got {args.temperature}")
+    if not 0 <= args.bound_th < math.inf:
+        raise ConfigError(f"--bound-th must be a finite number >= 0, got {args.bound_th}")
+    out = check_output_dir(args.out)
+    if args.output:
+        check_output_file(args.output, "--output")
     videos = list_videos(args.davis_root, args.split, args.videos, args.resolution)
     progress = not args.no_progress
     settings = {"n_last_frames": args.n_last_frames, "size_mask_neighborhood": args.size_mask_neighborhood,

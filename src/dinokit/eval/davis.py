@@ -8,7 +8,9 @@ protocol of Jabri et al. 2020, "Space-Time Correspondence as a Contrastive Rando
   /255, normalised with mean (0.485, 0.456, 0.406) and std **(0.228, 0.224, 0.225)** (a quirk inherited from UVC
   that the reference keeps; ``std=IMAGENET_STD`` gives the usual 0.229);
 * features: last block, final norm, without CLS (``get_intermediate_layers(x, n=1)[0][:, 1:]``), L2-normalised;
-* first-frame labels: the annotation resized to the patch grid with NEAREST and one-hot encoded;
+* first-frame labels: the annotation resized to the patch grid with NEAREST and one-hot encoded. Annotations are
+  indexed (palette) PNGs of their frame's size; a greyscale PNG is read as label values, an RGB one back through
+  the DAVIS palette (a colour outside it is an error);
 * for each target frame: the context is frame 0 plus the last ``n_last_frames`` (7) frames' features and *soft*
   segmentations (FIFO); affinity ``exp(<f_t(q), f_c(s)> / 0.1)``, zeroed outside the square neighbourhood
   ``|Δrow|, |Δcol| <= size_mask_neighborhood`` (12 patches; 0 disables it); for each target position only the
@@ -128,12 +130,35 @@ def first_frame_labels(labels: np.ndarray, grid_hw: tuple[int, int]) -> torch.Te
     return F.one_hot(small, n).permute(2, 0, 1)[None].float()
 
 
-def _read_labels(path: str | Path) -> np.ndarray:
+def _hw(shape: Sequence[int]) -> str:
+    return f"{shape[0]}x{shape[1]}"
+
+
+def _read_labels(path: str | Path, what: str = "annotation") -> np.ndarray:
+    """The ``[H, W]`` uint8 label map of a PNG: the values of an indexed ('P') or greyscale ('L', '1') image (0
+    background, 255 void); an RGB(A) image is read back through the DAVIS palette (black 0, (128, 0, 0) 1,
+    (0, 128, 0) 2, ...), so a DAVIS annotation re-saved as RGB gives the same labels. Anything else, or an RGB
+    colour outside the palette, is a :class:`DataError` naming the file (``what``: annotation or result)."""
     try:
         with Image.open(path) as im:
-            return np.array(im)
+            mode = im.mode
+            arr = np.array(im.convert("RGB") if mode in ("RGB", "RGBA") else im)
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot read mask {path}: {e}") from None
+        raise DataError(f"cannot read {what} {path}: {e}") from None
+    if mode in ("P", "L", "1"):
+        return arr.astype(np.uint8)
+    if mode not in ("RGB", "RGBA"):
+        raise DataError(f"{what} {path} is a mode-{mode} image; it must be an indexed (palette) PNG")
+    pal = davis_palette().astype(np.int64)
+    index = {int(k): i for i, k in enumerate((pal[:, 0] << 16) | (pal[:, 1] << 8) | pal[:, 2])}
+    keys = (arr[..., 0].astype(np.int64) << 16) | (arr[..., 1].astype(np.int64) << 8) | arr[..., 2]
+    colours, inverse = np.unique(keys, return_inverse=True)
+    for c in map(int, colours):
+        if c not in index:
+            raise DataError(f"{what} {path} is an {mode} PNG with colour {(c >> 16, (c >> 8) & 255, c & 255)}, not a "
+                            "DAVIS palette colour; it must be an indexed (palette) PNG")
+    ids = np.array([index[int(c)] for c in colours], dtype=np.uint8)
+    return ids[inverse].reshape(keys.shape)
 
 
 # ------------------------------------------------------------------------------------------ propagation
@@ -227,13 +252,16 @@ def iter_propagation(model: nn.Module, frames: Sequence, first_mask: np.ndarray 
     """
     from tqdm import tqdm
 
-    if n_last_frames < 0 or topk < 1 or size_mask_neighborhood < 0:
-        raise ConfigError("need n_last_frames >= 0, topk >= 1 and size_mask_neighborhood >= 0")
+    if n_last_frames < 0 or topk < 1 or size_mask_neighborhood < 0 or not 0 < temperature < math.inf:
+        raise ConfigError("need n_last_frames >= 0, topk >= 1, size_mask_neighborhood >= 0 and a finite "
+                          f"temperature > 0 (got {n_last_frames}, {topk}, {size_mask_neighborhood}, {temperature})")
     if len(frames) == 0:
         raise DataError("a video needs at least one frame")
     model.eval()
     labels0 = _read_labels(first_mask) if isinstance(first_mask, str | Path) else np.asarray(first_mask)
-    out_hw = labels0.shape[:2]
+    if labels0.ndim != 2:
+        raise DataError(f"the first-frame annotation must be a 2-D label map, got shape {labels0.shape}")
+    out_hw = labels0.shape
     p = model.patch_size
 
     def load(f):
@@ -242,7 +270,11 @@ def iter_propagation(model: nn.Module, frames: Sequence, first_mask: np.ndarray 
         x, oh, ow = read_frame(f, short_side, multiple, DAVIS_MEAN, std)
         return x, (oh, ow)
 
-    x0, _ = load(frames[0])
+    x0, hw0 = load(frames[0])
+    if hw0 != out_hw:
+        name = first_mask if isinstance(first_mask, str | Path) else "the first-frame annotation"
+        raise DataError(f"annotation {name} is {_hw(out_hw)} px but frame {frames[0]} is {_hw(hw0)} (HxW): an "
+                        "annotation must have its frame's size")
     feat0, h, w = extract_patch_features(model, x0.to(device))
     seg0 = first_frame_labels(labels0, (h, w)).to(device).reshape(1, -1, h * w)
     mask = neighborhood_mask(h, w, size_mask_neighborhood).to(device) if size_mask_neighborhood > 0 else None
@@ -309,8 +341,7 @@ def segment_davis(model: nn.Module, davis_root: str | Path, out_dir: str | Path,
         ann = root / "Annotations" / resolution / v / f"{frames[0].stem}.png"
         if not ann.is_file():
             raise DataError(f"first-frame annotation {ann} does not exist")
-        labels0 = _read_labels(ann)
-        for f, lab in zip(frames, iter_propagation(model, frames, labels0, progress=progress, **kw)):
+        for f, lab in zip(frames, iter_propagation(model, frames, ann, progress=progress, **kw)):
             write_indexed_png(out_dir / v / f"{f.stem}.png", lab, palette)
     return videos
 
@@ -449,7 +480,12 @@ def evaluate_davis(results_dir: str | Path, davis_root: str | Path, videos: Sequ
         ann = sorted((root / "Annotations" / resolution / v).glob("*.png"))
         if not ann:
             raise DataError(f"no annotations in {root / 'Annotations' / resolution / v}")
-        gt = np.stack([_read_labels(p) for p in ann])
+        gt = [_read_labels(p) for p in ann]
+        for p, g in zip(ann, gt):
+            if g.shape != gt[0].shape:
+                raise DataError(f"annotation {p} is {_hw(g.shape)} px, {ann[0].name} {_hw(gt[0].shape)} (HxW): all "
+                                "annotations of a video must share a size")
+        gt = np.stack(gt)
         gt[gt == VOID_LABEL] = 0
         n_obj = int(gt[0].max())
         ids = [p.stem for p in ann][1:-1]
@@ -461,11 +497,9 @@ def evaluate_davis(results_dir: str | Path, davis_root: str | Path, videos: Sequ
             p = results / v / f"{i}.png"
             if not p.is_file():
                 raise DataError(f"result {p} is missing (results must be indexed PNGs named like the annotations)")
-            r = _read_labels(p)
-            if r.ndim != 2:
-                raise DataError(f"result {p} is not an indexed (single-channel) PNG")
+            r = _read_labels(p, "result")
             if r.shape != gt.shape[1:]:
-                raise DataError(f"result {p} is {r.shape[1]}x{r.shape[0]}, annotation {gt.shape[2]}x{gt.shape[1]}")
+                raise DataError(f"result {p} is {_hw(r.shape)} px, its annotation {_hw(gt.shape[1:])} (HxW)")
             res.append(r)
         res = np.stack(res) if res else np.zeros_like(gt)
         if res.size and int(res.max()) > n_obj:
