@@ -97,3 +97,76 @@ def test_builtin_colormap_matches_matplotlib(monkeypatch):
     assert builtin.shape == with_mpl.shape == (256, 3)
     assert np.abs(builtin.astype(int) - with_mpl.astype(int)).max() <= 8
     assert A.colormap(np.array([[0.0, 1.0]])).shape == (1, 2, 3)
+
+
+def test_prepare_image_too_small_for_a_patch_is_a_config_error():
+    from dinokit.errors import ConfigError
+
+    img = Image.fromarray(np.zeros((4, 12, 3), dtype=np.uint8))
+    with pytest.raises(ConfigError, match=r"an image of 4x12 px \(HxW\) is smaller than one 8-pixel patch"):
+        A.prepare_image(img, None, patch_size=8)
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch, capsys):
+    """``dinokit attention`` in-process on a tiny ViT (the weights loader is replaced): (exit code, stdout, stderr).
+    ``loads`` counts the model loads."""
+    import sys
+    import types
+
+    from dinokit.cli import main
+
+    loads = []
+    mod = types.ModuleType("dinokit.weights")
+    mod.load_backbone = lambda *a, **k: loads.append(1) or _tiny_vit()
+    monkeypatch.setitem(sys.modules, "dinokit.weights", mod)
+    (tmp_path / "w.pth").write_bytes(b"")
+
+    def run(*argv):
+        capsys.readouterr()
+        try:
+            rc = main(["attention", "--weights", str(tmp_path / "w.pth"), "--device", "cpu", *argv])
+        except SystemExit as e:  # argparse errors
+            rc = e.code
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    run.loads = loads
+    return run
+
+
+def test_cli_prints_pixels_and_patches_in_the_same_order(tmp_path, cli):
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8)).save(wide)
+    rc, out, err = cli("--image", str(wide), "--out", str(tmp_path / "att"), "--image-size", "24")
+    assert rc == 0, err
+    assert "24x40 px (HxW), 2 heads, 3x5 patches" in out
+
+
+def test_cli_refuses_bad_sizes_images_and_outputs_in_one_line(tmp_path, cli):
+    img = tmp_path / "img.png"
+    Image.fromarray(np.zeros((30, 50, 3), dtype=np.uint8)).save(img)
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    out = ["--out", str(tmp_path / "att")]
+    loaded_before = [
+        (["--image", str(img), *out, "--image-size", "4"], "--image-size 4: a side of 4 px is smaller than one 8-"),
+        (["--image", str(img), *out, "--image-size", "40", "7"], "a side of 7 px is smaller than one 8-pixel patch"),
+    ]
+    refused_early = [
+        (["--image", str(img), *out, "--image-size", "0"], "--image-size takes one positive number"),
+        (["--image", str(img), *out, "--image-size", "-24"], "--image-size takes one positive number"),
+        (["--image", str(img), *out, "--image-size", "big"], "invalid int value: 'big'"),
+        (["--image", str(img), *out, "--image-size", "24.5"], "invalid int value: '24.5'"),
+        (["--image", str(tmp_path / "folder"), *out], "is a folder; give image files"),
+        (["--image", str(img), "--image", str(tmp_path / "nope.png"), *out], "image not found"),
+        (["--image", str(img), "--out", str(tmp_path / "a_file")], "is a file, not a folder"),
+        (["--image", str(img), "--out", str(tmp_path / "a_file" / "sub")], "is not a folder"),
+    ]
+    for argv, message in loaded_before + refused_early:
+        before = len(cli.loads)
+        rc, _, err = cli(*argv)
+        assert rc == 2 and err.count("\n") == 1 and message in err and "Traceback" not in err, (argv, err)
+        if (argv, message) in refused_early:
+            assert len(cli.loads) == before, argv  # refused before the model was loaded
+    assert not (tmp_path / "att").exists()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import add_model_arguments, load_model
+from ._common import add_model_arguments, check_output_dir, load_model
 
 HELP = "save the last-layer CLS self-attention maps (per head) and threshold masks of images"
 DESCRIPTION = """Self-attention visualisation (DINO paper Fig. 1/3; reference visualize_attention.py).
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--threshold", type=float, default=0.6,
                    help="attention mass kept by the masks (paper: 0.6; 0 disables the masks)")
     d.add_argument("--image-size", type=int, nargs="+", default=[480], metavar="N",
-                   help="shorter side N (aspect kept), or H W (exact); default: 480")
+                   help="shorter side N (aspect kept), or H W (exact), each at least the patch size; default: 480")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,15 +48,20 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--threshold must be in [0, 1], got {args.threshold}")
     if len(args.image_size) not in (1, 2) or min(args.image_size) <= 0:
         raise ConfigError("--image-size takes one positive number (shorter side) or two (height width)")
+    out = check_output_dir(args.out)
     images = [Path(p).expanduser() for p in args.image]
     for p in images:
+        if p.is_dir():
+            raise DataError(f"--image {p} is a folder; give image files")
         if not p.is_file():
-            raise DataError(f"image not found: {p}")
+            raise DataError(f"image not found: {p}" if not p.exists() else f"--image {p} is not a regular file")
     model = load_model(args)
     if not (is_vit(model) and hasattr(model, "get_last_selfattention")):
         raise ConfigError(f"attention maps need a ViT backbone, not {type(model).__name__}")
+    if min(args.image_size) < model.patch_size:
+        raise ConfigError(f"--image-size {' '.join(map(str, args.image_size))}: a side of {min(args.image_size)} px "
+                          f"is smaller than one {model.patch_size}-pixel patch")
     size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
-    out = Path(args.out).expanduser()
     used: dict[str, int] = {}
     for path in images:
         img = load_image(path)
@@ -75,6 +80,6 @@ def run(args: argparse.Namespace) -> int:
         except OSError as e:
             raise DataError(f"cannot write to {out}: {e.strerror or e}") from None
         h, w = maps.shape[1:]
-        print(f"{path}: {shown.size[0]}x{shown.size[1]} px, {maps.shape[0]} heads, {h}x{w} patches -> "
+        print(f"{path}: {shown.height}x{shown.width} px (HxW), {maps.shape[0]} heads, {h}x{w} patches -> "
               f"{len(written)} files {out / prefix}-*")
     return 0

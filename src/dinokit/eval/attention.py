@@ -27,6 +27,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..errors import ConfigError
+
 __all__ = ["prepare_image", "attention_maps", "threshold_masks", "save_attention_images", "colormap",
            "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -88,7 +90,7 @@ def prepare_image(image: Image.Image, image_size: int | Sequence[int] | None, pa
     w, h = img.size
     h2, w2 = h - h % patch_size, w - w % patch_size
     if h2 == 0 or w2 == 0:
-        raise ValueError(f"image of {w}x{h} pixels is smaller than one {patch_size}-pixel patch")
+        raise ConfigError(f"an image of {h}x{w} px (HxW) is smaller than one {patch_size}-pixel patch")
     img = img.crop((0, 0, w2, h2))
     x = TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
     return x, img
