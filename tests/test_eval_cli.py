@@ -396,3 +396,22 @@ def test_more_last_blocks_or_neighbours_than_exist_are_named_and_recorded_as_use
         assert main(["knn", "--weights", str(ckpt), "--train-data", str(train), "--val-data", str(val),
                      "--k", "1", "20", "100", "--num-workers", "0", *COMMON]) == 0
     capsys.readouterr()
+
+
+def test_an_error_raised_in_a_loader_worker_is_one_line(tmp_path, capsys, monkeypatch):
+    """The DataLoader re-raises a worker's exception with the worker's traceback as its message: the CLI
+    prints the original message only."""
+    from torch.utils.data._utils import ExceptionWrapper
+
+    from dinokit import cli
+    from dinokit.errors import DataError
+
+    def run(args):
+        try:
+            raise DataError("none of the 3 image files under X could be read")
+        except DataError:
+            ExceptionWrapper(where="in DataLoader worker process 0").reraise()
+
+    monkeypatch.setattr(cli, "build_parser", lambda only=None: _FakeParser(run))
+    assert cli.main(["knn"]) == 2
+    assert capsys.readouterr().err == "dinokit knn: error: none of the 3 image files under X could be read\n"

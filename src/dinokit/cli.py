@@ -49,7 +49,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog="dinokit", description="DINO self-supervised ViT pretraining and evaluation.")
+    parser.add_argument("--version", action="version", version=f"dinokit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
         if only is not None and name != only:
@@ -84,11 +87,27 @@ def _one_line_warnings(command: str):
         warnings.formatwarning = original
 
 
+def _message(e: BaseException) -> str:
+    """The error's own message. An exception raised in a DataLoader worker is re-raised in the main process
+    with "Caught X in DataLoader worker process N" and the worker's traceback as its text: keep the last line,
+    the original message."""
+    text = str(e)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        name = type(e).__name__
+        text = last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     only = argv[0] if argv and argv[0] in COMMANDS else None
     parser = build_parser(only)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # argparse would name the top-level "dinokit"; the subcommand's parser names itself
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        sub = subs[0].choices.get(getattr(args, "command", None)) if subs else None
+        (sub or parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
@@ -96,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         with _one_line_warnings(args.command):
             return int(args._run(args) or 0)
     except DinokitError as e:
-        print(f"dinokit {args.command}: {getattr(e, 'label', 'error')}: {e}", file=sys.stderr)
+        print(f"dinokit {args.command}: {getattr(e, 'label', 'error')}: {_message(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"dinokit {args.command}: interrupted", file=sys.stderr)
