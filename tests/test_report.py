@@ -107,3 +107,76 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     im = Image.open(shot).convert("L")
     lo, hi = im.getextrema()
     assert hi - lo > 100  # not a blank page
+
+
+def _copy_run(run_dir, dest):
+    shutil.copytree(run_dir, dest, ignore=shutil.ignore_patterns("report.html", "*.lock"))
+    return dest
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+
+
+def test_report_without_an_intact_checkpoint_is_written_from_the_log_with_a_warning(run_dir, tmp_path):
+    run = _copy_run(run_dir, tmp_path / "run")
+    for p in run.glob("checkpoint*.pth"):
+        _truncate(p)
+    r = subprocess.run([sys.executable, "-m", "dinokit", "report", str(run), "--points", "12"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and "dinokit report: warning: " in r.stderr and "checkpoint.pth" in r.stderr
+    page = (run / "report.html").read_text()
+    assert "no intact checkpoint" in r.stderr and "no intact checkpoint" in page and "head 0" not in page
+    assert "DINO loss" in page
+
+
+def test_report_falls_back_to_the_newest_intact_checkpoint(run_dir, tmp_path):
+    run = _copy_run(run_dir, tmp_path / "run")
+    for p in run.glob("checkpoint?*.pth"):
+        p.unlink()
+    shutil.copy(run / "checkpoint.pth", run / "checkpoint0001.pth")
+    _truncate(run / "checkpoint.pth")
+    with pytest.warns(UserWarning, match="skipping unusable checkpoint"):
+        page = write_report(run, n_images=2, projection_points=12).read_text()
+    assert "Teacher from checkpoint0001.pth" in page and "head 0" in page and 'alt="projection"' in page
+
+
+def test_report_option_and_path_errors_are_one_line_before_any_work(run_dir, tmp_path, capsys):
+    from dinokit.cli import main
+
+    run = _copy_run(run_dir, tmp_path / "run")
+    for argv, msg in ((["--points", "0"], "--points must be > 0, got 0"),
+                      (["--images", "-1"], "--images must be >= 0, got -1")):
+        assert main(["report", str(run), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and msg in err
+    (run / "report.html").mkdir()
+    (run / "report.html" / "keep.txt").write_text("mine")
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "report.html is a folder" in err
+    assert (run / "report.html" / "keep.txt").read_text() == "mine"
+    a_file = tmp_path / "log.jsonl"
+    a_file.write_text("{}\n")
+    assert main(["report", str(a_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file, not a run directory" in err
+
+
+def test_report_with_no_attention_images(run_dir, tmp_path):
+    run = _copy_run(run_dir, tmp_path / "run")
+    page = write_report(run, n_images=0, projection_points=12).read_text()
+    assert "No attention grid (--images 0)" in page and 'alt="projection"' in page and "head 0" not in page
+
+
+def test_report_notes_a_checkpoint_it_cannot_rebuild_and_an_unreadable_results_file(tmp_path):
+    import torch
+
+    (tmp_path / "log.jsonl").write_text(json.dumps({"type": "epoch", "epoch": 0, "iteration": 3, "loss": 2.0}) + "\n")
+    torch.save({"student": {}, "config": {}}, tmp_path / "checkpoint.pth")  # intact, but no teacher
+    (tmp_path / "results.json").write_text('{"knn_top1": 5')  # cut by a crash
+    with pytest.warns(UserWarning, match="cannot rebuild the teacher"):
+        page = write_report(tmp_path).read_text()
+    assert "cannot rebuild the teacher" in page and "results.json is unreadable" in page and "DINO loss" in page

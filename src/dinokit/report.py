@@ -13,8 +13,10 @@ import html
 import io
 import json
 import math
+import os
 import platform
 import sys
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import DataError
+from .errors import CheckpointError, ConfigError, DataError, DinokitError
 
 __all__ = ["write_report", "read_log"]
 
@@ -114,17 +116,31 @@ def _curves(log: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 
 def _load_model(run_dir: Path):
+    """``(teacher backbone, config, note)`` from the newest intact checkpoint, found as training finds the one it
+    resumes from (:func:`dinokit.checkpoint.find_resume_checkpoint`: unusable ones are skipped with a warning);
+    ``(None, None, why)`` when there is none, so the report is still written from the log."""
+    from .checkpoint import find_resume_checkpoint
     from .config import TrainConfig, apply_overrides
     from .trainer import build_student_teacher
 
-    ckpt_path = run_dir / "checkpoint.pth"
-    if not ckpt_path.exists():
+    try:
+        ckpt, ckpt_path = find_resume_checkpoint(run_dir)
+    except CheckpointError:  # every checkpoint is unusable; each one was named in a warning
+        why = f"no intact checkpoint in {run_dir}: no attention maps or feature projection"
+        warnings.warn(f"dinokit: {why}", stacklevel=2)
+        return None, None, why
+    if ckpt is None:
         return None, None, "no checkpoint.pth yet"
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    cfg = apply_overrides(TrainConfig(), ckpt.get("config", {}))
-    _, teacher, _ = build_student_teacher(cfg)
-    teacher.load_state_dict(ckpt["teacher"])
-    return teacher.backbone.eval(), cfg, ""
+    try:
+        cfg = apply_overrides(TrainConfig(), ckpt.get("config", {}))
+        _, teacher, _ = build_student_teacher(cfg)
+        teacher.load_state_dict(ckpt["teacher"])
+    except (DinokitError, KeyError, RuntimeError, TypeError, ValueError) as e:
+        why = f"cannot rebuild the teacher of {ckpt_path}: {str(e).strip().splitlines()[0] if str(e) else e!r}"
+        warnings.warn(f"dinokit: {why}; writing the report without the checkpoint-based sections", stacklevel=2)
+        return None, None, why
+    note = "" if ckpt_path.name == "checkpoint.pth" else f"Teacher from {ckpt_path.name}, the newest intact checkpoint."
+    return teacher.backbone.eval(), cfg, note
 
 
 def _test_images(cfg, n: int):
@@ -223,22 +239,37 @@ def _table(d: dict[str, Any]) -> str:
 
 
 def write_report(run_dir: str | Path, n_images: int = 8, projection_points: int = 1000) -> Path:
-    """Write ``run_dir/report.html`` and return its path. Parts that cannot be made (no checkpoint yet, a CNN
-    backbone without attention, unlabelled data) are replaced by a note, never an exception."""
+    """Write ``run_dir/report.html`` and return its path. ``n_images`` (>= 0; 0: no attention grid) test images
+    go in the attention grid, ``projection_points`` (> 0) in the feature projection. Parts that cannot be made (no
+    intact checkpoint, a CNN backbone without attention, unlabelled data) are replaced by a note, never an
+    exception; a bad run directory or an unwritable report path is refused before any work."""
+    if n_images < 0:
+        raise ConfigError(f"the number of attention images must be >= 0, got {n_images}")
+    if projection_points <= 0:
+        raise ConfigError(f"the number of projection points must be > 0, got {projection_points}")
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DataError(f"{run_dir} is a file, not a run directory: pass the --output-dir of a training run")
     if not run_dir.is_dir():
         raise DataError(f"run directory not found: {run_dir}")
     if not any((run_dir / name).exists() for name in ("log.jsonl", "config.yaml", "checkpoint.pth", "results.json")):
         raise DataError(f"{run_dir} is not a dinokit run directory (no log.jsonl, config.yaml, checkpoint.pth or "
                         "results.json): pass the --output-dir of a training run")
+    out = run_dir / "report.html"
+    if out.is_dir():
+        raise DataError(f"{out} is a folder, where the report is written: move it away")
+    if not os.access(out if out.exists() else run_dir, os.W_OK):
+        raise DataError(f"cannot write {out}: no permission")
     log = read_log(run_dir)
     body: dict[str, str] = {}
 
     results_path = run_dir / "results.json"
     if results_path.exists():
-        res = json.loads(results_path.read_text())
-        flat = {k: v for k, v in res.items() if not isinstance(v, (list, dict))}
-        body["results"] = _table(flat)
+        try:
+            res = json.loads(results_path.read_text())
+            body["results"] = _table({k: v for k, v in res.items() if not isinstance(v, (list, dict))})
+        except (OSError, ValueError, AttributeError) as e:  # cut by a crash, not text, not a JSON object
+            body["results"] = f"<p class='note'>results.json is unreadable ({type(e).__name__}).</p>"
     else:
         body["results"] = "<p class='note'>No results.json (the demo writes k-NN results there).</p>"
 
@@ -251,19 +282,25 @@ def write_report(run_dir: str | Path, n_images: int = 8, projection_points: int 
     try:
         backbone, cfg, why = _load_model(run_dir)
         if backbone is None:
-            body["attention"] = body["projection"] = f"<p class='note'>{why}</p>"
+            body["attention"] = body["projection"] = f"<p class='note'>{html.escape(why)}</p>"
         else:
             try:
                 images, ds = _test_images(cfg, n_images)
             except Exception as e:  # data moved or unreadable: keep the rest of the report
                 images, ds = [], None
-                body["attention"] = body["projection"] = f"<p class='note'>test images unavailable: {e}</p>"
+                body["attention"] = body["projection"] = (f"<p class='note'>test images unavailable: "
+                                                          f"{html.escape(str(e))}</p>")
             if ds is not None:
-                if hasattr(backbone, "get_last_selfattention"):
+                if n_images == 0:
+                    body["attention"] = "<p class='note'>No attention grid (--images 0).</p>"
+                elif hasattr(backbone, "get_last_selfattention"):
                     body["attention"] = _attention_section(backbone, cfg, images)
                 else:
                     body["attention"] = "<p class='note'>This backbone is not a ViT: no attention maps.</p>"
                 body["projection"] = _projection_section(backbone, cfg, ds, projection_points)
+                if why:  # the teacher of an older checkpoint
+                    for k in ("attention", "projection"):
+                        body[k] = f"<p class='note'>{html.escape(why)}</p>" + body[k]
     finally:
         torch.set_grad_enabled(True)
 
@@ -291,8 +328,10 @@ pre{{background:#f5f5f5;padding:.8em;overflow:auto;font-size:.85em}} .note{{colo
 {sections}
 </body></html>
 """
-    out = run_dir / "report.html"
     tmp = out.with_suffix(".html.tmp")
-    tmp.write_text(page)
-    tmp.replace(out)
+    try:
+        tmp.write_text(page)
+        tmp.replace(out)
+    except OSError as e:
+        raise DataError(f"cannot write {out}: {e.strerror or e}") from None
     return out

@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import ConfigError
+from ._common import check_positive
+
 HELP = "write a self-contained HTML report of a training run"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="the training output directory (holds log.jsonl, checkpoint.pth)")
-    parser.add_argument("--images", type=int, default=8, help="test images in the attention grid (default: 8)")
+    parser.add_argument("--images", type=int, default=8,
+                        help="test images in the attention grid (default: 8; 0: no attention grid)")
     parser.add_argument("--points", type=int, default=1000, help="test images in the projection (default: 1000)")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..report import write_report
 
+    if args.images < 0:
+        raise ConfigError(f"--images must be >= 0, got {args.images}")
+    check_positive("--points", args.points)
     path = write_report(args.run_dir, n_images=args.images, projection_points=args.points)
     print(f"report: {path}")
     return 0
