@@ -137,3 +137,22 @@ def test_version():
 
     r = _cli("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"dinokit {__version__}"
+
+
+def test_a_config_that_is_a_folder_or_binary_is_named(tmp_path):
+    from dinokit.config import load_yaml
+
+    with pytest.raises(ConfigError, match="is a folder, not a YAML file"):
+        load_yaml(tmp_path)
+    (tmp_path / "ck.pth").write_bytes(b"PK\x03\x04\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match=r"ck.pth is not text \(a YAML file of option: value was expected\)"):
+        load_yaml(tmp_path / "ck.pth")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_yaml(tmp_path / "nope.yaml")
+
+
+def test_check_positive_refuses_nan():
+    from dinokit.commands._common import check_positive
+
+    with pytest.raises(ConfigError, match="--temperature must be > 0, got nan"):
+        check_positive("--temperature", float("nan"))

@@ -214,6 +214,18 @@ def test_broken_files(tmp_path):
     for name, kind in (("photo.jpg", "a JPEG image"), ("notes.txt", "a text file"), ("empty.pth", "empty")):
         with pytest.raises(CheckpointError, match=rf"is not a weights file: it is {kind}\. Pass a \.pth"):
             load_backbone(tmp_path / name)
+    # random bytes are not "refused because they could run code"; a checkpoint renamed .safetensors says so
+    (tmp_path / "random.pth").write_bytes(bytes(range(7, 250)) * 3)
+    with pytest.raises(CheckpointError, match=r"random.pth is not a weights file: it is neither a zip archive nor a "
+                                              r"pickle \(corrupt, or another format\)"):
+        load_backbone(tmp_path / "random.pth")
+    (tmp_path / "ok.safetensors").write_bytes(data)
+    with pytest.raises(CheckpointError, match=r"ok.safetensors is named \.safetensors but is a PyTorch checkpoint "
+                                              r"\(rename it to \.pth\)"):
+        load_backbone(tmp_path / "ok.safetensors")
+    (tmp_path / "notes.safetensors").write_text("not tensors")
+    with pytest.raises(CheckpointError, match="named .safetensors but is a text file"):
+        load_backbone(tmp_path / "notes.safetensors")
     with pytest.raises(CheckpointError, match="directory"):
         safe_load(tmp_path)
     torch.save({"epoch": 3, "notes": "no tensors"}, tmp_path / "nodict.pth")

@@ -124,6 +124,10 @@ def safe_load(path: str | os.PathLike) -> Any:
         try:
             return load_file(str(path), device="cpu")
         except Exception as e:  # SafetensorError, OSError, ...
+            kind = _other_format(path, unknown="")
+            if kind or _head(path).startswith((b"PK", b"\x80")):
+                kind = kind or "a PyTorch checkpoint (rename it to .pth)"
+                raise CheckpointError(f"{path} is named .safetensors but is {kind}") from None
             raise CheckpointError(f"cannot read safetensors file {path}: {_first_line(e)}") from None
     kind = _other_format(path)
     if kind:
@@ -154,13 +158,22 @@ _MAGICS = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG\r\n\x1a\n", "a PNG imag
            (b"%PDF", "a PDF document"))
 
 
-def _other_format(path: Path) -> str:
-    """What a file that cannot be a PyTorch checkpoint (zip archive or pickle) looks like, or ``""``."""
+def _head(path: Path, n: int = 16) -> bytes:
     try:
         with open(path, "rb") as f:
-            head = f.read(16)
+            return f.read(n)
     except OSError:
-        return ""  # torch.load reports the read error
+        return b""
+
+
+def _other_format(path: Path, unknown: str = "neither a zip archive nor a pickle (corrupt, or another format)"
+                  ) -> str:
+    """What a file that cannot be a PyTorch checkpoint (zip archive or pickle) looks like, or ``""`` when it
+    may be one (or cannot be read: torch.load then reports the read error). ``unknown``: what to call a file
+    none of the known signatures matches."""
+    if not path.is_file():
+        return ""
+    head = _head(path)
     if not head:
         return "empty"
     if head.startswith(b"PK") or head.startswith(b"\x80"):  # torch.save's zip archive, a (legacy) pickle
@@ -170,7 +183,7 @@ def _other_format(path: Path) -> str:
             return name
     if all(32 <= c < 127 or c in (9, 10, 13) for c in head):
         return "a text file"
-    return ""
+    return unknown
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -75,7 +75,7 @@ def model_info(args: argparse.Namespace, model=None) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------- checks, data
 
 def check_positive(name: str, value: int | float) -> None:
-    if value is None or value <= 0:
+    if value is None or not value > 0:  # not "<= 0": NaN must fail too
         raise ConfigError(f"{name} must be > 0, got {value}")
 
 
