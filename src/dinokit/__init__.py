@@ -24,14 +24,21 @@ __all__ = [
 ]
 
 
+_LAZY = {"DINOAugmentation": "augmentation", "knn_classifier": "eval.knn", "TrainConfig": "config",
+         "Trainer": "trainer", "train": "trainer"}
+
+
 def __getattr__(name: str):
-    # Lazily exported names whose modules pull in heavier dependencies.
-    if name in ("DINOAugmentation",):
-        from .augmentation import DINOAugmentation
+    """Names whose modules pull in heavier dependencies (torchvision, the training loop), imported on first
+    use; so are the submodules (``dinokit.trainer`` works after a plain ``import dinokit``)."""
+    import importlib
 
-        return DINOAugmentation
-    if name in ("knn_classifier",):
-        from .eval.knn import knn_classifier
-
-        return knn_classifier
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if not name.startswith("_"):
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
     raise AttributeError(f"module 'dinokit' has no attribute {name!r}")
