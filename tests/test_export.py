@@ -106,3 +106,30 @@ def test_hub_entry_points_load_local_weights(tmp_path):
     assert hub.dino_vits8().patch_embed.proj.kernel_size == (8, 8)
     rn = hub.dino_resnet50()
     assert isinstance(rn.fc, torch.nn.Identity)
+
+
+def _tiny_checkpoint(path):
+    net = MultiCropWrapper(build_backbone("vit_custom", patch_size=8, embed_dim=32, depth=1, num_heads=2, img_size=32),
+                           DINOHead(32, 64, hidden_dim=32, bottleneck_dim=16))
+    torch.save({"student": net.state_dict(), "teacher": net.state_dict(),
+                "config": {"arch": "vit_custom", "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}}, path)
+    return path
+
+
+def test_export_to_an_unwritable_place_is_one_line_and_loses_nothing(tmp_path, capsys):
+    from dinokit.cli import main
+
+    ckpt = _tiny_checkpoint(tmp_path / "checkpoint.pth")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "keep.txt").write_text("mine")
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "folder")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a folder" in err and (tmp_path / "folder" / "keep.txt").read_text() == "mine"
+    with pytest.raises(CheckpointError, match="is a folder"):
+        export_backbone(ckpt, tmp_path / "folder")
+    if Path("/proc/self").is_dir():  # a file system that refuses new files whatever the permissions say
+        assert main(["export", "--checkpoint", str(ckpt), "--out", "/proc/x.safetensors"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "/proc/x.safetensors" in err
+        with pytest.raises(CheckpointError, match="cannot write /proc/x.safetensors"):
+            export_backbone(ckpt, "/proc/x.safetensors")

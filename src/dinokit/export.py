@@ -77,6 +77,7 @@ def export_backbone(checkpoint_path: str | os.PathLike, out_path: str | os.PathL
     The state dict is first loaded strictly into the architecture it claims to be, so a file that would not
     load later is refused now (:class:`CheckpointError`). Returns the metadata written (plus ``path`` and
     ``timm_name``)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from .models import build_backbone
@@ -104,13 +105,19 @@ def export_backbone(checkpoint_path: str | os.PathLike, out_path: str | os.PathL
     if name:
         meta["timm_name"] = name
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():
+        raise CheckpointError(f"cannot write {out}: it is a folder; give a file name")
     tmp = out.with_name(f".{out.name}.tmp")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write {out}: {e.strerror or e}") from None
+    except (OSError, SafetensorError) as e:  # safetensors reports I/O errors as SafetensorError, not OSError
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+        raise CheckpointError(f"cannot write {out}: {why}") from None
     return {**meta, "path": str(out), "n_tensors": len(tensors),
             "n_params": int(sum(t.numel() for t in tensors.values()))}

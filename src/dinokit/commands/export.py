@@ -33,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..export import export_backbone
+    from ._common import check_output_file
 
+    check_output_file(args.out, "--out")
     info = export_backbone(args.checkpoint, args.out, checkpoint_key=args.checkpoint_key, arch=args.arch,
                            patch_size=args.patch_size)
     arch = info["arch"] + (f"/{info['patch_size']}" if info.get("patch_size") else "")
