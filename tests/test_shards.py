@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import tarfile
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,6 +167,19 @@ def test_a_corrupt_image_in_a_shard_is_replaced_not_fatal(tmp_path):
 def test_shard_cli_errors(tmp_path, capsys):
     assert main(["shard", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    a_file = tmp_path / "f"
+    a_file.write_text("mine")
+    # the output is checked before the data is even looked at
+    for out, msg in ((a_file, "is a file, not a folder"), (a_file / "sub", "is not a folder")):
+        assert main(["shard", "--data", str(tmp_path / "missing"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and msg in err
+    assert a_file.read_text() == "mine"
+    if Path("/proc/self").is_dir():  # a file system that refuses new folders whatever the permissions say
+        data = make_image_folder(tmp_path / "imgs", n_per_class=1)
+        assert main(["shard", "--data", str(data), "--out", "/proc/s1"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "/proc/s1" in err
     assert main(["train", "--data", f"{tmp_path}/{{000000..000001}}.tar", "--output-dir", str(tmp_path / "t"),
                  *TINY_VIT]) == 2
     assert "000000.tar does not exist" in capsys.readouterr().err

@@ -166,7 +166,10 @@ class ShardWriter:
         if maxcount <= 0 or maxsize <= 0:
             raise ConfigError("maxcount and maxsize must be positive")
         self.out = Path(out).expanduser()
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file in the way, a read-only or virtual file system (/proc), ...
+            raise DataError(f"cannot create the shard folder {self.out}: {e.strerror or e}") from None
         self.maxcount, self.maxsize = maxcount, maxsize
         self.meta = dict(meta or {})
         self.shards: list[dict[str, Any]] = []

@@ -37,13 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from ..shards import INDEX_NAME, write_shards
+    from ._common import check_output_dir
 
     if args.maxcount <= 0 or args.maxsize_mb <= 0:
         raise ConfigError("--maxcount and --maxsize-mb must be positive")
-    out = Path(args.out).expanduser()
+    out = check_output_dir(args.out, "--out")
     if out.exists() and any(out.glob("*.tar")):
         raise ConfigError(f"{out} already holds .tar files; use an empty --out directory")
     t0 = time.perf_counter()
