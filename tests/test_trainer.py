@@ -125,8 +125,12 @@ def test_non_finite_loss_stops_with_message_and_skip_policy(folder, tmp_path):
     t = Trainer(tiny(folder, out, "--lr", "1e30", "--warmup-epochs", "0", "--clip-grad", "0"))
     with torch.no_grad():
         t.student.head.mlp[0].weight.fill_(float("nan"))
-    with pytest.raises(NonFiniteLossError, match="epoch 0, iteration 0"):
+    with pytest.raises(NonFiniteLossError, match="epoch 0, iteration 0; training stopped, no checkpoint had been "
+                                                 "written yet"):
         t.fit()
+    t.save()
+    with pytest.raises(NonFiniteLossError, match=f"the last good checkpoint in {out} is kept"):
+        t.train_step(t._to_device(next(iter(t.loader))))
     t2 = Trainer(tiny(folder, tmp_path / "skip", "--nan-policy", "skip", "--epochs", "1"))
     with torch.no_grad():
         t2.student.head.mlp[0].weight.fill_(float("nan"))

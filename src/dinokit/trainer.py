@@ -833,10 +833,11 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 return {"loss": loss_value, "skipped": True, "lr": lr, "wd": wd, "momentum": momentum,
                         "teacher_temp": temp}
+            kept = (f"the last good checkpoint in {self.out} is kept" if (self.out / "checkpoint.pth").exists()
+                    else "no checkpoint had been written yet")
             raise NonFiniteLossError(
-                f"loss is {loss_value} at epoch {epoch}, iteration {it}; training stopped, the last good "
-                f"checkpoint in {self.out} is kept. Try a lower --lr, --precision fp32, a smaller --clip-grad, "
-                f"a higher --freeze-last-layer, or --nan-policy skip")
+                f"loss is {loss_value} at epoch {epoch}, iteration {it}; training stopped, {kept}. Try a lower "
+                f"--lr, --precision fp32, a smaller --clip-grad, a higher --freeze-last-layer, or --nan-policy skip")
 
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
