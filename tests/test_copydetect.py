@@ -13,7 +13,7 @@ from dinokit.errors import DataError
 from dinokit.eval.copydetect import block_ap, evaluate_copy_detection, find_positives, load_copy_detection
 from dinokit.eval.whitening import PCAWhitening
 
-from .test_retrieval import RandomFeatures, Thumb, random_image
+from .test_retrieval import CountingThumb, RandomFeatures, Thumb, random_image
 
 
 def _jpeg(im, q):
@@ -159,3 +159,44 @@ def test_cli_copydetect(tmp_path, monkeypatch, capsys):
     rc = main(["copydetect", "--weights", str(tmp_path / "missing.pth"), "--root", str(root)])
     err = capsys.readouterr().err
     assert rc == 2 and "weights file" in err and err.count("\n") == 1
+
+
+def test_copy_detection_whitening_dim_is_checked_before_the_database_and_recorded(tmp_path):
+    from dinokit.errors import ConfigError
+
+    root = make_copydays(tmp_path / "cd", n=3, n_distractors=2, n_whitening=4)
+    model = CountingThumb()
+    with pytest.raises(ConfigError, match="73 is larger than the 72-dimensional cls[+]gem descriptor"):
+        evaluate_copy_detection(model, root, imsize=64, whiten_dir=root / "whitening", whiten_dim=73)
+    assert model.seen == 1
+    res = evaluate_copy_detection(Thumb(), root, imsize=64, whiten_dir=root / "whitening", whiten_dim=3)
+    assert res["whitening"]["dim"] == 3 and res["whitening"]["n_images"] == 4 and res["whitening"]["energy_kept"] < 1
+
+
+def test_cli_copydetect_whitening_and_output_options_are_checked_first(tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+    import types
+
+    from dinokit.cli import main
+
+    root = make_copydays(tmp_path / "cd", n=3, n_distractors=2, n_whitening=4)
+    (tmp_path / "w.pth").write_bytes(b"")
+    model = CountingThumb()
+    mod = types.ModuleType("dinokit.weights")
+    mod.load_backbone = lambda *a, **k: model
+    monkeypatch.setitem(sys.modules, "dinokit.weights", mod)
+    (tmp_path / "folder").mkdir()
+    common = ["--weights", str(tmp_path / "w.pth"), "--root", str(root), "--imsize", "64", "--no-progress",
+              "--num-workers", "0"]
+    for extra, msg in ((["--whiten-dim", "8"], "--whiten-dim needs --whiten"),
+                       (["--whiten", "--whiten-dim", "0"], "--whiten-dim must be > 0, got 0"),
+                       (["--whiten", "--whiten-dim", "-3"], "--whiten-dim must be > 0, got -3"),
+                       (["--whiten", "--whiten-dim", "100"], "--whiten-dim 100 is larger than the 72-dimensional"),
+                       (["--output", str(tmp_path / "folder")], "is a folder")):
+        assert main(["copydetect", *common, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and msg in err, (extra, err)
+    assert model.seen <= 1
+    assert main(["copydetect", *common, "--whiten", "--whiten-dim", "8", "--output", str(tmp_path / "c.json")]) == 0
+    assert json.loads((tmp_path / "c.json").read_text())["whitening"]["dim"] == 8

@@ -326,3 +326,60 @@ def test_cli_with_real_weights_file(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     res = json.loads((tmp_path / "r.json").read_text())
     assert set(res["recall@k"]) == {"1", "5", "10"} and res["model"]["arch"] == "vit_tiny"
+
+
+class CountingThumb(Thumb):
+    """:class:`Thumb` counting the images it describes."""
+
+    seen = 0
+
+    def get_intermediate_layers(self, x, n=1):
+        self.seen += x.shape[0]
+        return super().get_intermediate_layers(x, n)
+
+
+def _places_with_whitening(root):
+    make_places(root)
+    (root / "whitening").mkdir()
+    for i in range(4):
+        random_image(np.random.default_rng(i)).save(root / f"whitening/{i}.png")
+    return root
+
+
+def test_whitening_dim_is_checked_on_one_image_and_recorded(tmp_path):
+    from dinokit.errors import ConfigError
+
+    root = _places_with_whitening(tmp_path / "p")
+    for dim, msg in ((0, "must be > 0, got 0"), (-3, "must be > 0, got -3"), (37, "37 is larger than the 36-dim")):
+        model = CountingThumb()
+        with pytest.raises(ConfigError, match=msg):
+            evaluate_place_recognition(model, root, imsize=64, whiten_dir=root / "whitening", whiten_dim=dim)
+        assert model.seen <= 1  # refused before the whitening, database and query images are described
+    res = evaluate_place_recognition(Thumb(), root, imsize=64, whiten_dir=root / "whitening", whiten_dim=5)
+    assert res["whitening"]["dim"] == 5 and res["whitening"]["n_images"] == 4
+    assert 0.0 < res["whitening"]["energy_kept"] < 1.0
+    res = evaluate_place_recognition(Thumb(), root, imsize=64, whiten_dir=root / "whitening")
+    assert res["whitening"]["dim"] == 36 and res["whitening"]["energy_kept"] == pytest.approx(1.0)
+
+
+def test_cli_retrieval_whitening_and_output_options_are_checked_first(tmp_path, monkeypatch, capsys):
+    from dinokit.cli import main
+
+    root = _places_with_whitening(tmp_path / "p")
+    (tmp_path / "w.pth").write_bytes(b"")
+    model = CountingThumb()
+    _fake_weights(monkeypatch, model)
+    (tmp_path / "folder").mkdir()
+    common = ["--weights", str(tmp_path / "w.pth"), "--imsize", "64", "--no-progress", "--num-workers", "0",
+              "--dataset", "folder", "--root", str(root)]
+    for extra, msg in ((["--whiten-dim", "8"], "--whiten-dim needs --whiten"),
+                       (["--whiten", "--whiten-dim", "0"], "--whiten-dim must be > 0, got 0"),
+                       (["--whiten", "--whiten-dim", "-3"], "--whiten-dim must be > 0, got -3"),
+                       (["--whiten", "--whiten-dim", "100"], "--whiten-dim 100 is larger than the 36-dimensional"),
+                       (["--output", str(tmp_path / "folder")], "is a folder")):
+        assert main(["retrieval", *common, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and msg in err, (extra, err)
+    assert model.seen <= 1
+    assert main(["retrieval", *common, "--whiten", "--whiten-dim", "8", "--output", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["whitening"]["dim"] == 8

@@ -7,7 +7,17 @@ import argparse
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
-from ._common import add_model_arguments, format_table, load_model, model_info, pct, resolve_device, write_json
+from ._common import (
+    add_model_arguments,
+    check_output_file,
+    check_positive,
+    format_table,
+    load_model,
+    model_info,
+    pct,
+    resolve_device,
+    write_json,
+)
 
 HELP = "copy detection (Copydays mAP) with CLS+GeM descriptors and PCA whitening"
 DESCRIPTION = """Copy detection with frozen features (DINO paper, Table 6).
@@ -37,7 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--whiten-mode", choices=["reference", "centered"], default="reference",
                         help="reference: uncentred second-moment matrix, mean subtracted before projection (the "
                              "DINO script); centered: textbook PCA whitening")
-    parser.add_argument("--whiten-dim", type=int, default=None, help="keep this many whitened dimensions (all)")
+    parser.add_argument("--whiten-dim", type=int, default=None, metavar="N",
+                        help="keep the N leading whitened dimensions, 1 to the descriptor's dimension (default: "
+                             "all); needs --whiten")
     parser.add_argument("--distractors", type=int, default=None, metavar="N",
                         help="add the first N images of the distractor folder to the database (default: all of "
                              "them when the folder exists; 0 = none)")
@@ -61,6 +73,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--imsize and --batch-size must be positive, --topk >= 0")
     if args.distractors is not None and args.distractors < 0:
         raise ConfigError("--distractors must be >= 0")
+    if args.whiten_dim is not None:
+        if args.whiten is None:
+            raise ConfigError("--whiten-dim needs --whiten (whitening is off without it)")
+        check_positive("--whiten-dim", args.whiten_dim)
+    output = check_output_file(args.output or "copydetect_results.json", "--output")
     whiten_dir = None
     if args.whiten is not None:
         whiten_dir = Path(args.whiten) if args.whiten else root / "whitening"
@@ -79,6 +96,6 @@ def run(args: argparse.Namespace) -> int:
     print(format_table([f"block ({res['n_database']} db images, {res['n_distractors']} distractors, {wh})",
                         "mAP", "queries"], rows, left_first=True))
     res["model"] = model_info(args, model)
-    out = write_json(args.output or "copydetect_results.json", res)
+    out = write_json(output, res)
     print(f"results written to {out}")
     return 0

@@ -7,7 +7,17 @@ import argparse
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
-from ._common import add_model_arguments, format_table, load_model, model_info, pct, resolve_device, write_json
+from ._common import (
+    add_model_arguments,
+    check_output_file,
+    check_positive,
+    format_table,
+    load_model,
+    model_info,
+    pct,
+    resolve_device,
+    write_json,
+)
 
 HELP = "image retrieval (revisited Oxford/Paris mAP) or place recognition (Recall@k) with frozen features"
 DESCRIPTION = """Image retrieval with frozen features (DINO paper, Table 5).
@@ -45,7 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--whiten-mode", choices=["reference", "centered"], default="reference",
                         help="reference: uncentred second moment as DINO's copy-detection script; centered: "
                              "textbook PCA whitening")
-    parser.add_argument("--whiten-dim", type=int, default=None, help="keep this many whitened dimensions")
+    parser.add_argument("--whiten-dim", type=int, default=None, metavar="N",
+                        help="keep the N leading whitened dimensions, 1 to the descriptor's dimension (default: "
+                             "all); needs --whiten")
     parser.add_argument("--query-crop", action="store_true",
                         help="crop queries to their ground-truth boxes (standard revisitop; the DINO reference "
                              "does not)")
@@ -61,6 +73,11 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"dataset root {root} does not exist")
     if args.imsize < 1:
         raise ConfigError("--imsize must be positive")
+    if args.whiten_dim is not None:
+        if args.whiten is None:
+            raise ConfigError("--whiten-dim needs --whiten (whitening is off without it)")
+        check_positive("--whiten-dim", args.whiten_dim)
+    output = check_output_file(args.output or f"retrieval_{args.dataset}.json", "--output")
     whiten_dir = None
     if args.whiten is not None:
         whiten_dir = Path(args.whiten) if args.whiten else root / "whitening"
@@ -85,6 +102,6 @@ def run(args: argparse.Namespace) -> int:
                               *(f"mP@{k}" for k in ks)], rows, left_first=True)
     print(table)
     res["model"] = model_info(args, model)
-    out = write_json(args.output or f"retrieval_{args.dataset}.json", res)
+    out = write_json(output, res)
     print(f"results written to {out}")
     return 0

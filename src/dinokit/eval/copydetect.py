@@ -34,8 +34,16 @@ from torch import nn
 
 from ..errors import DataError
 from ..models.linear import matmul_nt
-from .retrieval import IMAGE_EXTENSIONS, compute_ap, extract_descriptors, list_images, square_loader
-from .whitening import PCAWhitening, l2n
+from .retrieval import (
+    IMAGE_EXTENSIONS,
+    compute_ap,
+    extract_descriptors,
+    fit_whitening,
+    list_images,
+    square_loader,
+    whitening_record,
+)
+from .whitening import l2n
 
 __all__ = ["CopyDetectionData", "load_copy_detection", "find_positives", "block_ap", "evaluate_copy_detection",
            "RESERVED_DIRS"]
@@ -158,22 +166,18 @@ def evaluate_copy_detection(model: nn.Module, root: str | Path, imsize: int = 32
     loader = square_loader(imsize)
     kw = dict(descriptor=descriptor, batch_size=batch_size, device=device, num_workers=num_workers,
               progress=progress, normalize=False)
-    db = extract_descriptors(model, data.database, loader, desc="database", **kw)
-    whitening = None
+    wimgs = [] if whiten_dir is None else list_images(whiten_dir)
+    whitening = None  # learned first: its errors (too few images, whiten_dim too large) come before the long part
     if whiten_dir is not None:
-        wimgs = list_images(whiten_dir)
         if len(wimgs) < 2:
             raise DataError(f"whitening needs at least 2 images in {whiten_dir}, found {len(wimgs)}")
-        wfeats = extract_descriptors(model, wimgs, loader, desc="whitening", **kw)
-        whitening = PCAWhitening(mode=whiten_mode, dim=whiten_dim).fit(wfeats)
-        db = whitening(db)
-    db = l2n(db)
+        whitening = fit_whitening(model, wimgs, loader, whiten_mode, whiten_dim, **kw)
+    db = extract_descriptors(model, data.database, loader, desc="database", **kw)
+    db = l2n(db if whitening is None else whitening(db))
     k = len(data.database) if topk is None else min(topk, len(data.database))
     result: dict = {"blocks": {}, "n_database": len(data.database), "n_originals": len(data.originals),
                     "n_distractors": len(data.distractors), "descriptor": descriptor, "imsize": imsize, "topk": topk,
-                    "whitening": None if whitening is None else {"mode": whiten_mode, "dir": str(whiten_dir),
-                                                                 "n_images": len(wimgs),
-                                                                 "energy_kept": whitening.energy_kept}}
+                    "whitening": whitening_record(whitening, whiten_mode, whiten_dir, len(wimgs))}
     all_aps = []
     for name, paths in data.blocks.items():
         q = extract_descriptors(model, paths, loader, desc=name, **kw)

@@ -43,14 +43,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .whitening import PCAWhitening, describe, l2n
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "compute_ap", "compute_map", "revisited_metrics",
     "recall_at_k", "rank_database", "load_ground_truth", "convert_ground_truth", "load_revisited",
     "load_place_dataset", "list_images", "load_rgb", "thumbnail_loader", "square_loader", "extract_descriptors",
-    "fit_whitening", "evaluate_revisited", "evaluate_place_recognition",
+    "fit_whitening", "whitening_record", "evaluate_revisited", "evaluate_place_recognition",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -481,11 +481,29 @@ def extract_descriptors(model: nn.Module, items: Sequence, loader: Callable, des
 def fit_whitening(model: nn.Module, images: Sequence[Path], loader: Callable, mode: str = "reference",
                   dim: int | None = None, **kw) -> PCAWhitening:
     """Describe ``images`` and learn a :class:`~dinokit.eval.whitening.PCAWhitening` on them (``kw`` go to
-    :func:`extract_descriptors`)."""
+    :func:`extract_descriptors`). ``dim`` (``None``: all) must be between 1 and the descriptor's dimension, which
+    is checked on the first image before the others are described."""
     if len(images) < 2:
         raise DataError(f"whitening needs at least 2 images, found {len(images)}")
+    if dim is not None:
+        if dim < 1:
+            raise ConfigError(f"--whiten-dim must be > 0, got {dim}")
+        with torch.no_grad():  # one image, no loader workers: the descriptor's length
+            x = loader(images[0])[None].to(kw.get("device", "cpu"))
+            size = describe(model, x, kw.get("descriptor", "cls")).shape[-1]
+        if dim > size:
+            raise ConfigError(f"--whiten-dim {dim} is larger than the {size}-dimensional "
+                              f"{kw.get('descriptor', 'cls')} descriptor")
     feats = extract_descriptors(model, images, loader, desc="whitening", **kw)
     return PCAWhitening(mode=mode, dim=dim).fit(feats)
+
+
+def whitening_record(whitening: PCAWhitening | None, mode: str, whiten_dir, n_images: int) -> dict | None:
+    """The ``whitening`` entry of a result: mode, folder, images, dimensions kept (``dim``), energy kept."""
+    if whitening is None:
+        return None
+    return {"mode": mode, "dir": str(whiten_dir), "n_images": n_images, "dim": int(whitening.proj.shape[0]),
+            "energy_kept": whitening.energy_kept}
 
 
 def _search(db: torch.Tensor, q: torch.Tensor, whitening: PCAWhitening | None) -> np.ndarray:
@@ -504,6 +522,10 @@ def evaluate_revisited(model: nn.Module, root: str | Path, dataset: str = "roxfo
     db_paths, q_paths, gt = load_revisited(root, dataset)
     kw = dict(descriptor=descriptor, multiscale=multiscale, device=device, num_workers=num_workers,
               progress=progress)
+    wimgs = [] if whiten_dir is None else list_images(whiten_dir)
+    whitening = None  # learned first: its errors (too few images, --whiten-dim too large) come before the long part
+    if whiten_dir is not None:
+        whitening = fit_whitening(model, wimgs, thumbnail_loader(imsize), whiten_mode, whiten_dim, **kw)
     db = extract_descriptors(model, db_paths, thumbnail_loader(imsize), desc="database", **kw)
     if query_crop:
         bbxs = [g.get("bbx") for g in gt["gnd"]]
@@ -511,15 +533,11 @@ def evaluate_revisited(model: nn.Module, root: str | Path, dataset: str = "roxfo
                        for p, b in zip(q_paths, bbxs)])
     else:
         q = extract_descriptors(model, q_paths, thumbnail_loader(imsize), desc="queries", **kw)
-    whitening = None
-    if whiten_dir is not None:
-        whitening = fit_whitening(model, list_images(whiten_dir), thumbnail_loader(imsize), whiten_mode,
-                                  whiten_dim, **kw)
     ranks = _search(db, q, whitening)
     res = revisited_metrics(ranks, gt["gnd"], kappas)
     res.update(dataset=dataset, n_queries=len(q_paths), n_database=len(db_paths), descriptor=descriptor,
                imsize=imsize, multiscale=multiscale, query_crop=query_crop,
-               whitening=None if whitening is None else {"mode": whiten_mode, "dir": str(whiten_dir)})
+               whitening=whitening_record(whitening, whiten_mode, whiten_dir, len(wimgs)))
     return res
 
 
@@ -532,15 +550,15 @@ def evaluate_place_recognition(model: nn.Module, root: str | Path, imsize: int =
     queries, database, positives = load_place_dataset(root)
     kw = dict(descriptor=descriptor, multiscale=multiscale, device=device, num_workers=num_workers,
               progress=progress)
+    wimgs = [] if whiten_dir is None else list_images(whiten_dir)
+    whitening = None  # learned first: its errors come before the long part
+    if whiten_dir is not None:
+        whitening = fit_whitening(model, wimgs, thumbnail_loader(imsize), whiten_mode, whiten_dim, **kw)
     db = extract_descriptors(model, database, thumbnail_loader(imsize), desc="database", **kw)
     q = extract_descriptors(model, queries, thumbnail_loader(imsize), desc="queries", **kw)
-    whitening = None
-    if whiten_dir is not None:
-        whitening = fit_whitening(model, list_images(whiten_dir), thumbnail_loader(imsize), whiten_mode,
-                                  whiten_dim, **kw)
     ranks = _search(db, q, whitening)
     m, aps, _, _ = compute_map(ranks, [{"ok": p} for p in positives], ks)
     return {"dataset": "folder", "recall@k": recall_at_k(ranks, positives, ks), "mAP": m,
             "n_queries": len(queries), "n_scored_queries": int(np.sum(~np.isnan(aps))), "n_database": len(database),
             "descriptor": descriptor, "imsize": imsize, "multiscale": multiscale,
-            "whitening": None if whitening is None else {"mode": whiten_mode, "dir": str(whiten_dir)}}
+            "whitening": whitening_record(whitening, whiten_mode, whiten_dir, len(wimgs))}
