@@ -151,3 +151,47 @@ def test_cnn_backbones_from_torchvision_and_timm():
     assert t(torch.randn(2, 3, 32, 32)).shape == (2, t.num_features)
     with pytest.raises(ValueError, match="unknown architecture"):
         build_backbone("not_a_model")
+
+
+def test_cnn_strided_convolutions_on_narrow_inputs_get_exact_weight_gradients_under_bf16():
+    """torch 2.14's CPU bf16 convolution backward leaves most of a 3x3 stride-2 convolution's weight gradient
+    unwritten for a 1-pixel-wide input (a ResNet-18 at 16 px local crops: NaN loss at the second step). dinokit's
+    CNN backbones run such convolutions in fp32; the gradient then matches float64."""
+    from dinokit.models.registry import _NarrowInputSafeConv2d
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 256, 1, 1, dtype=torch.bfloat16)
+    g = torch.randn(8, 512, 1, 1, dtype=torch.bfloat16)
+    exact = torch.nn.grad.conv2d_weight(x.double(), (512, 256, 3, 3), g.double(), stride=2, padding=1)
+    junk = torch.full((512 * 256 * 9 * 2,), float("nan"))  # what the allocator hands out next may be NaN
+    del junk
+    w = torch.zeros(512, 256, 3, 3, dtype=torch.bfloat16)
+    _, raw, _ = torch.ops.aten.convolution_backward(g, x, w, None, (2, 2), (1, 1), (1, 1), False, (0, 0), 1,
+                                                    (False, True, False))
+    if torch.isfinite(raw).all() and (raw.double() - exact).abs().max() < 0.1:
+        pytest.skip("this PyTorch computes the bf16 weight gradient correctly: the guard is not needed")
+
+    model = build_backbone("resnet18")
+    conv = model.layer4[0].conv1
+    assert type(conv) is _NarrowInputSafeConv2d and isinstance(conv, torch.nn.Conv2d)
+    assert type(model.layer4[0].conv2) is torch.nn.Conv2d  # stride 1: unchanged
+    assert set(model.state_dict()) == set(torchvision_resnet18_keys())
+    inp = torch.randn(8, 256, 1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(inp)
+    assert out.dtype == torch.bfloat16
+    out.float().backward(g.float())
+    ref = torch.nn.grad.conv2d_weight(inp.double(), conv.weight.shape, g.double(), stride=2, padding=1)
+    assert torch.isfinite(conv.weight.grad).all()
+    torch.testing.assert_close(conv.weight.grad.double(), ref, rtol=1e-4, atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # wide inputs keep the bf16 convolution
+        wide = model.layer4[0].conv1(torch.randn(2, 256, 6, 6))
+    assert wide.dtype == torch.bfloat16
+
+
+def torchvision_resnet18_keys():
+    import torchvision
+
+    m = torchvision.models.resnet18()
+    m.fc = torch.nn.Identity()
+    return m.state_dict().keys()

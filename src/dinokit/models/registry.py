@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from .vit import VIT_CONFIGS, VisionTransformer
@@ -58,6 +59,31 @@ def _torchvision_names() -> list[str]:
     return sorted(n for n in tvm.list_models(module=tvm))
 
 
+class _NarrowInputSafeConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters and state dict) that, on CPU under autocast with gradients, runs a strided
+    convolution in fp32 when its input is narrower than its kernel.
+
+    PyTorch's CPU bf16 convolution backward (torch 2.14, oneDNN) leaves most of the weight gradient unwritten
+    in that case — e.g. a 1-pixel-wide input to a 3x3 stride-2 convolution, which a ResNet meets at local crops
+    under 32 px: uninitialised memory, NaN or silently wrong values (``tests/test_vit.py::
+    test_cnn_strided_convolutions_on_narrow_inputs_get_exact_weight_gradients_under_bf16``). Such feature maps
+    are tiny, so fp32 costs nothing measurable."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
+                and min(x.shape[-2:]) < max(self.kernel_size)):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float()).to(torch.get_autocast_dtype("cpu"))
+        return super().forward(x)
+
+
+def _guard_strided_convs(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if type(m) is nn.Conv2d and max(m.stride) > 1 and max(m.kernel_size) > 1:
+            m.__class__ = _NarrowInputSafeConv2d
+    return model
+
+
 def _build_torchvision(name: str, **kwargs) -> nn.Module:
     import torchvision.models as tvm
 
@@ -88,7 +114,7 @@ def _build_torchvision(name: str, **kwargs) -> nn.Module:
     if dim is None:
         raise ValueError(f"cannot find the classifier of torchvision model {name!r}")
     model.num_features = dim
-    return model
+    return _guard_strided_convs(model)
 
 
 def _build_timm(name: str, patch_size: int | None = None, drop_path_rate: float = 0.0, **kwargs) -> nn.Module:
@@ -96,7 +122,7 @@ def _build_timm(name: str, patch_size: int | None = None, drop_path_rate: float 
 
     kwargs.pop("img_size", None)
     model = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **kwargs)
-    return model
+    return _guard_strided_convs(model)
 
 
 def list_backbones() -> list[str]:
