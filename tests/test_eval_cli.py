@@ -278,6 +278,11 @@ def test_output_paths_are_checked_before_any_work(tmp_path):
         check_output_dir(a_file)
     with pytest.raises(ConfigError, match="is not a folder"):
         check_output_dir(a_file / "sub")
+    if Path("/proc/self").is_dir():  # Linux's /proc refuses new files, whatever the user (root included)
+        with pytest.raises(ConfigError, match="no permission"):
+            check_output_file("/proc/x.safetensors")
+        with pytest.raises(ConfigError, match="no permission"):
+            check_output_dir("/proc/new-folder")
     if os.geteuid() != 0:  # root may write anywhere
         ro = tmp_path / "ro"
         ro.mkdir()
@@ -307,10 +312,10 @@ class _FakeParser:
     def __init__(self, run):
         self.run = run
 
-    def parse_args(self, argv):
+    def parse_known_args(self, argv):
         import argparse
 
-        return argparse.Namespace(_run=self.run, command=argv[0])
+        return argparse.Namespace(_run=self.run, command=argv[0]), []
 
 
 def _with_unreadable_files(src: Path, dst: Path) -> Path:

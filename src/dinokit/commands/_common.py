@@ -170,6 +170,21 @@ def _nearest_existing(path: Path) -> Path:
     return p
 
 
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can be created in ``folder``: by trying (a temporary file, removed at once), since
+    permission bits say nothing for root or for special file systems such as /proc."""
+    import os
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".dinokit-write-test-")
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(name)
+    return True
+
+
 def check_output_file(path: str | Path, option: str = "--out") -> Path:
     """Refuse, before any work, an output file that cannot be written: an existing folder, a parent that is a
     file, or a folder without write permission (the nearest existing ancestor, which ``mkdir -p`` would use)."""
@@ -181,7 +196,7 @@ def check_output_file(path: str | Path, option: str = "--out") -> Path:
     base = _nearest_existing(path.parent)
     if not base.is_dir():
         raise ConfigError(f"{option} {path}: {base} is not a folder")
-    writable = os.access(path, os.W_OK) if path.exists() else os.access(base, os.W_OK | os.X_OK)
+    writable = os.access(path, os.W_OK) if path.exists() else _can_create_in(base)
     if not writable:
         raise ConfigError(f"{option} {path}: no permission to write there")
     return path
@@ -189,7 +204,6 @@ def check_output_file(path: str | Path, option: str = "--out") -> Path:
 
 def check_output_dir(path: str | Path, option: str = "--out") -> Path:
     """As :func:`check_output_file` for an output folder (which may exist)."""
-    import os
 
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
@@ -197,7 +211,7 @@ def check_output_dir(path: str | Path, option: str = "--out") -> Path:
     base = _nearest_existing(path)
     if not base.is_dir():
         raise ConfigError(f"{option} {path}: {base} is not a folder")
-    if not os.access(base, os.W_OK | os.X_OK):
+    if not _can_create_in(base):
         raise ConfigError(f"{option} {path}: no permission to write there")
     return path
 
