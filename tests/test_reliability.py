@@ -13,6 +13,7 @@ import pickle
 import shlex
 import signal
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -587,22 +588,33 @@ def test_a_second_sigint_interrupts_at_once():
         signal.signal(signal.SIGTERM, theirs)
 
 
-def test_ranks_agree_on_a_stop_every_ten_iterations():
-    """With several ranks a stop request (on any of them) is agreed at iterations 10, 20, ... (the maximum over
-    the ranks), so every rank writes its part of the checkpoint after the same iteration."""
+def test_ranks_agree_on_a_stop_every_ten_iterations_or_every_few_seconds():
+    """With several ranks a stop request (on any of them) is agreed at iterations all ranks compute alike: the
+    agreement carries the slowest rank's seconds per iteration, and the next one comes after 10 iterations or
+    about STOP_CHECK_SECONDS, whichever is first, so every rank writes its part of the checkpoint after the same
+    iteration, in time."""
     from dinokit.trainer import Trainer, _StopSignals
 
     t = Trainer.__new__(Trainer)
-    t.world, agreed = 2, []
-    t._agree = lambda *v: (agreed.append(v) or [float(signal.SIGTERM)])  # another rank was signalled
+    t.world, agreed, answer = 2, [], [0.0, 0.01]  # nobody signalled yet; the slowest rank: 10 ms per iteration
+    t._agree = lambda *v: (agreed.append(v) or list(answer))
+    t._stop_check_at, t._stop_check_since = 0, (0, time.perf_counter())
     stop = _StopSignals()
-    for it, expect in ((7, False), (9, False)):
-        t.iteration = it
-        assert t._stop_requested(stop) is expect
-    assert agreed == []  # no collective between the agreement points
+    t.iteration = 1
+    assert not t._stop_requested(stop) and len(agreed) == 1 and agreed[0][0] == 0.0  # the first, at once
+    assert t._stop_check_at == 10
+    for t.iteration in range(2, 10):
+        assert not t._stop_requested(stop)
+    assert len(agreed) == 1  # no collective between the agreement points
+    answer[:] = [0.0, 2.0]  # slow iterations: 2 s each -> every 2 iterations
     t.iteration = 10
-    assert t._stop_requested(stop) and stop.signum == signal.SIGTERM and agreed == [(0.0,)]
+    assert not t._stop_requested(stop) and t._stop_check_at == 12
+    answer[:] = [float(signal.SIGTERM), 2.0]  # another rank was signalled
+    t.iteration = 11
+    assert not t._stop_requested(stop) and len(agreed) == 2
+    t.iteration = 12
+    assert t._stop_requested(stop) and stop.signum == signal.SIGTERM and len(agreed) == 3
     t.world, stop.signum, t.iteration = 1, None, 3  # one process: its own signal, at once, no collective
     assert not t._stop_requested(stop)
     stop.signum = signal.SIGINT
-    assert t._stop_requested(stop) and len(agreed) == 1
+    assert t._stop_requested(stop) and len(agreed) == 3
