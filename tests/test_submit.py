@@ -60,8 +60,33 @@ def test_clear_errors(tmp_path, capsys, monkeypatch):
                  "y"]) == 2
     assert "give --output-dir to dinokit submit" in capsys.readouterr().err
     assert main(["submit", "--cluster", "local", "--nodes", "2", "--output-dir", str(tmp_path), "--", "--data",
-                 "x"]) == 2
+                 str(tmp_path)]) == 2
     assert "--nodes 1" in capsys.readouterr().err
+
+
+@needs_submitit
+def test_paths_are_made_absolute_and_checked_before_submitting(tmp_path, capsys, monkeypatch):
+    """The job may start elsewhere: relative data/config paths go to it absolute; a missing one is an error for
+    a job on this machine (nothing is submitted) and a warning for a cluster (its nodes may see other disks)."""
+    from dinokit.commands import submit
+
+    (tmp_path / "imgs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    argv = submit._absolute_paths(["--data", "imgs", "--knn-train=fashion-mnist", "--knn-val", "fashion-mnist:fm",
+                                   "--arch", "vit_small"])
+    assert argv == ["--data", str(tmp_path / "imgs"), "--knn-train=fashion-mnist", "--knn-val",
+                    f"fashion-mnist:{tmp_path / 'fm'}", "--arch", "vit_small"]
+    submitted = []
+    monkeypatch.setattr("dinokit.submitit_launcher.submit_training", lambda *a, **k: submitted.append(a))
+    assert main(["submit", "--cluster", "local", "--output-dir", str(tmp_path / "o"), "--", "--data",
+                 "nope"]) == 2
+    assert capsys.readouterr().err.strip() == (f"dinokit submit: error: --data {tmp_path / 'nope'}: not found "
+                                               "(checked before submitting)")
+    assert not submitted
+    with pytest.warns(UserWarning, match="--data nope: not found on this machine; the compute nodes must see it"):
+        submit._check_paths(["--data", "nope"], local=False)
+    assert main(["submit", "--dry-run", "--output-dir", str(tmp_path / "o"), "--", "--data", "imgs"]) == 0
+    assert f"dinokit train --data {tmp_path / 'imgs'} --output-dir" in capsys.readouterr().out
 
 
 @needs_submitit
@@ -122,3 +147,21 @@ def test_preemption_requeues_and_resumes_from_the_checkpoint(folder, tmp_path):
     assert "Requeued job" in log and "(30 remaining timeouts)" in log
     assert "resumed from" in log and "at epoch 0, iteration 2" in log
     assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == 6
+
+
+@needs_submitit
+def test_a_failed_job_waited_for_is_one_line(folder, tmp_path, capsys, monkeypatch):
+    class FailedJob:
+        job_id = "42"
+
+        def results(self):
+            raise RuntimeError("Job (task=0) failed during processing with trace:\n----------------------\n"
+                               "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+                               "dinokit.errors.DataError: none of the 3 image files under D could be read\n")
+
+    monkeypatch.setattr("dinokit.submitit_launcher.submit_training", lambda *a, **k: FailedJob())
+    assert main(["submit", "--cluster", "local", "--output-dir", str(tmp_path / "o"), "--wait", "--", "--data",
+                 str(folder)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dinokit submit: error: job 42 failed: dinokit.errors.DataError: none of the 3 image "
+                          "files under D could be read (logs in ") and "\n" not in err

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DinokitError
 
 HELP = "submit dinokit train to SLURM with submitit (auto-requeue and auto-resume)"
 DESCRIPTION = """Submit a multi-node, multi-GPU DINO pretraining job to SLURM through submitit: one task per GPU,
@@ -71,7 +71,56 @@ def _train_argv(args: argparse.Namespace) -> list[str]:
         raise ConfigError("invalid train options after --") from e
     if not cfg.data_path:
         raise ConfigError("no training data: add -- --data DIR ... (the train options)")
-    return argv
+    return _absolute_paths(argv)
+
+
+_PATH_OPTIONS = ("--data", "--data-path", "--data_path", "--config", "--knn-train", "--knn_train", "--knn-val",
+                 "--knn_val")
+
+
+def _absolute_paths(argv: list[str], missing: list[str] | None = None) -> list[str]:
+    """The train options with local paths made absolute: the job may start in another working directory.
+    Data specs such as ``fashion-mnist:DIR`` keep their prefix. Paths that do not exist here (shard brace
+    patterns aside) are appended to ``missing`` as ``"OPTION VALUE"``."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        name, eq, value = a.partition("=")
+        if name in _PATH_OPTIONS and (eq or i + 1 < len(argv)):
+            value = value if eq else argv[i + 1]
+            absolute = _absolute(name, value, missing if missing is not None else [])
+            out += [f"{name}={absolute}"] if eq else [name, absolute]
+            i += 0 if eq else 1
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
+def _absolute(option: str, value: str, missing: list[str]) -> str:
+    if value.strip().lower().replace("_", "-") in ("fashion-mnist", "fashionmnist"):  # found where the job runs
+        return value
+    head, sep, rest = value.partition(":")
+    if sep and len(head) > 1 and "/" not in head and not Path(value).exists():  # a spec: fashion-mnist:DIR
+        return f"{head}:{_absolute(option, rest, missing)}" if rest else value
+    path = Path(value).expanduser()
+    if not ("{" in value and value.endswith(".tar")) and not path.exists():
+        missing.append(f"{option} {value}")
+    return str(path.absolute())
+
+
+def _check_paths(argv: list[str], local: bool) -> None:
+    """Paths of the train options that do not exist here: an error for a job on this machine, else a warning
+    (a cluster's compute nodes may see file systems the submitting machine does not)."""
+    missing: list[str] = []
+    _absolute_paths(argv, missing)
+    if missing and local:
+        raise ConfigError(f"{'; '.join(missing)}: not found (checked before submitting)")
+    if missing:
+        import warnings
+
+        warnings.warn(f"dinokit: {'; '.join(missing)}: not found on this machine; the compute nodes must see "
+                      "it at that path", stacklevel=2)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
                        comment=args.comment, account=args.account, qos=args.qos, exclude=args.exclude,
                        job_name=args.job_name, signal_delay_s=args.signal_delay_s, max_requeues=args.max_requeues,
                        setup=args.setup, cluster=args.cluster)
+    if not args.dry_run:
+        _check_paths(argv, local=args.cluster == "local")
     if args.dry_run:
         print(sbatch_script(s), end="")
         print(f"# job: dinokit train {' '.join(argv)} --output-dir {out}")
@@ -100,7 +151,12 @@ def run(args: argparse.Namespace) -> int:
     if not any(a.split("=")[0] in ("--save-every-steps", "--save_every_steps") for a in argv):
         print("hint: add --save-every-steps N to the train options so a requeue redoes at most N steps")
     if args.wait:
-        results = job.results()  # one summary per task; rank 0's is the run's
+        try:
+            results = job.results()  # one summary per task; rank 0's is the run's
+        except Exception as e:  # submitit's FailedJobError carries the job's tracebacks: its last line says why
+            lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+            raise DinokitError(f"job {job.job_id} failed: {lines[-1] if lines else type(e).__name__} "
+                               f"(logs in {s.folder})") from None
         result = next((r for r in results if r.get("rank") == 0), results[0])
         print(f"job {job.job_id} done: {result['epochs']} epochs, {result['iterations']} iterations, "
               f"{result['train_minutes']:.1f} min")
