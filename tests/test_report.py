@@ -180,3 +180,19 @@ def test_report_notes_a_checkpoint_it_cannot_rebuild_and_an_unreadable_results_f
     with pytest.warns(UserWarning, match="cannot rebuild the teacher"):
         page = write_report(tmp_path).read_text()
     assert "cannot rebuild the teacher" in page and "results.json is unreadable" in page and "DINO loss" in page
+
+
+def test_a_run_trained_with_a_relative_data_path_reports_from_elsewhere_with_data(tmp_path, monkeypatch):
+    """config.yaml keeps --data as given: from another folder a relative path is not found. The note says so,
+    and --data (write_report's ``data``) names the images instead."""
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "imgs", n_per_class=6)
+    cfg = config_from_args(build_parser("train").parse_args(
+        ["train", "--data", "imgs", "--output-dir", "run", *TINY_VIT, "--batch-size-per-gpu", "4", "--epochs", "1"]))
+    Trainer(cfg).fit()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    page = write_report(tmp_path / "run", n_images=2, projection_points=12).read_text()
+    assert "imgs is relative to the folder training ran in: run the report from there, or pass --data" in page
+    page = write_report(tmp_path / "run", n_images=2, projection_points=12, data=str(tmp_path / "imgs")).read_text()
+    assert "relative to the folder" not in page and 'alt="projection"' in page

@@ -143,12 +143,20 @@ def _load_model(run_dir: Path):
     return teacher.backbone.eval(), cfg, note
 
 
-def _test_images(cfg, n: int):
-    """Up to ``n`` (PIL image, label) pairs from the k-NN validation data or the training data's test split."""
+def _test_images(cfg, n: int, data: str | None = None):
+    """Up to ``n`` (PIL image, label) pairs from ``data``, else the run's k-NN validation data or its training
+    data's test split."""
     from .data import build_dataset
+    from .errors import DataError
 
-    spec = cfg.knn_val or cfg.data_path
-    ds = build_dataset(spec, transform=None, split="test")
+    spec = data or cfg.knn_val or cfg.data_path
+    try:
+        ds = build_dataset(spec, transform=None, split="test")
+    except DataError as e:
+        if data is None and not Path(str(spec).split(":", 1)[-1]).is_absolute():
+            raise DataError(f"{e} ({spec} is relative to the folder training ran in: run the report from there, "
+                            "or pass --data)") from None
+        raise
     n_total = len(ds)
     idx = np.linspace(0, n_total - 1, num=min(n, n_total)).astype(int).tolist()
     out = []
@@ -238,9 +246,11 @@ def _table(d: dict[str, Any]) -> str:
     return f"<table class='kv'>{rows}</table>"
 
 
-def write_report(run_dir: str | Path, n_images: int = 8, projection_points: int = 1000) -> Path:
+def write_report(run_dir: str | Path, n_images: int = 8, projection_points: int = 1000,
+                 data: str | None = None) -> Path:
     """Write ``run_dir/report.html`` and return its path. ``n_images`` (>= 0; 0: no attention grid) test images
-    go in the attention grid, ``projection_points`` (> 0) in the feature projection. Parts that cannot be made (no
+    go in the attention grid, ``projection_points`` (> 0) in the feature projection, taken from ``data`` (default:
+    the run's k-NN validation data, else its training data). Parts that cannot be made (no
     intact checkpoint, a CNN backbone without attention, unlabelled data) are replaced by a note, never an
     exception; a bad run directory or an unwritable report path is refused before any work."""
     if n_images < 0:
@@ -285,7 +295,7 @@ def write_report(run_dir: str | Path, n_images: int = 8, projection_points: int 
             body["attention"] = body["projection"] = f"<p class='note'>{html.escape(why)}</p>"
         else:
             try:
-                images, ds = _test_images(cfg, n_images)
+                images, ds = _test_images(cfg, n_images, data)
             except Exception as e:  # data moved or unreadable: keep the rest of the report
                 images, ds = [], None
                 body["attention"] = body["projection"] = (f"<p class='note'>test images unavailable: "

@@ -15,6 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, default=8,
                         help="test images in the attention grid (default: 8; 0: no attention grid)")
     parser.add_argument("--points", type=int, default=1000, help="test images in the projection (default: 1000)")
+    parser.add_argument("--data", default=None, metavar="SPEC",
+                        help="images for the attention grid and the projection (a folder, fashion-mnist[:DIR]; "
+                             "default: the run's k-NN validation data, else its training data)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,6 +26,6 @@ def run(args: argparse.Namespace) -> int:
     if args.images < 0:
         raise ConfigError(f"--images must be >= 0, got {args.images}")
     check_positive("--points", args.points)
-    path = write_report(args.run_dir, n_images=args.images, projection_points=args.points)
+    path = write_report(args.run_dir, n_images=args.images, projection_points=args.points, data=args.data)
     print(f"report: {path}")
     return 0
