@@ -420,3 +420,22 @@ def test_an_error_raised_in_a_loader_worker_is_one_line(tmp_path, capsys, monkey
     monkeypatch.setattr(cli, "build_parser", lambda only=None: _FakeParser(run))
     assert cli.main(["knn"]) == 2
     assert capsys.readouterr().err == "dinokit knn: error: none of the 3 image files under X could be read\n"
+
+
+def test_num_heads_for_a_bare_state_dict_of_a_non_standard_width(setup, tmp_path, capsys):
+    """A bare ViT state dict does not record its heads; for a non-standard width the warning names --num-heads,
+    and with it the features are the model's own."""
+    _, train, _, _, backbone = setup  # width 32, 2 heads
+    bare = tmp_path / "bare.pth"
+    torch.save(backbone.state_dict(), bare)
+    out = tmp_path / "f.safetensors"
+    with pytest.warns(UserWarning, match=r"pass --num-heads N"):
+        assert main(["features", "--weights", str(bare), "--data", str(train), "--out", str(out),
+                     "--num-workers", "0", *COMMON]) == 0
+    assert main(["features", "--weights", str(bare), "--data", str(train), "--out", str(out), "--num-heads", "2",
+                 "--num-workers", "0", *COMMON]) == 0
+    own = load_file(_features_of(setup[3], train, tmp_path / "own.safetensors"))
+    torch.testing.assert_close(load_file(out)["features"], own["features"])
+    assert main(["features", "--weights", str(bare), "--data", str(train), "--out", str(out), "--num-heads", "0",
+                 *COMMON]) == 2
+    assert "--num-heads must be > 0" in capsys.readouterr().err

@@ -337,8 +337,8 @@ def infer_arch(state_dict: dict[str, torch.Tensor], hints: dict[str, Any] | None
             heads = std[1] if std else _default_heads(embed_dim)
             if embed_dim not in _STANDARD_HEADS:
                 warnings.warn(f"dinokit: the number of attention heads cannot be read from the weights; assuming "
-                              f"{heads} for width {embed_dim} (pass num_heads= / use a dinokit checkpoint or "
-                              f"export, which record it)", stacklevel=2)
+                              f"{heads} for width {embed_dim} (pass --num-heads N, num_heads= in Python, or use a "
+                              f"dinokit checkpoint or export, which record it)", stacklevel=2)
         heads = int(heads)
         arch = std[0] if std and heads == std[1] else "vit_custom"
         info: dict[str, Any] = {"arch": arch, "patch_size": int(pw), "embed_dim": int(embed_dim),

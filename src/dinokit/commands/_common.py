@@ -32,6 +32,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True, 
                    help="architecture (vit_small, vit_base, resnet50, timm:<name>, ...); default: inferred")
     g.add_argument("--patch-size", "--patch_size", dest="patch_size", type=int, default=patch_default,
                    help="ViT patch size; default: inferred from the weights")
+    g.add_argument("--num-heads", "--num_heads", dest="num_heads", type=int, default=None,
+                   help="ViT attention heads, for a bare state dict of a non-standard width (dinokit checkpoints "
+                        "and exports record it; standard widths are known); default: inferred")
     g.add_argument("--checkpoint-key", "--checkpoint_key", dest="checkpoint_key", default="teacher",
                    choices=["teacher", "student"],
                    help="network of a full training checkpoint to use (default: teacher, as the reference)")
@@ -56,7 +59,12 @@ def load_model(args: argparse.Namespace, need_patches: bool = False):
         raise CheckpointError(f"weights file not found: {args.weights}")
     from ..weights import load_backbone
 
-    model = load_backbone(path, arch=args.arch, patch_size=args.patch_size, checkpoint_key=args.checkpoint_key)
+    extra = {}
+    if getattr(args, "num_heads", None) is not None:
+        check_positive("--num-heads", args.num_heads)
+        extra["num_heads"] = args.num_heads
+    model = load_backbone(path, arch=args.arch, patch_size=args.patch_size, checkpoint_key=args.checkpoint_key,
+                          **extra)
     if need_patches and not (hasattr(model, "get_intermediate_layers") and getattr(model, "patch_size", None)):
         raise ConfigError(f"this evaluation needs a ViT (patch tokens); {type(model).__name__} has none")
     for p in model.parameters():
