@@ -718,10 +718,9 @@ class Trainer:
         self._log_console(f"resumed from {path} at epoch {self.epoch}, iteration {self.iteration}")
         saved = ckpt.get("loader_workers")
         if saved is not None and saved != self.loader.num_workers and is_shard_spec(self.cfg.data_path):
-            self._log_console(f"warning: {self.loader.num_workers} loader workers now, {saved} when {path} was "
-                              f"saved: with tar shards the batches come in another order than in the "
-                              f"uninterrupted run (every image still once per epoch); --num-workers {saved} "
-                              f"keeps the order")
+            self._warn(f"{self.loader.num_workers} loader workers now, {saved} when {path} was saved: with tar "
+                       f"shards the batches come in another order than in the uninterrupted run (every image still "
+                       f"once per epoch); --num-workers {saved} keeps the order")
 
     def save(self, numbered: bool = False) -> None:
         if not self.main and not self.fsdp:
@@ -764,12 +763,18 @@ class Trainer:
         elif not hasattr(self.dataset, "images") and cfg.augment_impl == "reference":
             tips.append("--augment-impl fast (same crop distributions, several times the images/s per worker)")
         advice = f"try {', or '.join(tips)}" if tips else f"every CPU ({cpus}) already runs a loader worker"
-        self._log_console(f"warning: {100 * wait_frac:.0f}% of the training time was spent waiting for data; the "
-                          f"input pipeline is the bottleneck: {advice}")
+        self._warn(f"{100 * wait_frac:.0f}% of the training time was spent waiting for data; the input pipeline "
+                   f"is the bottleneck: {advice}")
 
     def _log_console(self, msg: str) -> None:
         if self.main:
             print(f"[dinokit] {msg}", file=sys.stderr, flush=True)
+
+    def _warn(self, msg: str) -> None:
+        """A warning of the run (rank 0 only), as every dinokit warning: ``dinokit: ...``, which the CLI prints as
+        one line ``dinokit train: warning: ...``."""
+        if self.main:
+            warnings.warn(f"dinokit: {msg}", UserWarning, stacklevel=3)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.main:
@@ -1076,9 +1081,8 @@ class Trainer:
                                              last.get("teacher_temp", self.cfg.teacher_temp)))
                 if record["epoch"] >= 1 and (record["teacher_entropy"] > 0.98 * record["entropy_max"]
                                              or record["distinct_prototypes"] <= 1):
-                    self._log_console("warning: the run looks collapsed (teacher targets uniform or one "
-                                      "prototype); try a lower --teacher-temp, a higher --momentum-teacher, or a "
-                                      "longer --freeze-last-layer")
+                    self._warn("the run looks collapsed (teacher targets uniform or one prototype); try a lower "
+                               "--teacher-temp, a higher --momentum-teacher, or a longer --freeze-last-layer")
             self._hint_if_data_bound(record["data_wait_frac"])
             self.log(record)
             lr_s = f"{record['lr']:.2e}" if record["lr"] is not None else "n/a"
