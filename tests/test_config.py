@@ -53,6 +53,39 @@ def test_dash_and_underscore_spellings_and_precedence(tmp_path):
     (["--sinkhorn-iterations", "0"], "sinkhorn_iterations must be >= 1"),
     (["--koleo-loss-weight", "-0.1"], "koleo_loss_weight must be >= 0"),
     (["--koleo-loss-weight", "0.1", "--batch-size-per-gpu", "1"], "needs batch_size_per_gpu >= 2"),
+    # used to crash later with a traceback (ZeroDivisionError, AssertionError, linspace / numpy seed ValueError)
+    (["--patch-size", "0"], "patch_size must be >= 1, got 0"),
+    (["--patch-size", "-8"], "patch_size must be >= 1, got -8"),
+    (["--num-heads", "0"], "num_heads must be >= 1, got 0"),
+    (["--arch", "vit_custom", "--embed-dim", "33", "--num-heads", "2"],
+     r"embed_dim \(33\) must be divisible by num_heads \(2\) for vit_custom"),
+    (["--warmup-epochs", "-2"], "warmup_epochs must be >= 0, got -2"),
+    (["--warmup-teacher-temp-epochs", "-1"], "warmup_teacher_temp_epochs must be >= 0, got -1"),
+    (["--seed", "-1"], r"seed must be in \[0, 2\*\*32 - 1\]"),
+    (["--set", "seed=99999999999"], r"seed must be in \[0, 2\*\*32 - 1\]"),
+    # used to be accepted and trained with
+    (["--lr", "-1"], "lr must be >= 0, got -1"),
+    (["--min-lr", "-1"], "min_lr must be >= 0, got -1"),
+    (["--weight-decay", "-1"], "weight_decay must be >= 0, got -1"),
+    (["--set", "weight_decay_end=-0.1"], "weight_decay_end must be >= 0, got -0.1"),
+    (["--drop-path-rate", "2"], r"drop_path_rate must be in \[0, 1\), got 2"),
+    (["--drop-path-rate", "1"], r"drop_path_rate must be in \[0, 1\), got 1"),
+    (["--set", "drop_path_rate=nan"], "drop_path_rate must be in"),
+    (["--depth", "0"], "depth must be >= 1, got 0"),
+    (["--head-hidden-dim", "0"], "head_hidden_dim must be >= 1, got 0"),
+    (["--head-bottleneck-dim", "0"], "head_bottleneck_dim must be >= 1, got 0"),
+    (["--set", "head_nlayers=0"], "head_nlayers must be >= 1, got 0"),
+    (["--knn-subset", "-5"], "knn_subset must be >= 0 .*got -5"),
+    (["--time-budget-minutes", "-1"], "time_budget_minutes must be >= 0, got -1"),
+    (["--knn-every", "-1"], "knn_every must be >= 0, got -1"),
+    (["--set", "knn_every_minutes=-1"], "knn_every_minutes must be >= 0, got -1"),
+    (["--set", "freeze_last_layer=-1"], "freeze_last_layer must be >= 0, got -1"),
+    (["--set", "center_momentum=1.5"], r"center_momentum must be in \[0, 1\]"),
+    (["--set", "solarize_prob=2"], "solarize_prob must be probabilities"),
+    (["--set", "blur_prob=1,0.1,-0.5"], "blur_prob and solarize_prob must be probabilities"),
+    (["--set", "lr=nan"], "lr must be >= 0, got nan"),
+    (["--set", "output_dir="], "output_dir is empty"),
+    (["--output-dir", " "], "output_dir is empty"),
 ])
 def test_bad_options_are_config_errors(argv, match):
     with pytest.raises(ConfigError, match=match):
@@ -156,3 +189,18 @@ def test_check_positive_refuses_nan():
 
     with pytest.raises(ConfigError, match="--temperature must be > 0, got nan"):
         check_positive("--temperature", float("nan"))
+
+
+def test_boundary_values_the_reference_accepts_still_validate():
+    cfg = parse(["--freeze-last-layer", "0", "--clip-grad", "0", "--drop-path-rate", "0", "--lr", "0",
+                 "--min-lr", "0", "--weight-decay", "0", "--warmup-epochs", "0", "--knn-subset", "0",
+                 "--local-crops-number", "0", "--seed", str(2**32 - 1), "--arch", "vit_custom", "--embed-dim", "32",
+                 "--num-heads", "2", "--depth", "1", "--momentum-teacher", "1", "--set", "center_momentum=0"])
+    assert cfg.freeze_last_layer == 0 and cfg.clip_grad == 0 and cfg.seed == 2**32 - 1
+    assert parse(["--arch", "resnet18", "--embed-dim", "33", "--num-heads", "2"]).embed_dim == 33  # vit_custom only
+
+
+def test_invalid_numbers_are_one_line_exit_2_on_the_cli(tmp_path):
+    r = _cli("train", "--data", str(tmp_path), "--output-dir", str(tmp_path / "o"), "--patch-size", "0")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["dinokit train: error: patch_size must be >= 1, got 0"]

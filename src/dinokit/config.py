@@ -151,6 +151,31 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 bad(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
+        def at_least(name: str, lo: float, note: str = ""):
+            v = getattr(self, name)
+            if not v >= lo:  # also refuses NaN
+                bad(f"{name} must be >= {lo}{note}, got {v}")
+
+        if not self.output_dir.strip():
+            bad("output_dir is empty: name the folder for log.jsonl and checkpoints (e.g. --output-dir runs/dino)")
+        for name in ("patch_size", "embed_dim", "depth", "num_heads", "head_hidden_dim", "head_bottleneck_dim",
+                     "head_nlayers"):
+            at_least(name, 1)
+        if self.arch == "vit_custom" and self.embed_dim % self.num_heads:
+            bad(f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads}) for vit_custom")
+        if not 0 <= self.drop_path_rate < 1:
+            bad(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        for name in ("lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "freeze_last_layer",
+                     "warmup_teacher_temp_epochs", "time_budget_minutes", "knn_every", "knn_every_minutes"):
+            at_least(name, 0)
+        at_least("knn_subset", 0, " (0: every image)")
+        if not 0 <= self.center_momentum <= 1:
+            bad(f"center_momentum must be in [0, 1], got {self.center_momentum}")
+        if not 0 <= self.solarize_prob <= 1 or not all(0 <= p <= 1 for p in self.blur_prob):
+            bad(f"blur_prob and solarize_prob must be probabilities in [0, 1], got {tuple(self.blur_prob)} and "
+                f"{self.solarize_prob}")
+        if not 0 <= self.seed < 2**32:
+            bad(f"seed must be in [0, 2**32 - 1] (numpy's range), got {self.seed}")
         if self.batch_size_per_gpu <= 0:
             bad(f"batch_size_per_gpu must be positive, got {self.batch_size_per_gpu}")
         if self.epochs <= 0:
