@@ -196,3 +196,46 @@ def test_a_run_trained_with_a_relative_data_path_reports_from_elsewhere_with_dat
     assert "imgs is relative to the folder training ran in: run the report from there, or pass --data" in page
     page = write_report(tmp_path / "run", n_images=2, projection_points=12, data=str(tmp_path / "imgs")).read_text()
     assert "relative to the folder" not in page and 'alt="projection"' in page
+
+
+_COLLAPSE_FIELDS = ("teacher_entropy", "entropy_max", "kl_mean_to_uniform", "center_norm", "distinct_prototypes")
+
+
+def test_report_tolerates_records_missing_fields(run_dir, tmp_path):
+    """A run stopped by SIGTERM on an epoch's last iteration and resumed logs that epoch without the collapse
+    fields and with images_per_s 0; any other field may be missing too. The report plots what exists."""
+    run = _copy_run(run_dir, tmp_path / "run")
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    for r in records:
+        if r["type"] == "epoch" and r["epoch"] == 0:  # an earlier epoch: the old code read every epoch's fields
+            for k in _COLLAPSE_FIELDS:
+                r.pop(k)
+            r.update(images_per_s=0, loss=0.0, lr=None)
+    records += [{"type": "epoch"}, {"type": "train", "loss": 1.0}, {"type": "knn", "train_minutes": 0.02}, {}]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    r = subprocess.run([sys.executable, "-m", "dinokit", "report", str(run), "--points", "12", "--images", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    page = (run / "report.html").read_text()
+    assert "collapse diagnostics" in page and "online k-NN" in page and "DINO loss" in page
+    assert "No collapse diagnostics logged for epochs 0, ?" in page
+    assert "The record of epoch 0 has no steps of its own" in page and "placeholders" in page
+
+
+def test_report_of_a_diverged_run_notes_non_finite_features(run_dir, tmp_path):
+    import torch
+
+    run = _copy_run(run_dir, tmp_path / "run")
+    for p in run.glob("checkpoint*.pth"):
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+        for v in ckpt["teacher"].values():
+            if v.is_floating_point():
+                v.fill_(float("nan"))
+        torch.save(ckpt, p)
+    r = subprocess.run([sys.executable, "-m", "dinokit", "report", str(run), "--points", "12", "--images", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    page = (run / "report.html").read_text()
+    assert "the features are not finite: the run diverged" in page
+    assert "the attention is not finite: the run diverged" in page and "head 0" not in page
+    assert "DINO loss" in page and 'id="environment"' in page

@@ -59,28 +59,48 @@ def _pil_png(img) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _curves(log: list[dict[str, Any]]) -> list[tuple[str, str]]:
+def _num(r: dict[str, Any], key: str) -> float | None:
+    """``r[key]`` when it is a finite number, else ``None`` (missing, null, text, NaN)."""
+    v = r.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def _placeholder(r: dict[str, Any]) -> bool:
+    """An epoch record written for an epoch with no step of its own (a run stopped on an epoch's last iteration
+    and resumed): its throughput is 0 and its loss the 0 of an empty average, not measurements."""
+    return r.get("type") == "epoch" and _num(r, "images_per_s") == 0
+
+
+_COLLAPSE = ("teacher_entropy", "entropy_max", "kl_mean_to_uniform", "distinct_prototypes")
+
+
+def _curves(log: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], list[str]]:
+    """``(pictures, notes)``: a curve per logged quantity, from the records that have it; a note for what is
+    missing. Any field may be missing from any record."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    train = [r for r in log if r.get("type") == "train"]
-    epochs = [r for r in log if r.get("type") == "epoch"]
-    knn = [r for r in log if r.get("type") == "knn"]
-    pics = []
+    train = [r for r in log if isinstance(r, dict) and r.get("type") == "train"]
+    epochs = [r for r in log if isinstance(r, dict) and r.get("type") == "epoch"]
+    knn = [r for r in log if isinstance(r, dict) and r.get("type") == "knn"]
+    pics: list[tuple[str, str]] = []
+    notes: list[str] = []
 
-    def series(records, key):
-        pts = [(r["iteration"], r[key]) for r in records if isinstance(r.get(key), (int, float))
-               and math.isfinite(r[key])]
+    def series(records, xkey, key):
+        pts = [(_num(r, xkey), _num(r, key)) for r in records]
+        pts = [p for p in pts if p[0] is not None and p[1] is not None]
         return [p[0] for p in pts], [p[1] for p in pts]
 
-    src = train if train else epochs
+    src = train if train else [r for r in epochs if not _placeholder(r)]
     loss_title = "loss (DINO + weighted KoLeo)" if any("koleo" in r for r in src) else "DINO loss"
     for key, title in (("loss", loss_title), ("koleo", "KoLeo term (unweighted)"), ("lr", "learning rate"),
                        ("wd", "weight decay"), ("momentum", "teacher momentum"),
                        ("teacher_temp", "teacher temperature")):
-        x, y = series(src, key)
+        x, y = series(src, "iteration", key)
         if not x:
             continue
         fig, ax = plt.subplots(figsize=(4.2, 2.8))
@@ -89,30 +109,43 @@ def _curves(log: list[dict[str, Any]]) -> list[tuple[str, str]]:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         pics.append((title, _png(fig)))
-    if knn:
+    x, y = series(knn, "train_minutes", "knn_top1")
+    if x:
         fig, ax = plt.subplots(figsize=(4.2, 2.8))
-        ax.plot([r.get("train_minutes", 0) for r in knn], [r["knn_top1"] for r in knn], "o-", lw=1.2)
+        ax.plot(x, y, "o-", lw=1.2)
         ax.set_xlabel("training minutes")
         ax.set_ylabel("top-1 %")
         ax.set_title("online weighted k-NN")
         ax.grid(alpha=0.3)
         pics.append(("online k-NN", _png(fig)))
-    if epochs and "teacher_entropy" in epochs[-1]:
-        ep = [r["epoch"] for r in epochs]
+    if any(_num(r, k) is not None for r in epochs for k in _COLLAPSE):
         fig, axes = plt.subplots(1, 3, figsize=(10, 2.8))
-        axes[0].plot(ep, [r["teacher_entropy"] for r in epochs], "o-", label="teacher entropy")
-        axes[0].plot(ep, [r["entropy_max"] for r in epochs], "--", label="ln K (uniform collapse)")
-        axes[0].legend(fontsize=7)
-        axes[0].set_title("teacher entropy")
-        axes[1].plot(ep, [r["kl_mean_to_uniform"] for r in epochs], "o-")
-        axes[1].set_title("KL(mean target || uniform)")
-        axes[2].plot(ep, [r["distinct_prototypes"] for r in epochs], "o-")
-        axes[2].set_title("distinct argmax prototypes")
-        for a in axes:
-            a.set_xlabel("epoch")
-            a.grid(alpha=0.3)
+        for ax, keys, title in ((axes[0], ("teacher_entropy", "entropy_max"), "teacher entropy"),
+                                (axes[1], ("kl_mean_to_uniform",), "KL(mean target || uniform)"),
+                                (axes[2], ("distinct_prototypes",), "distinct argmax prototypes")):
+            for key in keys:
+                ex, ey = series(epochs, "epoch", key)
+                if key == "entropy_max":
+                    ax.plot(ex, ey, "--", label="ln K (uniform collapse)")
+                else:
+                    ax.plot(ex, ey, "o-", label="teacher entropy" if key == "teacher_entropy" else None)
+            if len(keys) > 1:
+                ax.legend(fontsize=7)
+            ax.set_title(title)
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
         pics.append(("collapse diagnostics", _png(fig)))
-    return pics
+        lacking = [r.get("epoch", "?") for r in epochs if any(_num(r, k) is None for k in _COLLAPSE)]
+        if lacking:
+            notes.append(f"No collapse diagnostics logged for epoch{'s' if len(lacking) > 1 else ''} "
+                         f"{', '.join(map(str, lacking))} (e.g. a run stopped on an epoch's last iteration and "
+                         "resumed): those points are left out.")
+    placeholders = [r.get("epoch", "?") for r in epochs if _placeholder(r)]
+    if placeholders:
+        notes.append(f"The record of epoch{'s' if len(placeholders) > 1 else ''} "
+                     f"{', '.join(map(str, placeholders))} has no steps of its own (resumed at the epoch's end): "
+                     "its loss and images/s are placeholders, not measurements, and are not plotted.")
+    return pics, notes
 
 
 def _load_model(run_dir: Path):
@@ -180,6 +213,8 @@ def _attention_section(backbone, cfg, images, threshold: float = 0.6) -> str:
     for img, label in images:
         x = tf(img)
         attn = attention_maps(backbone, x)
+        if not torch.isfinite(attn).all():  # NaN/Inf weights: the maps would be blank pictures
+            return "<p class='note'>No attention maps: the attention is not finite: the run diverged.</p>"
         masks = threshold_masks(attn, threshold)
         size = (x.shape[-1] * 4, x.shape[-2] * 4) if x.shape[-1] < 96 else (x.shape[-1], x.shape[-2])
         cells = [f'<td><img src="{_pil_png(img.resize(size))}" alt="input"><br>class {label}</td>']
@@ -209,7 +244,10 @@ def _projection_section(backbone, cfg, ds, n: int = 1000) -> str:
         imgs = [ds.to_pil(int(i)).convert("RGB") if hasattr(ds, "to_pil") else ds[int(i)][0] for i in chunk]
         feats.append(backbone(torch.stack([tf(im) for im in imgs])).float())
         labels += [int(ds.labels[int(i)]) for i in chunk]
-    f = torch.nn.functional.normalize(torch.cat(feats), dim=1)
+    f = torch.cat(feats)
+    if not torch.isfinite(f).all():  # NaN/Inf weights: no PCA possible (the SVD would raise)
+        return "<p class='note'>No projection: the features are not finite: the run diverged.</p>"
+    f = torch.nn.functional.normalize(f, dim=1)
     f = f - f.mean(0, keepdim=True)
     _, _, v = torch.linalg.svd(f, full_matrices=False)
     xy = (f @ v[:2].T).numpy()
@@ -283,10 +321,11 @@ def write_report(run_dir: str | Path, n_images: int = 8, projection_points: int 
     else:
         body["results"] = "<p class='note'>No results.json (the demo writes k-NN results there).</p>"
 
-    pics = _curves(log) if log else []
+    pics, notes = _curves(log) if log else ([], [])
     body["curves"] = ("".join(f'<figure><img src="{src}" alt="{html.escape(t)}"><figcaption>{html.escape(t)}'
                               f"</figcaption></figure>" for t, src in pics)
                       or "<p class='note'>No log records yet.</p>")
+    body["curves"] += "".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes)
 
     torch.set_grad_enabled(False)
     try:
