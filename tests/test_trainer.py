@@ -10,7 +10,7 @@ import torch
 from dinokit.cli import build_parser
 from dinokit.commands.train import config_from_args
 from dinokit.config import TrainConfig
-from dinokit.errors import ConfigError
+from dinokit.errors import CheckpointError, ConfigError
 from dinokit.trainer import NonFiniteLossError, Trainer
 
 from .helpers import TINY_VIT, make_fashion_like, make_image_folder
@@ -136,9 +136,13 @@ def test_non_finite_loss_stops_with_message_and_skip_policy(folder, tmp_path):
     with torch.no_grad():
         t2.student.head.mlp[0].weight.fill_(float("nan"))
     center = t2.dino_loss.center.clone()
-    t2.fit()
+    with pytest.warns(UserWarning, match="every step of epoch 0 had a non-finite loss and was skipped"):
+        t2.fit()
     assert t2.skipped_steps == 3
     assert torch.equal(t2.dino_loss.center, center)
+    epoch = [json.loads(x) for x in (tmp_path / "skip" / "log.jsonl").read_text().splitlines()
+             if json.loads(x)["type"] == "epoch"]
+    assert epoch[0]["loss"] is None  # skipped steps are not averaged in as 0
 
 
 def test_fast_batched_augmentation_on_fashion_mnist_files(tmp_path):
@@ -358,3 +362,57 @@ def test_loader_workers_auto_is_the_papers_10_at_most_one_per_cpu(folder, tmp_pa
     assert tr.loader.num_workers == 2 and tr.cfg.num_workers == -1
     with pytest.raises(ConfigError, match="num_workers"):
         tiny(folder, tmp_path / "o2", "--num-workers", "-2")
+
+
+def test_resume_refuses_what_cannot_continue_and_names_changed_options(folder, tmp_path):
+    """Another number of iterations per epoch (batch size, processes, data) would shift the schedules and the
+    epoch counter (a user saw 19 one-iteration epochs); another optimiser has other state (KeyError at the
+    first step). Both are refused before anything is written; other changed options are named."""
+    out = tmp_path / "run"
+    Trainer(tiny(folder, out, "--epochs", "1")).fit()
+    config_before = (out / "config.yaml").read_text()
+    with pytest.raises(CheckpointError, match=r"the run had 3 iterations per epoch, this configuration gives 6 "
+                                              r"\(global batch 2, 12 images\)"):
+        Trainer(tiny(folder, out, "--epochs", "2", "--batch-size-per-gpu", "2"))
+    with pytest.raises(CheckpointError, match="with --optimizer sgd: the run used adamw"):
+        Trainer(tiny(folder, out, "--epochs", "2", "--optimizer", "sgd"))
+    assert (out / "config.yaml").read_text() == config_before
+    with pytest.warns(UserWarning, match=r"with options that differ from the run's: lr 0\.0005 -> 0\.001; epochs 1 "
+                                         r"-> 2"):
+        t = Trainer(tiny(folder, out, "--epochs", "2", "--lr", "0.001", "--num-workers", "0", "--log-every", "5"))
+    assert t.iteration == 3
+
+
+def test_the_knn_monitor_and_the_report_leave_the_training_unchanged(folder, tmp_path):
+    """Their loaders draw seeds from torch's generator and a report builds a model: run under
+    _training_rng_untouched they no longer change the training (a user saw epoch-1 loss 3.7802 vs 3.6879)."""
+    def weights(out, *extra):
+        t = Trainer(tiny(folder, out, "--epochs", "2", *extra))
+        t.fit()
+        return t.student.state_dict(), t
+
+    plain, _ = weights(tmp_path / "plain")
+    monitored, t = weights(tmp_path / "mon", "--knn-every", "1", "--knn-train", str(folder), "--knn-val",
+                           str(folder), "--report", "true")
+    for k in plain:
+        assert torch.equal(plain[k], monitored[k]), k
+    knn = [r for r in t.knn_history]
+    assert [r["epoch"] for r in knn] == [0, 1]  # labelled with the epoch that just ended
+    assert (tmp_path / "mon" / "report.html").exists()
+
+
+def test_knn_monitor_data_is_checked_before_training(folder, tmp_path):
+    from dinokit.errors import DataError
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in list(folder.rglob("*.png"))[:3]:
+        (flat / p.name).write_bytes(p.read_bytes())
+    with pytest.raises(ConfigError, match="needs both knn_train and knn_val"):
+        Trainer(tiny(folder, tmp_path / "a", "--knn-every", "1", "--knn-train", str(folder)))
+    with pytest.raises(DataError, match="knn_val .* has images without a class"):
+        Trainer(tiny(folder, tmp_path / "b", "--knn-every", "1", "--knn-train", str(folder), "--knn-val",
+                     str(flat)))
+    with pytest.raises(DataError, match="does not exist"):
+        Trainer(tiny(folder, tmp_path / "c", "--knn-every", "1", "--knn-train", str(tmp_path / "nope"),
+                     "--knn-val", str(folder)))

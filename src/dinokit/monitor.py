@@ -64,18 +64,34 @@ def _tensor_features(backbone, ds, cfg: TrainConfig, device, batch_size: int = 1
     return torch.cat(out)
 
 
-def online_knn(backbone: torch.nn.Module, cfg: TrainConfig, device: torch.device, k: int = 20,
-               T: float = 0.07) -> dict[str, Any]:
+def knn_data(cfg: TrainConfig):
+    """The monitor's ``((train, labels), (val, labels))``, built once per process and cached. Raises
+    :class:`DataError` for missing data or images without a class, so a run can check them before training."""
     from .data import build_dataset
-    from .eval.knn import drop_unreadable, extract_features, knn_classifier
+    from .errors import ConfigError, DataError
 
+    if not (cfg.knn_train and cfg.knn_val):
+        raise ConfigError("the online k-NN monitor (knn_every / knn_every_minutes) needs both knn_train and knn_val "
+                          "(labelled data: folders with class sub-folders, or fashion-mnist)")
     key = (cfg.knn_train, cfg.knn_val, cfg.knn_subset, cfg.global_crop_size)
     if key not in _CACHE:
         tf = knn_transform(cfg)
-        train = build_dataset(cfg.knn_train, transform=tf, split="train", unreadable="leave_out")
-        val = build_dataset(cfg.knn_val, transform=tf, split="test", unreadable="leave_out")
-        _CACHE[key] = (_subset(train, cfg.knn_subset), _subset(val, cfg.knn_subset, seed=1))
-    (train_ds, train_labels), (val_ds, val_labels) = _CACHE[key]
+        sets = []
+        for name, spec, split in (("knn_train", cfg.knn_train, "train"), ("knn_val", cfg.knn_val, "test")):
+            ds = build_dataset(spec, transform=tf, split=split, unreadable="leave_out")
+            if not getattr(ds, "has_labels", False):
+                raise DataError(f"{name} {spec} has images without a class: the k-NN monitor needs labelled data "
+                                "(every image in a class sub-folder)")
+            sets.append(ds)
+        _CACHE[key] = (_subset(sets[0], cfg.knn_subset), _subset(sets[1], cfg.knn_subset, seed=1))
+    return _CACHE[key]
+
+
+def online_knn(backbone: torch.nn.Module, cfg: TrainConfig, device: torch.device, k: int = 20,
+               T: float = 0.07) -> dict[str, Any]:
+    from .eval.knn import drop_unreadable, extract_features, knn_classifier
+
+    (train_ds, train_labels), (val_ds, val_labels) = knn_data(cfg)
     was_training = backbone.training
     backbone.eval()
     try:

@@ -442,6 +442,19 @@ def collapse_stats(teacher_output: torch.Tensor, center: torch.Tensor, temp: flo
 # the trainer
 
 
+@contextlib.contextmanager
+def _training_rng_untouched():
+    """Run evaluations inside training (the k-NN monitor, the report) without moving the training's random
+    streams (torch, CUDA, numpy, Python): a DataLoader draws its base seed from torch's generator, a model built
+    for a report initialises weights. Otherwise a run with them would differ from one without, and a resumed
+    run (its checkpoint's RNG state saved before the report) from the uninterrupted one."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
 @dataclass
 class Plan:
     niter_per_ep: int
@@ -469,6 +482,10 @@ class Trainer:
         self.main = self.rank == 0
         self.out = Path(cfg.output_dir)
         self._check_output_dir()
+        if self.main and (cfg.knn_every or cfg.knn_every_minutes):
+            from .monitor import knn_data
+
+            knn_data(cfg)  # missing or unlabelled k-NN data is an error now, not after the first epoch
 
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -676,10 +693,41 @@ class Trainer:
             "dinokit_version": _version(),
         }
 
+    #: options that do not change the training maths (where and how it runs, what is logged or evaluated):
+    #: resuming with other values is routine; changes to any other option are named in a warning
+    RESUME_FREE_OPTIONS = frozenset({
+        "output_dir", "saveckp_freq", "save_every_steps", "keep_last", "num_workers", "device", "precision",
+        "use_fp16", "compile", "grad_checkpointing", "fsdp", "loss_chunk_pairs", "nan_policy", "log_every",
+        "knn_every", "knn_every_minutes", "knn_train", "knn_val", "knn_subset", "report", "dist_url", "local_rank",
+        "fast_augment", "gpu_augment", "augment_impl"})
+
+    def _check_resumable(self, ckpt: dict, path: Path) -> None:
+        """Refuse a resume that cannot continue the run (another optimiser; another number of iterations per
+        epoch, which would shift every schedule and the epoch counter) and name the other changed options."""
+        saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+        now = config_to_dict(self.cfg)
+        if saved.get("optimizer", self.cfg.optimizer) != self.cfg.optimizer:
+            raise CheckpointError(f"cannot resume from {path} with --optimizer {self.cfg.optimizer}: the run used "
+                                  f"{saved['optimizer']} (its state does not carry over). Use --optimizer "
+                                  f"{saved['optimizer']} or another --output-dir.")
+        plan = ckpt.get("plan") or {}
+        if plan.get("niter_per_ep") not in (None, self.plan.niter_per_ep):
+            raise CheckpointError(
+                f"cannot resume from {path}: the run had {plan['niter_per_ep']} iterations per epoch, this "
+                f"configuration gives {self.plan.niter_per_ep} (global batch {self.global_batch}, "
+                f"{len(self.dataset)} images): the schedules and the epoch count would not continue. Use the same "
+                f"batch size, number of processes and data as the run, or another --output-dir.")
+        changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items()
+                   if k not in self.RESUME_FREE_OPTIONS and k in saved and saved[k] != v]
+        if changed:
+            budget = " (a time-budgeted run keeps its plan)" if plan.get("from_budget") else ""
+            self._warn(f"resuming {path} with options that differ from the run's: {'; '.join(changed)}{budget}")
+
     def _resume(self) -> None:
         ckpt, path = find_resume_checkpoint(self.out)
         if ckpt is None:
             return
+        self._check_resumable(ckpt, path)
         try:
             if self.fsdp:
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -742,7 +790,8 @@ class Trainer:
             try:
                 from .report import write_report
 
-                write_report(self.out)
+                with _training_rng_untouched():
+                    write_report(self.out)
             except Exception as e:  # a report must never kill training
                 warnings.warn(f"dinokit: report not written: {e}", stacklevel=2)
 
@@ -923,16 +972,19 @@ class Trainer:
             return minutes - last >= cfg.knn_every_minutes
         return False
 
-    def run_knn(self) -> dict[str, Any] | None:
+    def run_knn(self, epoch: int | None = None) -> dict[str, Any] | None:
         """Rank 0 evaluates; under torch.distributed every rank calls this at the same iteration and waits for it
-        at a barrier, so the pause is nobody's training time. Every rank records the entry (the k-NN clock)."""
+        at a barrier, so the pause is nobody's training time. Every rank records the entry (the k-NN clock).
+        ``epoch``: the epoch the record is labelled with (default: the one in progress)."""
         from .monitor import online_knn
 
         minutes = self._agree(self.train_seconds)[0] / 60
         t0 = time.perf_counter()
-        result = {"epoch": self.epoch, "iteration": self.iteration, "train_minutes": minutes, "type": "knn"}
+        result = {"epoch": self.epoch if epoch is None else epoch, "iteration": self.iteration,
+                  "train_minutes": minutes, "type": "knn"}
         if self.main:
-            result = {**online_knn(self.teacher.backbone, self.cfg, self.device), **result}
+            with _training_rng_untouched():  # its loaders draw seeds: the training must not see that
+                result = {**online_knn(self.teacher.backbone, self.cfg, self.device), **result}
         if self.world > 1:
             D.barrier()
         result["eval_seconds"] = time.perf_counter() - t0
@@ -1015,8 +1067,9 @@ class Trainer:
                 self.iteration += 1
                 self.step_in_epoch += 1
                 self.train_seconds += step_s + wait_s
-                sums["loss"] += stats["loss"] if math.isfinite(stats["loss"]) else 0.0
-                sums["loss_n"] += 1
+                if math.isfinite(stats["loss"]):  # a skipped step (--nan-policy skip) has no loss to average
+                    sums["loss"] += stats["loss"]
+                    sums["loss_n"] += 1
                 sums["n"] += 1
                 sums["data_wait"] += wait_s
                 sums["step"] += step_s
@@ -1068,7 +1121,8 @@ class Trainer:
             self.epoch += 1
             self.step_in_epoch = 0
             record = {"type": "epoch", "epoch": epoch, "iteration": self.iteration,
-                      "loss": sums["loss"] / max(sums["loss_n"], 1), "lr": last.get("lr"), "wd": last.get("wd"),
+                      "loss": sums["loss"] / sums["loss_n"] if sums["loss_n"] else None,
+                      "lr": last.get("lr"), "wd": last.get("wd"),
                       "momentum": last.get("momentum"), "teacher_temp": last.get("teacher_temp"),
                       "images_per_s": self.global_batch * sums["n"] / max(sums["step"] + sums["data_wait"], 1e-9),
                       "data_wait_frac": sums["data_wait"] / max(sums["step"] + sums["data_wait"], 1e-9),
@@ -1086,10 +1140,13 @@ class Trainer:
             self._hint_if_data_bound(record["data_wait_frac"])
             self.log(record)
             lr_s = f"{record['lr']:.2e}" if record["lr"] is not None else "n/a"
-            self._log_console(f"epoch {epoch}: loss {record['loss']:.4f}, {record['images_per_s']:.0f} img/s, "
-                              f"lr {lr_s}")
+            loss_s = f"{record['loss']:.4f}" if record["loss"] is not None else "n/a"
+            self._log_console(f"epoch {epoch}: loss {loss_s}, {record['images_per_s']:.0f} img/s, lr {lr_s}")
+            if record["loss"] is None:
+                self._warn(f"every step of epoch {epoch} had a non-finite loss and was skipped (--nan-policy skip): "
+                           "nothing was learnt; try a lower --lr or --precision fp32")
             if self._knn_due(epoch_end=True):
-                self.run_knn()
+                self.run_knn(epoch)  # the epoch that just ended
             numbered = bool(cfg.saveckp_freq) and epoch % cfg.saveckp_freq == 0
             self.save(numbered=numbered)
         if self.main and self._tb is not None:
