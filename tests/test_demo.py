@@ -90,3 +90,37 @@ def test_knn_command_reproduces_the_demo_numbers(tiny_run, tmp_path, capsys):
         assert got["image_size"] == 28 and got["features"] == feature
         assert got["knn"]["20"]["top1"] == pytest.approx(res[f"knn_top1_{feature}"], abs=1e-6), feature
     capsys.readouterr()
+
+
+def _summary_input(random_init: bool) -> dict:
+    res = {"knn_protocol": {"k": 20, "T": 0.07, "split": "train (60k) -> test (10k)"}, "knn_feature": "concat",
+           "knn_top1": 80.0, "knn_top1_raw_pixels": 84.59, "knn_top1_raw_pixels_standardized": 85.69,
+           "train_minutes": 10.0, "epochs": 3.0, "iterations": 100, "images_per_second": 100.0,
+           "data_wait_fraction": 0.1}
+    for i, name in enumerate(("cls", "avgpool", "concat")):
+        res[f"knn_top1_{name}"] = 70.0 + i
+        if random_init:
+            res[f"knn_top1_random_init_{name}"] = 50.0 + i
+    return res
+
+
+@pytest.mark.parametrize("random_init", [True, False])
+def test_summary_table_rows_line_up_with_the_header(random_init):
+    lines = format_summary(_summary_input(random_init)).splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("features"))
+    rows = [line for line in lines[header + 1:] if "%" in line and not line.startswith(("training", "=>"))]
+    assert len(rows) == 5  # three features, two raw-pixel baselines
+    ends = (lines[header].index("trained") + len("trained"), len(lines[header]))
+    for row in rows:
+        assert row[ends[0] - 1] == "%" and row[ends[0] - 2].isdigit(), row  # the trained column
+        assert row[ends[1] - 1] in "%-" and row[ends[1] - 2] in " 0123456789", row  # the random-init column
+        assert row[:ends[0] - 10].rstrip() and row[ends[0] - 10] == " ", row  # the label ends before the column
+
+
+def test_demo_help_describes_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--k K neighbours that vote in the weighted k-NN" in out and "(default: 20)" in out
+    assert "--T T temperature of the k-NN vote" in out and "(default: 0.07)" in out
+    assert "--batch-size BATCH_SIZE images per forward pass" in out and "(default: 1000)" in out

@@ -324,18 +324,23 @@ def format_summary(res: dict[str, Any]) -> str:
     """The console table: k-NN top-1 per feature for the trained teacher and the random init, raw pixels, and
     the training figures."""
     proto = res["knn_protocol"]
+    labels = {"cls": "CLS token", "avgpool": "average-pooled patch tokens", "concat": "CLS + avg-pooled (concatenated)"}
+    raw = (("knn_top1_raw_pixels", "raw pixels (L2-normalised)"),
+           ("knn_top1_raw_pixels_standardized", "raw pixels (standardised, L2-norm.)"))
+    w = max(len(t) for t in ["features", *labels.values(), *(t for _, t in raw)]) + 2  # every label fits
+
+    def pct(v, width):
+        return f"{v:>{width - 1}.2f}%" if v is not None else f"{'-':>{width}}"
+
     lines = ["", f"DINO on Fashion-MNIST: weighted k-NN (k={proto['k']}, T={proto['T']:g}), {proto['split']}",
-        f"{'features':<34}{'trained':>10}{'random init':>13}"]
+             f"{'features':<{w}}{'trained':>10}{'random init':>13}"]
     for name in FEATURES:
         mark = "  <- knn_top1" if name == res["knn_feature"] else ""
-        rnd = res.get(f"knn_top1_random_init_{name}")
-        rnd_s = f"{rnd:>12.2f}%" if rnd is not None else f"{'-':>13}"
-        label = {"cls": "CLS token", "avgpool": "average-pooled patch tokens",
-                 "concat": "CLS + avg-pooled (concatenated)"}[name]
-        lines.append(f"{label:<34}{res['knn_top1_' + name]:>9.2f}%{rnd_s}{mark}")
-    if "knn_top1_raw_pixels" in res:
-        lines.append(f"{'raw pixels (L2-normalised)':<34}{res['knn_top1_raw_pixels']:>9.2f}%")
-        lines.append(f"{'raw pixels (standardised, L2-norm.)':<34}{res['knn_top1_raw_pixels_standardized']:>9.2f}%")
+        lines.append(f"{labels[name]:<{w}}{pct(res['knn_top1_' + name], 10)}"
+                     f"{pct(res.get(f'knn_top1_random_init_{name}'), 13)}{mark}")
+    for key, label in raw:
+        if key in res:  # a property of the pixels: no random-init column
+            lines.append(f"{label:<{w}}{pct(res[key], 10)}{pct(None, 13)}")
     lines.append(f"training: {res['train_minutes']:.1f} min, {res['epochs']:.2f} epochs ({res['iterations']} "
                  f"iterations), {res['images_per_second']:.0f} images/s, data wait "
                  f"{100 * res['data_wait_fraction']:.1f}%")
@@ -353,9 +358,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dinokit.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--run-dir", default="runs/demo", help="the training output directory (checkpoint.pth)")
     p.add_argument("--data", default="fashion-mnist", help="fashion-mnist:DIR (default: the installed copy)")
-    p.add_argument("--k", type=int, default=20)
-    p.add_argument("--T", type=float, default=0.07)
-    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--k", type=int, default=20,
+                   help="neighbours that vote in the weighted k-NN, from the train-set bank (default: 20)")
+    p.add_argument("--T", type=float, default=0.07,
+                   help="temperature of the k-NN vote: each neighbour weighs exp(cosine similarity / T) "
+                        "(default: 0.07)")
+    p.add_argument("--batch-size", type=int, default=1000,
+                   help="images per forward pass when extracting the features: a memory and speed setting "
+                        "(default: 1000)")
     p.add_argument("--no-random-init", action="store_true", help="skip the random-initialisation baseline")
     p.add_argument("--no-report", action="store_true", help="do not write the HTML run report")
     p.add_argument("--val-split", type=int, default=0, help=argparse.SUPPRESS)
