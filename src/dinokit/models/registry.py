@@ -3,7 +3,8 @@
 * ``vit_tiny`` / ``vit_small`` / ``vit_base`` (and ``deit_*`` aliases): the reference ViT, any patch size;
   ``vit_custom`` takes ``embed_dim``/``depth``/``num_heads`` for small models (e.g. the Fashion-MNIST demo);
 * any lower-case torchvision classifier (``resnet50`` ...), its ``fc``/``classifier`` replaced by Identity;
-* ``timm:<name>`` for any timm model, built with ``num_classes=0`` (pooled features).
+* ``timm:<name>`` for any timm model, built with ``num_classes=0`` (pooled features); ViT-style timm models accept
+  every crop size (``dynamic_img_size``).
 
 Every backbone maps ``[B, 3, H, W]`` to a ``[B, D]`` feature and has ``num_features = D``.
 """
@@ -117,11 +118,55 @@ def _build_torchvision(name: str, **kwargs) -> nn.Module:
     return _guard_strided_convs(model)
 
 
+_TIMM_OPTIONAL = ("dynamic_img_size", "img_size", "patch_size")
+
+
+def _timm_patch_size(model: nn.Module) -> int | None:
+    p = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if isinstance(p, (tuple, list)) and p:
+        p = p[0]
+    return p if isinstance(p, int) else None
+
+
 def _build_timm(name: str, patch_size: int | None = None, drop_path_rate: float = 0.0, **kwargs) -> nn.Module:
+    """``timm.create_model(name, num_classes=0)`` without pretrained weights. ViT-style models get
+    ``dynamic_img_size=True`` (multi-crop feeds global and local crops of different sizes; the position embedding
+    is interpolated) and ``img_size`` when given; ``patch_size`` other than dinokit's default 16 is passed to models
+    that take one (a timm name such as ``vit_small_patch8_224`` decides the patch otherwise). Options a model does
+    not accept (a ResNet has no image or patch size) are left out; an ignored non-default ``patch_size`` warns."""
+    import difflib
+    import re
+    import warnings
+
     import timm
 
+    optional: dict = {"dynamic_img_size": True}
+    if kwargs.get("img_size") is not None:
+        optional["img_size"] = kwargs.pop("img_size")
     kwargs.pop("img_size", None)
-    model = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **kwargs)
+    if patch_size is not None and patch_size != 16:
+        optional["patch_size"] = patch_size
+    while True:
+        try:
+            model = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate,
+                                      **optional, **kwargs)
+            break
+        except TypeError as e:
+            m = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+            if not m or m.group(1) not in optional:
+                raise
+            del optional[m.group(1)]
+        except RuntimeError as e:
+            if not str(e).startswith("Unknown model"):
+                raise
+            close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=3)
+            hint = f"; did you mean {', '.join('timm:' + c for c in close)}?" if close else \
+                " (timm.list_models() lists them)"
+            raise ValueError(f"unknown timm model {name!r}{hint}") from None
+    actual = _timm_patch_size(model)
+    if patch_size is not None and patch_size != 16 and actual != patch_size:
+        what = f"has patch size {actual}" if actual else "has no patch size"
+        warnings.warn(f"dinokit: timm:{name} {what}; patch_size {patch_size} is ignored", stacklevel=3)
     return _guard_strided_convs(model)
 
 
