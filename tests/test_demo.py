@@ -124,3 +124,26 @@ def test_demo_help_describes_every_option(capsys):
     assert "--k K neighbours that vote in the weighted k-NN" in out and "(default: 20)" in out
     assert "--T T temperature of the k-NN vote" in out and "(default: 0.07)" in out
     assert "--batch-size BATCH_SIZE images per forward pass" in out and "(default: 1000)" in out
+
+
+@pytest.mark.parametrize("argv, msg", [(["--k", "0"], "--k must be >= 1, got 0"),
+                                       (["--T", "0"], "--T must be > 0, got 0"),
+                                       (["--T", "nan"], "--T must be > 0, got nan"),
+                                       (["--batch-size", "0"], "--batch-size must be >= 1, got 0")])
+def test_demo_option_errors_are_one_line(argv, msg, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--run-dir", str(tmp_path), *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and msg in err and "Traceback" not in err
+
+
+def test_final_loss_skips_a_resumed_epochs_placeholder_record(tmp_path):
+    """A run stopped on an epoch's last iteration and resumed logs that epoch with images_per_s 0 and loss 0."""
+    from dinokit.demo import training_stats
+
+    records = [{"type": "epoch", "epoch": 0, "iteration": 3, "loss": 2.5, "images_per_s": 100.0},
+               {"type": "epoch", "epoch": 1, "iteration": 3, "loss": 0.0, "images_per_s": 0}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = apply_overrides(TrainConfig(), {})
+    stats = training_stats(tmp_path, {"iteration": 3, "train_seconds": 6.0}, cfg)
+    assert stats["final_loss"] == pytest.approx(2.5)

@@ -226,6 +226,10 @@ def training_stats(run_dir: str | Path, ckpt: dict, cfg) -> dict[str, Any]:
         prev = m
         wait += dt * float(r.get("data_wait_frac", 0.0))
         total += dt
+    # the last measured epoch loss: a resumed epoch with no step of its own logs images_per_s 0 and a loss of 0
+    losses = [r.get("loss") for r in epochs_rec if r.get("images_per_s") != 0]
+    losses = [float(v) for v in losses if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    final_loss = losses[-1] if losses else math.nan
     return {
         "train_minutes": seconds / 60.0,
         "iterations": iterations,
@@ -234,7 +238,7 @@ def training_stats(run_dir: str | Path, ckpt: dict, cfg) -> dict[str, Any]:
         "images_seen": iterations * global_batch,
         "images_per_second": iterations * global_batch / seconds if seconds > 0 else math.nan,
         "data_wait_fraction": wait / total if total > 0 else math.nan,
-        "final_loss": float(epochs_rec[-1]["loss"]) if epochs_rec else math.nan,
+        "final_loss": final_loss,
     }
 
 
@@ -370,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-report", action="store_true", help="do not write the HTML run report")
     p.add_argument("--val-split", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    for opt, value, ok, what in (("--k", args.k, args.k >= 1, ">= 1"), ("--T", args.T, args.T > 0, "> 0"),
+                                 ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1")):
+        if not ok or not math.isfinite(value):
+            p.error(f"{opt} must be {what}, got {value:g}")
     try:
         res = evaluate_run(args.run_dir, args.data, k=args.k, T=args.T, batch_size=args.batch_size,
                            random_init=not args.no_random_init, val_split=args.val_split)
