@@ -509,7 +509,8 @@ def test_one_run_per_output_directory(tmp_path, capsys):
         with pytest.raises(ConfigError, match=rf"in use by another dinokit run \(pid {holder.pid} on .*\)"):
             lock_output_dir(out)
         folder = make_image_folder(tmp_path / "imgs", n_per_class=4)
-        assert main(["train", "--data", str(folder), "--output-dir", str(out), *TINY_VIT, "--epochs", "1"]) == 2
+        assert main(["train", "--data", str(folder), "--output-dir", str(out), *TINY_VIT, "--epochs", "1",
+                     "--batch-size-per-gpu", "4"]) == 2
         err = capsys.readouterr().err
         assert f"is in use by another dinokit run (pid {holder.pid} on" in err and "Traceback" not in err
         assert temp.exists() and not (out / "checkpoint.pth").exists()  # refused before touching anything

@@ -416,3 +416,12 @@ def test_knn_monitor_data_is_checked_before_training(folder, tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         Trainer(tiny(folder, tmp_path / "c", "--knn-every", "1", "--knn-train", str(tmp_path / "nope"),
                      "--knn-val", str(folder)))
+
+
+def test_a_start_that_fails_on_its_data_leaves_no_output_directory(folder, tmp_path):
+    from dinokit.errors import DataError
+
+    out = tmp_path / "new" / "run"
+    with pytest.raises(DataError, match="does not exist"):
+        Trainer(tiny(tmp_path / "no-such-data", out))
+    assert not (tmp_path / "new").exists()  # no folder, no .dinokit.lock left behind

@@ -21,6 +21,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -481,7 +482,6 @@ class Trainer:
             tune_cpu_allocator()
         self.main = self.rank == 0
         self.out = Path(cfg.output_dir)
-        self._check_output_dir()
         if self.main and (cfg.knn_every or cfg.knn_every_minutes):
             from .monitor import knn_data
 
@@ -550,6 +550,8 @@ class Trainer:
         self._replans: list[tuple[float, int]] = []
         self.knn_history: list[dict] = []
         self._epoch_progress: tuple[float, int, dict] = (0.0, 0, {})  # this epoch's loss sum, count, last stats
+        # the output directory is created and locked only now: bad data or options leave nothing behind
+        self._check_output_dir()
         self._resume()
         self._check_same_resume_point()
         self._tb = None
@@ -600,9 +602,9 @@ class Trainer:
             return
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            probe = self.out / ".dinokit-write-test"
-            probe.write_bytes(b"ok")
-            probe.unlink()
+            fd, probe = tempfile.mkstemp(dir=self.out, prefix=".dinokit-write-test-")  # own name: runs may race
+            os.close(fd)
+            os.unlink(probe)
             # one run per output directory (before removing temp files: another run's may be a live write)
             self._unlock = weakref.finalize(self, lock_output_dir(self.out))
             for p in remove_stale_temp_files(self.out):  # left by a run killed while writing a checkpoint
@@ -702,10 +704,9 @@ class Trainer:
         "fast_augment", "gpu_augment", "augment_impl"})
 
     def _check_resumable(self, ckpt: dict, path: Path) -> None:
-        """Refuse a resume that cannot continue the run (another optimiser; another number of iterations per
-        epoch, which would shift every schedule and the epoch counter) and name the other changed options."""
+        """Refuse a resume that cannot continue the run: another optimiser, or another number of iterations per
+        epoch, which would shift every schedule and the epoch counter."""
         saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-        now = config_to_dict(self.cfg)
         if saved.get("optimizer", self.cfg.optimizer) != self.cfg.optimizer:
             raise CheckpointError(f"cannot resume from {path} with --optimizer {self.cfg.optimizer}: the run used "
                                   f"{saved['optimizer']} (its state does not carry over). Use --optimizer "
@@ -717,10 +718,14 @@ class Trainer:
                 f"configuration gives {self.plan.niter_per_ep} (global batch {self.global_batch}, "
                 f"{len(self.dataset)} images): the schedules and the epoch count would not continue. Use the same "
                 f"batch size, number of processes and data as the run, or another --output-dir.")
-        changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items()
+
+    def _warn_changed_options(self, ckpt: dict, path: Path) -> None:
+        """After a successful resume: name the options (beyond :attr:`RESUME_FREE_OPTIONS`) that differ."""
+        saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+        changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in config_to_dict(self.cfg).items()
                    if k not in self.RESUME_FREE_OPTIONS and k in saved and saved[k] != v]
         if changed:
-            budget = " (a time-budgeted run keeps its plan)" if plan.get("from_budget") else ""
+            budget = " (a time-budgeted run keeps its plan)" if (ckpt.get("plan") or {}).get("from_budget") else ""
             self._warn(f"resuming {path} with options that differ from the run's: {'; '.join(changed)}{budget}")
 
     def _resume(self) -> None:
@@ -764,6 +769,7 @@ class Trainer:
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
         self._log_console(f"resumed from {path} at epoch {self.epoch}, iteration {self.iteration}")
+        self._warn_changed_options(ckpt, path)
         saved = ckpt.get("loader_workers")
         if saved is not None and saved != self.loader.num_workers and is_shard_spec(self.cfg.data_path):
             self._warn(f"{self.loader.num_workers} loader workers now, {saved} when {path} was saved: with tar "
