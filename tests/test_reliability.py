@@ -619,3 +619,17 @@ def test_ranks_agree_on_a_stop_every_ten_iterations_or_every_few_seconds():
     assert not t._stop_requested(stop)
     stop.signum = signal.SIGINT
     assert t._stop_requested(stop) and len(agreed) == 3
+
+
+def test_sigterm_on_an_epochs_last_iteration_then_resume(data, reference, tmp_path):
+    """Stopped on the last iteration of epoch 0, the resumed process runs no step of that epoch: its record keeps
+    the epoch's mean loss (from the checkpoint) and logs no throughput (null, not a measured 0 img/s)."""
+    out = tmp_path / "run"
+    args = train_args(data, out, "--save-every-steps", "2")
+    r = run_cli(args, fault="term_after_iteration:3")
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr[-3000:]
+    _resume_and_match(args, out, reference, from_iteration=3)
+    first = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()
+             if json.loads(x)["type"] == "epoch"][0]
+    assert first["epoch"] == 0 and first["images_per_s"] is None and first["data_wait_frac"] is None
+    assert first["loss"] is not None

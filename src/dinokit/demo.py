@@ -221,10 +221,10 @@ def training_stats(run_dir: str | Path, ckpt: dict, cfg) -> dict[str, Any]:
     global_batch = cfg.batch_size_per_gpu * world
     wait, total, prev = 0.0, 0.0, 0.0
     for r in epochs_rec:
-        m = float(r.get("train_minutes", prev))
+        m = float(r.get("train_minutes") if r.get("train_minutes") is not None else prev)
         dt = max(m - prev, 0.0)
         prev = m
-        wait += dt * float(r.get("data_wait_frac", 0.0))
+        wait += dt * float(r.get("data_wait_frac") or 0.0)  # None: no step of that epoch ran after a resume
         total += dt
     # the last measured epoch loss: a resumed epoch with no step of its own logs images_per_s 0 and a loss of 0
     losses = [r.get("loss") for r in epochs_rec if r.get("images_per_s") != 0]

@@ -1130,8 +1130,11 @@ class Trainer:
                       "loss": sums["loss"] / sums["loss_n"] if sums["loss_n"] else None,
                       "lr": last.get("lr"), "wd": last.get("wd"),
                       "momentum": last.get("momentum"), "teacher_temp": last.get("teacher_temp"),
-                      "images_per_s": self.global_batch * sums["n"] / max(sums["step"] + sums["data_wait"], 1e-9),
-                      "data_wait_frac": sums["data_wait"] / max(sums["step"] + sums["data_wait"], 1e-9),
+                      # None when no step of the epoch ran in this process (stopped on its last iteration, resumed)
+                      "images_per_s": (self.global_batch * sums["n"] / max(sums["step"] + sums["data_wait"], 1e-9)
+                                       if sums["n"] else None),
+                      "data_wait_frac": (sums["data_wait"] / max(sums["step"] + sums["data_wait"], 1e-9)
+                                         if sums["n"] else None),
                       "train_minutes": self.train_seconds / 60, "skipped_steps": self.skipped_steps,
                       "skipped_images": _skipped_images(self.dataset)}
             if "koleo" in last:  # the last step's KoLeo term (unweighted); "loss" includes its weighted value
@@ -1143,11 +1146,13 @@ class Trainer:
                                              or record["distinct_prototypes"] <= 1):
                     self._warn("the run looks collapsed (teacher targets uniform or one prototype); try a lower "
                                "--teacher-temp, a higher --momentum-teacher, or a longer --freeze-last-layer")
-            self._hint_if_data_bound(record["data_wait_frac"])
+            if record["data_wait_frac"] is not None:
+                self._hint_if_data_bound(record["data_wait_frac"])
             self.log(record)
             lr_s = f"{record['lr']:.2e}" if record["lr"] is not None else "n/a"
             loss_s = f"{record['loss']:.4f}" if record["loss"] is not None else "n/a"
-            self._log_console(f"epoch {epoch}: loss {loss_s}, {record['images_per_s']:.0f} img/s, lr {lr_s}")
+            ips = f"{record['images_per_s']:.0f}" if record["images_per_s"] is not None else "n/a"
+            self._log_console(f"epoch {epoch}: loss {loss_s}, {ips} img/s, lr {lr_s}")
             if record["loss"] is None:
                 self._warn(f"every step of epoch {epoch} had a non-finite loss and was skipped (--nan-policy skip): "
                            "nothing was learnt; try a lower --lr or --precision fp32")
