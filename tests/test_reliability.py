@@ -633,3 +633,17 @@ def test_sigterm_on_an_epochs_last_iteration_then_resume(data, reference, tmp_pa
              if json.loads(x)["type"] == "epoch"][0]
     assert first["epoch"] == 0 and first["images_per_s"] is None and first["data_wait_frac"] is None
     assert first["loss"] is not None
+
+
+def test_a_checkpoint_that_is_not_one_says_what_it_is(tmp_path):
+    """``echo garbage > checkpoint.pth`` is not "refused because unpickling it could run code": it is text."""
+    from dinokit.checkpoint import load_checkpoint
+    from dinokit.errors import CheckpointError
+
+    (tmp_path / "checkpoint.pth").write_text("garbage\n")
+    with pytest.raises(CheckpointError, match=r"checkpoint.pth is not a dinokit training checkpoint: it is a text "
+                                              r"file$"):
+        load_checkpoint(tmp_path / "checkpoint.pth")
+    (tmp_path / "checkpoint.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="it is empty"):
+        load_checkpoint(tmp_path / "checkpoint.pth")

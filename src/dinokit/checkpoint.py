@@ -119,6 +119,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a dinokit training checkpoint with ``weights_only=True`` (no code can run), or raise
     :class:`CheckpointError` naming the file."""
     path = Path(path)
+    from .weights import _other_format
+
+    kind = _other_format(path)  # what a file that cannot be a checkpoint is, before the unpickler says "operand"
+    if kind:
+        raise CheckpointError(f"{path} is not a dinokit training checkpoint: it is {kind}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
