@@ -535,7 +535,8 @@ def test_sigterm_stops_after_the_iteration_with_a_checkpoint_and_the_same_comman
     args = train_args(data, out, "--save-every-steps", "2")
     r = run_cli(args, fault="term_after_iteration:5")  # not a multiple of 2: no periodic checkpoint there
     assert r.returncode == 128 + signal.SIGTERM, r.stderr[-3000:]
-    assert "dinokit train: stopped: SIGTERM at iteration 5, checkpoint saved" in r.stderr
+    assert "dinokit train: stopped: SIGTERM at iteration 5, checkpoint saved in " in r.stderr
+    assert r.stderr.count("SIGTERM") == 1  # one line, not a console line and the CLI's
     assert "Traceback" not in r.stderr
     ck = load_state(out)
     assert (ck["epoch"], ck["iteration"], ck["step_in_epoch"]) == (1, 5, 2)

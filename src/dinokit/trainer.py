@@ -1116,9 +1116,9 @@ class Trainer:
                     bar.close()
                     self.save()
                     name = signal.Signals(stop.signum).name
-                    self._log_console(f"{name}: stopped after iteration {self.iteration} (epoch {epoch}) with a "
-                                      f"checkpoint in {self.out}; the same command resumes from it")
-                    raise Stopped(f"{name} at iteration {self.iteration}, checkpoint saved", stop.signum)
+                    # one line (the CLI prints it as "dinokit train: stopped: ..."), not a second console line
+                    raise Stopped(f"{name} at iteration {self.iteration}, checkpoint saved in {self.out} (epoch "
+                                  f"{epoch}); the same command resumes from it", stop.signum)
                 if self.step_in_epoch >= n_this_epoch or self.iteration >= self.plan.total_iters:
                     break
             bar.close()
