@@ -425,3 +425,19 @@ def test_a_start_that_fails_on_its_data_leaves_no_output_directory(folder, tmp_p
     with pytest.raises(DataError, match="does not exist"):
         Trainer(tiny(tmp_path / "no-such-data", out))
     assert not (tmp_path / "new").exists()  # no folder, no .dinokit.lock left behind
+
+
+def test_knn_monitor_evaluates_folders_as_dinokit_knn_does(folder, tmp_path):
+    """Image folders: resize to 256/224 of the crop size, centre crop (the reference's protocol, as `dinokit knn`
+    at the run's global crop size); same-size tensor data sets keep the straight resize."""
+    from torchvision.transforms import v2 as T
+
+    from dinokit.monitor import knn_data
+
+    cfg = tiny(folder, tmp_path / "o", "--knn-every", "1", "--knn-train", str(folder), "--knn-val", str(folder))
+    (train, _), (val, _) = knn_data(cfg)
+    for ds in (train, val):
+        base = getattr(ds, "dataset", ds)
+        steps = base.transform.transforms
+        assert any(isinstance(t, T.CenterCrop) for t in steps)
+        assert ds[0][0].shape == (3, 32, 32)

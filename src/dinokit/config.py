@@ -71,7 +71,8 @@ class TrainConfig:
     lr: float = _f(0.0005, "Peak learning rate for a global batch of 256; scaled linearly by the real global "
                    "batch. Lower it first if the loss turns NaN.")
     min_lr: float = _f(1e-6, "Final learning rate of the cosine (not scaled).")
-    warmup_epochs: float = _f(10, "Linear learning-rate warm-up from 0 (epochs; may be fractional).")
+    warmup_epochs: float = _f(10, "Linear learning-rate warm-up from 0 (epochs; may be fractional). A run "
+                                  "shorter than its warm-up warms up over its first 10% instead.")
     weight_decay: float = _f(0.04, "Starting weight decay (cosine to weight_decay_end).")
     weight_decay_end: float = _f(0.4, "Final weight decay.")
     clip_grad: float = _f(3.0, "Per-parameter gradient-norm ceiling; 0 disables. 0.3-1.0 helps large ViTs "

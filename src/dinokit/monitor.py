@@ -15,8 +15,10 @@ _CACHE: dict[tuple, Any] = {}
 
 
 def knn_transform(cfg: TrainConfig):
-    """Evaluation transform at the training resolution: folders use the reference resize-256/centre-crop-224
-    proportions at ``global_crop_size``; same-size tensor data sets are resized straight to it."""
+    """Evaluation transform of same-size tensor data sets (Fashion-MNIST): resized straight to the training
+    resolution ``global_crop_size``. Image folders get :func:`dinokit.augmentation.eval_transform` at that size
+    instead (the reference's resize-256 / centre-crop-224 proportions, as ``dinokit knn``): see
+    :func:`knn_data`."""
     import torchvision.transforms.v2 as T
 
     from .augmentation import IMAGENET_MEAN, IMAGENET_STD
@@ -75,10 +77,15 @@ def knn_data(cfg: TrainConfig):
                           "(labelled data: folders with class sub-folders, or fashion-mnist)")
     key = (cfg.knn_train, cfg.knn_val, cfg.knn_subset, cfg.global_crop_size)
     if key not in _CACHE:
+        from .augmentation import eval_transform
+        from .data import ImageFolderDataset
+
         tf = knn_transform(cfg)
         sets = []
         for name, spec, split in (("knn_train", cfg.knn_train, "train"), ("knn_val", cfg.knn_val, "test")):
             ds = build_dataset(spec, transform=tf, split=split, unreadable="leave_out")
+            if isinstance(ds, ImageFolderDataset):  # photos of any size: as dinokit knn evaluates them
+                ds.transform = eval_transform(cfg.global_crop_size)
             if not getattr(ds, "has_labels", False):
                 raise DataError(f"{name} {spec} has images without a class: the k-NN monitor needs labelled data "
                                 "(every image in a class sub-folder)")
