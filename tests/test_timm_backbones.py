@@ -63,3 +63,16 @@ def test_student_teacher_on_a_timm_vit_run_multi_crop():
     assert dim == 192 and student(crops).shape == (10, 16)
     with torch.no_grad():
         assert teacher(crops[:2]).shape == (4, 16)
+
+
+def test_the_trainer_builds_timm_vits_at_the_global_crop_size():
+    """As for dinokit's ViTs, the position embedding is made for the global crops (the reference's img_size)."""
+    from dinokit.config import TrainConfig
+    from dinokit.trainer import build_student_teacher
+
+    cfg = TrainConfig(data_path="x", output_dir="o", arch="timm:vit_tiny_patch16_224", global_crop_size=64,
+                      local_crop_size=32, out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16).validate()
+    student, teacher, dim = build_student_teacher(cfg)
+    assert dim == 192 and student.backbone.pos_embed.shape[1] == (64 // 16) ** 2 + 1
+    out = student([torch.randn(2, 3, 64, 64), torch.randn(2, 3, 32, 32)])
+    assert out.shape == (4, 64)

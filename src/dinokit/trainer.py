@@ -186,7 +186,7 @@ def _backbone_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     kw: dict[str, Any] = {}
     if cfg.arch == "vit_custom":
         kw.update(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads)
-    if cfg.arch.startswith(("vit", "deit")):
+    if cfg.arch.startswith(("vit", "deit", "timm:")):  # timm models that take no image size leave it out
         kw["img_size"] = cfg.global_crop_size
     return kw
 
