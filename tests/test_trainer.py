@@ -441,3 +441,13 @@ def test_knn_monitor_evaluates_folders_as_dinokit_knn_does(folder, tmp_path):
         steps = base.transform.transforms
         assert any(isinstance(t, T.CenterCrop) for t in steps)
         assert ds[0][0].shape == (3, 32, 32)
+
+
+def test_counts_in_messages_agree_in_number(folder, tmp_path, capsys):
+    from dinokit.trainer import _count
+
+    assert (_count(1, "image"), _count(0, "loader worker"), _count(2, "CPU")) == ("1 image", "0 loader workers",
+                                                                                "2 CPUs")
+    Trainer(tiny(folder, tmp_path / "o", "--epochs", "1")).fit()
+    start = capsys.readouterr().err.splitlines()[0]
+    assert "12 images, 3 it/epoch, 0 loader workers" in start

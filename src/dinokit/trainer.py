@@ -443,6 +443,10 @@ def collapse_stats(teacher_output: torch.Tensor, center: torch.Tensor, temp: flo
 # the trainer
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 @contextlib.contextmanager
 def _training_rng_untouched():
     """Run evaluations inside training (the k-NN monitor, the report) without moving the training's random
@@ -772,9 +776,9 @@ class Trainer:
         self._warn_changed_options(ckpt, path)
         saved = ckpt.get("loader_workers")
         if saved is not None and saved != self.loader.num_workers and is_shard_spec(self.cfg.data_path):
-            self._warn(f"{self.loader.num_workers} loader workers now, {saved} when {path} was saved: with tar "
-                       f"shards the batches come in another order than in the uninterrupted run (every image still "
-                       f"once per epoch); --num-workers {saved} keeps the order")
+            self._warn(f"{_count(self.loader.num_workers, 'loader worker')} now, {saved} when {path} was saved: "
+                       f"with tar shards the batches come in another order than in the uninterrupted run (every "
+                       f"image still once per epoch); --num-workers {saved} keeps the order")
 
     def save(self, numbered: bool = False) -> None:
         if not self.main and not self.fsdp:
@@ -812,7 +816,7 @@ class Trainer:
         self._data_bound_hinted = True
         cfg = self.cfg
         workers, cpus = self.loader.num_workers, cpus_per_process()
-        tips = [f"more --num-workers (now {workers}; {cpus} CPUs for this process)"] if workers < cpus else []
+        tips = [f"more --num-workers (now {workers}; {_count(cpus, 'CPU')} for this process)"] if workers < cpus else []
         if hasattr(self.dataset, "images") and not cfg.fast_augment:  # tensor data set, per-image PIL chain
             tips.append("--fast-augment (batched augmentation for same-size tensor images)")
         elif not hasattr(self.dataset, "images") and cfg.augment_impl == "reference":
@@ -1011,8 +1015,8 @@ class Trainer:
                                                                  int) else cfg.arch
             self._log_console(f"{arch} ({nparams / 1e6:.2f}M params with head) on "
                               f"{self.device} [{self.precision}], world {self.world}, global batch "
-                              f"{self.global_batch}, {len(self.dataset)} images, {self.plan.niter_per_ep} it/epoch, "
-                              f"{self.loader.num_workers} loader workers")
+                              f"{self.global_batch}, {_count(len(self.dataset), 'image')}, {self.plan.niter_per_ep} "
+                              f"it/epoch, {_count(self.loader.num_workers, 'loader worker')}")
         with _StopSignals() as stop:
             return self._fit(stop)
 
