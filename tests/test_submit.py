@@ -98,7 +98,7 @@ def test_local_executor_runs_a_two_task_job_to_completion(folder, tmp_path, caps
                  "--timeout-min", "10", "--output-dir", str(out), "--wait", "--", "--data", str(folder), *TINY_VIT,
                  "--batch-size-per-gpu", "2", "--epochs", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "world 2" in printed and "done: 1 epochs, 3 iterations" in printed  # 12 images / (2 x 2)
+    assert "world 2" in printed and "done: 1 epoch, 3 iterations" in printed  # 12 images / (2 x 2)
     assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == 3
     logs = {p.name: p.read_text() for p in (out / "submitit").glob("*_log.err")}
     assert len(logs) == 2  # one log per task; rank 0 alone reports

@@ -175,7 +175,7 @@ def test_cli_train_then_resume_and_clear_errors(folder, tmp_path):
     args = ["--data", str(folder), "--output-dir", str(out), *TINY_VIT, "--batch-size-per-gpu", "4"]
     r = _run_cli(*args, "--epochs", "1")
     assert r.returncode == 0, r.stderr
-    assert "done: 1 epochs" in r.stdout
+    assert "done: 1 epoch," in r.stdout
     r = _run_cli(*args, "--epochs", "2")
     assert r.returncode == 0, r.stderr
     assert "resumed from" in r.stderr

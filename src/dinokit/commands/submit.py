@@ -158,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
             raise DinokitError(f"job {job.job_id} failed: {lines[-1] if lines else type(e).__name__} "
                                f"(logs in {s.folder})") from None
         result = next((r for r in results if r.get("rank") == 0), results[0])
-        print(f"job {job.job_id} done: {result['epochs']} epochs, {result['iterations']} iterations, "
+        e, n = result["epochs"], result["iterations"]
+        print(f"job {job.job_id} done: {e} epoch{'s' * (e != 1)}, {n} iteration{'s' * (n != 1)}, "
               f"{result['train_minutes']:.1f} min")
     return 0

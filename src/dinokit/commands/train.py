@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import typing
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import get_args, get_origin
 
 from ..config import TrainConfig, apply_overrides, load_yaml, parse_set_items
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     summary = train(cfg)
     if summary["rank"] != 0:
         return 0
-    print(f"done: {summary['epochs']} epochs, {summary['iterations']} iterations, "
-          f"{summary['train_minutes']:.1f} min, {summary['images_per_second']:.1f} img/s; "
-          f"checkpoint: {cfg.output_dir}/checkpoint.pth")
+    e, n = summary["epochs"], summary["iterations"]
+    print(f"done: {e} epoch{'s' * (e != 1)}, {n} iteration{'s' * (n != 1)}, {summary['train_minutes']:.1f} min, "
+          f"{summary['images_per_second']:.1f} img/s; checkpoint: {Path(cfg.output_dir) / 'checkpoint.pth'}")
     return 0
