@@ -59,7 +59,7 @@ def _drop_path_scale(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     random_tensor = keep_prob + torch.rand(shape, dtype=x.dtype, device=x.device)
     random_tensor.floor_()
-    return random_tensor.to(torch.promote_types(x.dtype, torch.float32)).div_(keep_prob)
+    return at_least_fp32(random_tensor).div_(keep_prob)
 
 
 def _add_residual(x: torch.Tensor, y: torch.Tensor, drop: nn.Module) -> torch.Tensor:
