@@ -30,7 +30,7 @@ import torch
 from .errors import CheckpointError, ConfigError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "find_resume_checkpoint", "rng_state", "set_rng_state",
-           "rotate_checkpoints", "remove_stale_temp_files", "lock_output_dir"]
+           "rotate_checkpoints", "remove_stale_temp_files", "lock_output_dir", "probe_write", "can_create_in"]
 
 _NUMBERED = re.compile(r"^checkpoint(\d+)\.pth$")
 _TEMP = re.compile(r"^\.checkpoint\d*\.pth\..+\.tmp$")  # save_checkpoint's mkstemp names
@@ -170,6 +170,24 @@ def find_resume_checkpoint(output_dir: str | Path) -> tuple[dict[str, Any] | Non
 
 LOCK_NAME = ".dinokit.lock"
 _HELD: dict[str, list] = {}  # lock path -> [open lock file, holders in this process]
+
+
+def probe_write(folder: str | Path) -> None:
+    """Create and remove a temporary file in ``folder``; raises the ``OSError`` of a folder that refuses new files.
+    Trying is the only reliable test: permission bits say nothing for root or for file systems such as /proc. The
+    file has its own name, so runs probing the same folder at once do not remove each other's."""
+    fd, name = tempfile.mkstemp(dir=folder, prefix=".dinokit-write-test-")
+    os.close(fd)
+    os.unlink(name)
+
+
+def can_create_in(folder: str | Path) -> bool:
+    """Whether a new file can be created in ``folder`` (:func:`probe_write`)."""
+    try:
+        probe_write(folder)
+    except OSError:
+        return False
+    return True
 
 
 def lock_output_dir(output_dir: str | Path) -> Callable[[], None]:

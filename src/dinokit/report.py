@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checkpoint import can_create_in
 from .errors import CheckpointError, ConfigError, DataError, DinokitError
 
 __all__ = ["write_report", "read_log"]
@@ -306,7 +307,7 @@ def write_report(run_dir: str | Path, n_images: int = 8, projection_points: int 
     out = run_dir / "report.html"
     if out.is_dir():
         raise DataError(f"{out} is a folder, where the report is written: move it away")
-    if not os.access(out if out.exists() else run_dir, os.W_OK):
+    if not (os.access(out, os.W_OK) if out.exists() else can_create_in(run_dir)):
         raise DataError(f"cannot write {out}: no permission")
     log = read_log(run_dir)
     body: dict[str, str] = {}

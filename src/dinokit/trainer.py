@@ -21,7 +21,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -40,6 +39,7 @@ from .checkpoint import (
     fault_kill,
     find_resume_checkpoint,
     lock_output_dir,
+    probe_write,
     remove_stale_temp_files,
     rng_state,
     rotate_checkpoints,
@@ -606,9 +606,7 @@ class Trainer:
             return
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(dir=self.out, prefix=".dinokit-write-test-")  # own name: runs may race
-            os.close(fd)
-            os.unlink(probe)
+            probe_write(self.out)
             # one run per output directory (before removing temp files: another run's may be a live write)
             self._unlock = weakref.finalize(self, lock_output_dir(self.out))
             for p in remove_stale_temp_files(self.out):  # left by a run killed while writing a checkpoint

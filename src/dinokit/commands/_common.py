@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import can_create_in
 from ..errors import CheckpointError, ConfigError, DataError
 from ..trainer import resolve_device
 
@@ -171,26 +172,15 @@ def jsonable(obj):
     return obj
 
 
-def _nearest_existing(path: Path) -> Path:
-    p = path
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
-def _can_create_in(folder: Path) -> bool:
-    """Whether a file can be created in ``folder``: by trying (a temporary file, removed at once), since
-    permission bits say nothing for root or for special file systems such as /proc."""
-    import os
-    import tempfile
-
-    try:
-        fd, name = tempfile.mkstemp(dir=folder, prefix=".dinokit-write-test-")
-    except OSError:
-        return False
-    os.close(fd)
-    os.unlink(name)
-    return True
+def _folder_to_create_in(start: Path, path: Path, option: str) -> Path:
+    """The nearest existing ancestor of ``start`` (itself included), where ``mkdir -p`` would create ``path``'s
+    missing folders; a file there is refused."""
+    base = start
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise ConfigError(f"{option} {path}: {base} is not a folder")
+    return base
 
 
 def check_output_file(path: str | Path, option: str = "--out") -> Path:
@@ -201,10 +191,8 @@ def check_output_file(path: str | Path, option: str = "--out") -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         raise ConfigError(f"{option} {path} is a folder; give a file name")
-    base = _nearest_existing(path.parent)
-    if not base.is_dir():
-        raise ConfigError(f"{option} {path}: {base} is not a folder")
-    writable = os.access(path, os.W_OK) if path.exists() else _can_create_in(base)
+    base = _folder_to_create_in(path.parent, path, option)
+    writable = os.access(path, os.W_OK) if path.exists() else can_create_in(base)
     if not writable:
         raise ConfigError(f"{option} {path}: no permission to write there")
     return path
@@ -212,14 +200,10 @@ def check_output_file(path: str | Path, option: str = "--out") -> Path:
 
 def check_output_dir(path: str | Path, option: str = "--out") -> Path:
     """As :func:`check_output_file` for an output folder (which may exist)."""
-
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{option} {path} is a file, not a folder")
-    base = _nearest_existing(path)
-    if not base.is_dir():
-        raise ConfigError(f"{option} {path}: {base} is not a folder")
-    if not _can_create_in(base):
+    if not can_create_in(_folder_to_create_in(path, path, option)):
         raise ConfigError(f"{option} {path}: no permission to write there")
     return path
 

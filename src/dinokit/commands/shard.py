@@ -37,7 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     from ..shards import INDEX_NAME, write_shards
     from ._common import check_output_dir
 
