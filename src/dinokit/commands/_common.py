@@ -13,8 +13,8 @@ from ..checkpoint import can_create_in
 from ..errors import CheckpointError, ConfigError, DataError
 from ..trainer import resolve_device
 
-__all__ = ["add_model_arguments", "add_precision_argument", "check_output_dir", "check_output_file",
-           "check_positive", "eval_dataset", "format_table", "last_blocks",
+__all__ = ["add_model_arguments", "add_precision_argument", "add_whiten_dim_argument", "check_output_dir",
+           "check_output_file", "check_positive", "check_whiten_dim", "eval_dataset", "format_table", "last_blocks",
            "jsonable", "load_model", "model_info", "pct", "require_labels", "resolve_device", "write_json"]
 
 
@@ -102,6 +102,22 @@ def add_precision_argument(group) -> None:
                        help="the backbone's forward: fp32 (default; the reference's evaluation protocol) or bf16 "
                             "autocast (about 1.7x faster extraction on CPUs with bf16 units, e.g. AMD Zen 4/5, "
                             "and on GPUs; features differ from fp32 ones by bf16 rounding)")
+
+
+def add_whiten_dim_argument(parser: argparse.ArgumentParser) -> None:
+    """``--whiten-dim N`` of the whitening evaluations (retrieval, copydetect); see :func:`check_whiten_dim`."""
+    parser.add_argument("--whiten-dim", type=int, default=None, metavar="N",
+                        help="keep the N leading whitened dimensions, 1 to the descriptor's dimension (default: "
+                             "all); needs --whiten")
+
+
+def check_whiten_dim(args: argparse.Namespace) -> None:
+    """``--whiten-dim`` needs ``--whiten`` and is positive (its upper bound, the descriptor's dimension, is
+    checked by :func:`dinokit.eval.retrieval.fit_whitening` on the first whitening image)."""
+    if args.whiten_dim is not None:
+        if args.whiten is None:
+            raise ConfigError("--whiten-dim needs --whiten (whitening is off without it)")
+        check_positive("--whiten-dim", args.whiten_dim)
 
 
 def eval_image_size(requested: int | None, model) -> int:

@@ -9,8 +9,9 @@ from pathlib import Path
 from ..errors import ConfigError, DataError
 from ._common import (
     add_model_arguments,
+    add_whiten_dim_argument,
     check_output_file,
-    check_positive,
+    check_whiten_dim,
     format_table,
     load_model,
     model_info,
@@ -55,9 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--whiten-mode", choices=["reference", "centered"], default="reference",
                         help="reference: uncentred second moment as DINO's copy-detection script; centered: "
                              "textbook PCA whitening")
-    parser.add_argument("--whiten-dim", type=int, default=None, metavar="N",
-                        help="keep the N leading whitened dimensions, 1 to the descriptor's dimension (default: "
-                             "all); needs --whiten")
+    add_whiten_dim_argument(parser)
     parser.add_argument("--query-crop", action="store_true",
                         help="crop queries to their ground-truth boxes (standard revisitop; the DINO reference "
                              "does not)")
@@ -73,10 +72,7 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"dataset root {root} does not exist")
     if args.imsize < 1:
         raise ConfigError("--imsize must be positive")
-    if args.whiten_dim is not None:
-        if args.whiten is None:
-            raise ConfigError("--whiten-dim needs --whiten (whitening is off without it)")
-        check_positive("--whiten-dim", args.whiten_dim)
+    check_whiten_dim(args)
     output = check_output_file(args.output or f"retrieval_{args.dataset}.json", "--output")
     whiten_dir = None
     if args.whiten is not None:

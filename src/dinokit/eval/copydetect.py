@@ -38,10 +38,9 @@ from .retrieval import (
     IMAGE_EXTENSIONS,
     compute_ap,
     extract_descriptors,
-    fit_whitening,
+    learn_whitening,
     list_images,
     square_loader,
-    whitening_record,
 )
 from .whitening import l2n
 
@@ -166,18 +165,13 @@ def evaluate_copy_detection(model: nn.Module, root: str | Path, imsize: int = 32
     loader = square_loader(imsize)
     kw = dict(descriptor=descriptor, batch_size=batch_size, device=device, num_workers=num_workers,
               progress=progress, normalize=False)
-    wimgs = [] if whiten_dir is None else list_images(whiten_dir)
-    whitening = None  # learned first: its errors (too few images, whiten_dim too large) come before the long part
-    if whiten_dir is not None:
-        if len(wimgs) < 2:
-            raise DataError(f"whitening needs at least 2 images in {whiten_dir}, found {len(wimgs)}")
-        whitening = fit_whitening(model, wimgs, loader, whiten_mode, whiten_dim, **kw)
+    whitening, whitening_info = learn_whitening(model, whiten_dir, loader, whiten_mode, whiten_dim, **kw)
     db = extract_descriptors(model, data.database, loader, desc="database", **kw)
     db = l2n(db if whitening is None else whitening(db))
     k = len(data.database) if topk is None else min(topk, len(data.database))
     result: dict = {"blocks": {}, "n_database": len(data.database), "n_originals": len(data.originals),
                     "n_distractors": len(data.distractors), "descriptor": descriptor, "imsize": imsize, "topk": topk,
-                    "whitening": whitening_record(whitening, whiten_mode, whiten_dir, len(wimgs))}
+                    "whitening": whitening_info}
     all_aps = []
     for name, paths in data.blocks.items():
         q = extract_descriptors(model, paths, loader, desc=name, **kw)

@@ -50,7 +50,7 @@ __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "compute_ap", "compute_map", "revisited_metrics",
     "recall_at_k", "rank_database", "load_ground_truth", "convert_ground_truth", "load_revisited",
     "load_place_dataset", "list_images", "load_rgb", "thumbnail_loader", "square_loader", "extract_descriptors",
-    "fit_whitening", "whitening_record", "evaluate_revisited", "evaluate_place_recognition",
+    "fit_whitening", "learn_whitening", "evaluate_revisited", "evaluate_place_recognition",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -498,12 +498,20 @@ def fit_whitening(model: nn.Module, images: Sequence[Path], loader: Callable, mo
     return PCAWhitening(mode=mode, dim=dim).fit(feats)
 
 
-def whitening_record(whitening: PCAWhitening | None, mode: str, whiten_dir, n_images: int) -> dict | None:
-    """The ``whitening`` entry of a result: mode, folder, images, dimensions kept (``dim``), energy kept."""
-    if whitening is None:
-        return None
-    return {"mode": mode, "dir": str(whiten_dir), "n_images": n_images, "dim": int(whitening.proj.shape[0]),
-            "energy_kept": whitening.energy_kept}
+def learn_whitening(model: nn.Module, whiten_dir: str | Path | None, loader: Callable, mode: str = "reference",
+                    dim: int | None = None, **kw) -> tuple[PCAWhitening | None, dict | None]:
+    """``(whitening, record)`` learned on the images of ``whiten_dir`` (:func:`fit_whitening`), ``(None, None)``
+    without a folder. The evaluations call it before describing their database, so its errors (too few images,
+    ``dim`` too large) come before the long part. ``record`` is the ``whitening`` entry of a result: mode,
+    folder, images, dimensions kept (``dim``), energy kept."""
+    if whiten_dir is None:
+        return None, None
+    images = list_images(whiten_dir)
+    if len(images) < 2:
+        raise DataError(f"whitening needs at least 2 images in {whiten_dir}, found {len(images)}")
+    whitening = fit_whitening(model, images, loader, mode, dim, **kw)
+    return whitening, {"mode": mode, "dir": str(whiten_dir), "n_images": len(images),
+                       "dim": int(whitening.proj.shape[0]), "energy_kept": whitening.energy_kept}
 
 
 def _search(db: torch.Tensor, q: torch.Tensor, whitening: PCAWhitening | None) -> np.ndarray:
@@ -522,10 +530,8 @@ def evaluate_revisited(model: nn.Module, root: str | Path, dataset: str = "roxfo
     db_paths, q_paths, gt = load_revisited(root, dataset)
     kw = dict(descriptor=descriptor, multiscale=multiscale, device=device, num_workers=num_workers,
               progress=progress)
-    wimgs = [] if whiten_dir is None else list_images(whiten_dir)
-    whitening = None  # learned first: its errors (too few images, --whiten-dim too large) come before the long part
-    if whiten_dir is not None:
-        whitening = fit_whitening(model, wimgs, thumbnail_loader(imsize), whiten_mode, whiten_dim, **kw)
+    whitening, whitening_info = learn_whitening(model, whiten_dir, thumbnail_loader(imsize), whiten_mode, whiten_dim,
+                                                **kw)
     db = extract_descriptors(model, db_paths, thumbnail_loader(imsize), desc="database", **kw)
     if query_crop:
         bbxs = [g.get("bbx") for g in gt["gnd"]]
@@ -537,7 +543,7 @@ def evaluate_revisited(model: nn.Module, root: str | Path, dataset: str = "roxfo
     res = revisited_metrics(ranks, gt["gnd"], kappas)
     res.update(dataset=dataset, n_queries=len(q_paths), n_database=len(db_paths), descriptor=descriptor,
                imsize=imsize, multiscale=multiscale, query_crop=query_crop,
-               whitening=whitening_record(whitening, whiten_mode, whiten_dir, len(wimgs)))
+               whitening=whitening_info)
     return res
 
 
@@ -550,10 +556,8 @@ def evaluate_place_recognition(model: nn.Module, root: str | Path, imsize: int =
     queries, database, positives = load_place_dataset(root)
     kw = dict(descriptor=descriptor, multiscale=multiscale, device=device, num_workers=num_workers,
               progress=progress)
-    wimgs = [] if whiten_dir is None else list_images(whiten_dir)
-    whitening = None  # learned first: its errors come before the long part
-    if whiten_dir is not None:
-        whitening = fit_whitening(model, wimgs, thumbnail_loader(imsize), whiten_mode, whiten_dim, **kw)
+    whitening, whitening_info = learn_whitening(model, whiten_dir, thumbnail_loader(imsize), whiten_mode, whiten_dim,
+                                                **kw)
     db = extract_descriptors(model, database, thumbnail_loader(imsize), desc="database", **kw)
     q = extract_descriptors(model, queries, thumbnail_loader(imsize), desc="queries", **kw)
     ranks = _search(db, q, whitening)
@@ -561,4 +565,4 @@ def evaluate_place_recognition(model: nn.Module, root: str | Path, imsize: int =
     return {"dataset": "folder", "recall@k": recall_at_k(ranks, positives, ks), "mAP": m,
             "n_queries": len(queries), "n_scored_queries": int(np.sum(~np.isnan(aps))), "n_database": len(database),
             "descriptor": descriptor, "imsize": imsize, "multiscale": multiscale,
-            "whitening": whitening_record(whitening, whiten_mode, whiten_dir, len(wimgs))}
+            "whitening": whitening_info}
