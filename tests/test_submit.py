@@ -72,8 +72,8 @@ def test_paths_are_made_absolute_and_checked_before_submitting(tmp_path, capsys,
 
     (tmp_path / "imgs").mkdir()
     monkeypatch.chdir(tmp_path)
-    argv = submit._absolute_paths(["--data", "imgs", "--knn-train=fashion-mnist", "--knn-val", "fashion-mnist:fm",
-                                   "--arch", "vit_small"])
+    argv, _ = submit._absolute_paths(["--data", "imgs", "--knn-train=fashion-mnist", "--knn-val",
+                                      "fashion-mnist:fm", "--arch", "vit_small"])
     assert argv == ["--data", str(tmp_path / "imgs"), "--knn-train=fashion-mnist", "--knn-val",
                     f"fashion-mnist:{tmp_path / 'fm'}", "--arch", "vit_small"]
     submitted = []
@@ -84,7 +84,7 @@ def test_paths_are_made_absolute_and_checked_before_submitting(tmp_path, capsys,
                                                "(checked before submitting)")
     assert not submitted
     with pytest.warns(UserWarning, match="--data nope: not found on this machine; the compute nodes must see it"):
-        submit._check_paths(["--data", "nope"], local=False)
+        submit._report_missing(["--data nope"], local=False)
     assert main(["submit", "--dry-run", "--output-dir", str(tmp_path / "o"), "--", "--data", "imgs"]) == 0
     assert f"dinokit train --data {tmp_path / 'imgs'} --output-dir" in capsys.readouterr().out
 

@@ -444,10 +444,10 @@ def test_knn_monitor_evaluates_folders_as_dinokit_knn_does(folder, tmp_path):
 
 
 def test_counts_in_messages_agree_in_number(folder, tmp_path, capsys):
-    from dinokit.trainer import _count
+    from dinokit.trainer import count_noun
 
-    assert (_count(1, "image"), _count(0, "loader worker"), _count(2, "CPU")) == ("1 image", "0 loader workers",
-                                                                                "2 CPUs")
+    assert (count_noun(1, "image"), count_noun(0, "loader worker"), count_noun(2, "CPU")) == (
+        "1 image", "0 loader workers", "2 CPUs")
     Trainer(tiny(folder, tmp_path / "o", "--epochs", "1")).fit()
     start = capsys.readouterr().err.splitlines()[0]
     assert "12 images, 3 it/epoch, 0 loader workers" in start

@@ -58,7 +58,7 @@ from .shards import is_shard_spec
 from .teacher import ema_update
 from .wrapper import MultiCropWrapper
 
-__all__ = ["Trainer", "train", "resolve_device", "resolve_precision", "build_student_teacher",
+__all__ = ["Trainer", "train", "count_noun", "resolve_device", "resolve_precision", "build_student_teacher",
            "NonFiniteLossError", "Stopped"]
 
 
@@ -338,7 +338,7 @@ def cpus_per_process() -> int:
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
-        cpus = os.cpu_count() or 1
+        cpus = os.cpucount_noun() or 1
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     return max(1, cpus // max(1, local))
 
@@ -443,7 +443,8 @@ def collapse_stats(teacher_output: torch.Tensor, center: torch.Tensor, temp: flo
 # the trainer
 
 
-def _count(n: int, noun: str) -> str:
+def count_noun(n: int, noun: str) -> str:
+    """``"1 image"``, ``"2 images"``: a count with its noun in agreement (messages, the CLI's summary lines)."""
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
@@ -774,7 +775,7 @@ class Trainer:
         self._warn_changed_options(ckpt, path)
         saved = ckpt.get("loader_workers")
         if saved is not None and saved != self.loader.num_workers and is_shard_spec(self.cfg.data_path):
-            self._warn(f"{_count(self.loader.num_workers, 'loader worker')} now, {saved} when {path} was saved: "
+            self._warn(f"{count_noun(self.loader.num_workers, 'loader worker')} now, {saved} when {path} was saved: "
                        f"with tar shards the batches come in another order than in the uninterrupted run (every "
                        f"image still once per epoch); --num-workers {saved} keeps the order")
 
@@ -814,7 +815,8 @@ class Trainer:
         self._data_bound_hinted = True
         cfg = self.cfg
         workers, cpus = self.loader.num_workers, cpus_per_process()
-        tips = [f"more --num-workers (now {workers}; {_count(cpus, 'CPU')} for this process)"] if workers < cpus else []
+        tips = ([f"more --num-workers (now {workers}; {count_noun(cpus, 'CPU')} for this process)"]
+                if workers < cpus else [])
         if hasattr(self.dataset, "images") and not cfg.fast_augment:  # tensor data set, per-image PIL chain
             tips.append("--fast-augment (batched augmentation for same-size tensor images)")
         elif not hasattr(self.dataset, "images") and cfg.augment_impl == "reference":
@@ -1013,8 +1015,9 @@ class Trainer:
                                                                  int) else cfg.arch
             self._log_console(f"{arch} ({nparams / 1e6:.2f}M params with head) on "
                               f"{self.device} [{self.precision}], world {self.world}, global batch "
-                              f"{self.global_batch}, {_count(len(self.dataset), 'image')}, {self.plan.niter_per_ep} "
-                              f"it/epoch, {_count(self.loader.num_workers, 'loader worker')}")
+                              f"{self.global_batch}, {count_noun(len(self.dataset), 'image')}, "
+                              f"{self.plan.niter_per_ep} it/epoch, "
+                              f"{count_noun(self.loader.num_workers, 'loader worker')}")
         with _StopSignals() as stop:
             return self._fit(stop)
 

@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dinokit train options")
 
 
-def _train_argv(args: argparse.Namespace) -> list[str]:
+def _train_argv(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The validated train options after ``--``, with absolute paths, and the paths not found here."""
     argv = list(args.train_args)
     if argv and argv[0] == "--":
         argv = argv[1:]
@@ -78,23 +79,23 @@ _PATH_OPTIONS = ("--data", "--data-path", "--data_path", "--config", "--knn-trai
                  "--knn_val")
 
 
-def _absolute_paths(argv: list[str], missing: list[str] | None = None) -> list[str]:
-    """The train options with local paths made absolute: the job may start in another working directory.
-    Data specs such as ``fashion-mnist:DIR`` keep their prefix. Paths that do not exist here (shard brace
-    patterns aside) are appended to ``missing`` as ``"OPTION VALUE"``."""
-    out, i = [], 0
+def _absolute_paths(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``(argv, missing)``: the train options with local paths made absolute (the job may start in another
+    working directory; data specs such as ``fashion-mnist:DIR`` keep their prefix), and those paths that do not
+    exist here, as ``"OPTION VALUE"`` (shard brace patterns aside)."""
+    out, missing, i = [], [], 0
     while i < len(argv):
         a = argv[i]
         name, eq, value = a.partition("=")
         if name in _PATH_OPTIONS and (eq or i + 1 < len(argv)):
             value = value if eq else argv[i + 1]
-            absolute = _absolute(name, value, missing if missing is not None else [])
+            absolute = _absolute(name, value, missing)
             out += [f"{name}={absolute}"] if eq else [name, absolute]
             i += 0 if eq else 1
         else:
             out.append(a)
         i += 1
-    return out
+    return out, missing
 
 
 def _absolute(option: str, value: str, missing: list[str]) -> str:
@@ -105,15 +106,13 @@ def _absolute(option: str, value: str, missing: list[str]) -> str:
         return f"{head}:{_absolute(option, rest, missing)}" if rest else value
     path = Path(value).expanduser()
     if not ("{" in value and value.endswith(".tar")) and not path.exists():
-        missing.append(f"{option} {value}")
+        missing.append(f"{option} {path.absolute()}")
     return str(path.absolute())
 
 
-def _check_paths(argv: list[str], local: bool) -> None:
+def _report_missing(missing: list[str], local: bool) -> None:
     """Paths of the train options that do not exist here: an error for a job on this machine, else a warning
     (a cluster's compute nodes may see file systems the submitting machine does not)."""
-    missing: list[str] = []
-    _absolute_paths(argv, missing)
     if missing and local:
         raise ConfigError(f"{'; '.join(missing)}: not found (checked before submitting)")
     if missing:
@@ -129,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     require_submitit()
     if args.nodes < 1 or args.gpus_per_node < 0 or (args.tasks_per_node is not None and args.tasks_per_node < 1):
         raise ConfigError("--nodes and --tasks-per-node must be >= 1 and --gpus-per-node >= 0")
-    argv = _train_argv(args)
+    argv, missing = _train_argv(args)
     out = Path(args.output_dir).expanduser().absolute()
     s = SubmitSettings(output_dir=str(out), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                        tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb,
@@ -138,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
                        job_name=args.job_name, signal_delay_s=args.signal_delay_s, max_requeues=args.max_requeues,
                        setup=args.setup, cluster=args.cluster)
     if not args.dry_run:
-        _check_paths(argv, local=args.cluster == "local")
+        _report_missing(missing, local=args.cluster == "local")
     if args.dry_run:
         print(sbatch_script(s), end="")
         print(f"# job: dinokit train {' '.join(argv)} --output-dir {out}")
@@ -158,7 +157,9 @@ def run(args: argparse.Namespace) -> int:
             raise DinokitError(f"job {job.job_id} failed: {lines[-1] if lines else type(e).__name__} "
                                f"(logs in {s.folder})") from None
         result = next((r for r in results if r.get("rank") == 0), results[0])
-        e, n = result["epochs"], result["iterations"]
-        print(f"job {job.job_id} done: {e} epoch{'s' * (e != 1)}, {n} iteration{'s' * (n != 1)}, "
+        from ..trainer import count_noun
+
+        print(f"job {job.job_id} done: {count_noun(result['epochs'], 'epoch')}, "
+              f"{count_noun(result['iterations'], 'iteration')}, "
               f"{result['train_minutes']:.1f} min")
     return 0

@@ -78,13 +78,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..trainer import train
+    from ..trainer import count_noun, train
 
     cfg = config_from_args(args)
     summary = train(cfg)
     if summary["rank"] != 0:
         return 0
-    e, n = summary["epochs"], summary["iterations"]
-    print(f"done: {e} epoch{'s' * (e != 1)}, {n} iteration{'s' * (n != 1)}, {summary['train_minutes']:.1f} min, "
-          f"{summary['images_per_second']:.1f} img/s; checkpoint: {Path(cfg.output_dir) / 'checkpoint.pth'}")
+    print(f"done: {count_noun(summary['epochs'], 'epoch')}, {count_noun(summary['iterations'], 'iteration')}, "
+          f"{summary['train_minutes']:.1f} min, {summary['images_per_second']:.1f} img/s; checkpoint: "
+          f"{Path(cfg.output_dir) / 'checkpoint.pth'}")
     return 0
