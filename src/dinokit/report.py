@@ -69,8 +69,9 @@ def _num(r: dict[str, Any], key: str) -> float | None:
 
 
 def _placeholder(r: dict[str, Any]) -> bool:
-    """An epoch record written for an epoch with no step of its own (a run stopped on an epoch's last iteration
-    and resumed): its throughput is 0 and its loss the 0 of an empty average, not measurements."""
+    """An epoch record of an older dinokit for an epoch with no step of its own (a run stopped on an epoch's last
+    iteration and resumed): its throughput is 0 and its loss the 0 of an empty average, not measurements. Runs
+    now log that throughput as null and the epoch's real mean loss (from the checkpoint)."""
     return r.get("type") == "epoch" and _num(r, "images_per_s") == 0
 
 

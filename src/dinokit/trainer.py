@@ -443,6 +443,11 @@ def collapse_stats(teacher_output: torch.Tensor, center: torch.Tensor, temp: flo
 # the trainer
 
 
+def _saved_config(ckpt: dict) -> dict:
+    """The options a checkpoint was written with (``{}`` for checkpoints without them)."""
+    return ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+
+
 def count_noun(n: int, noun: str) -> str:
     """``"1 image"``, ``"2 images"``: a count with its noun in agreement (messages, the CLI's summary lines)."""
     return f"{n} {noun}" + ("" if n == 1 else "s")
@@ -709,7 +714,7 @@ class Trainer:
     def _check_resumable(self, ckpt: dict, path: Path) -> None:
         """Refuse a resume that cannot continue the run: another optimiser, or another number of iterations per
         epoch, which would shift every schedule and the epoch counter."""
-        saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+        saved = _saved_config(ckpt)
         if saved.get("optimizer", self.cfg.optimizer) != self.cfg.optimizer:
             raise CheckpointError(f"cannot resume from {path} with --optimizer {self.cfg.optimizer}: the run used "
                                   f"{saved['optimizer']} (its state does not carry over). Use --optimizer "
@@ -724,7 +729,7 @@ class Trainer:
 
     def _warn_changed_options(self, ckpt: dict, path: Path) -> None:
         """After a successful resume: name the options (beyond :attr:`RESUME_FREE_OPTIONS`) that differ."""
-        saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+        saved = _saved_config(ckpt)
         changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in config_to_dict(self.cfg).items()
                    if k not in self.RESUME_FREE_OPTIONS and k in saved and saved[k] != v]
         if changed:
@@ -1131,15 +1136,14 @@ class Trainer:
                 raise DinokitError("the data loader ended early (fewer batches than planned)")
             self.epoch += 1
             self.step_in_epoch = 0
+            # throughput None when no step of the epoch ran in this process (stopped on its last iteration)
+            elapsed = max(sums["step"] + sums["data_wait"], 1e-9) if sums["n"] else None
             record = {"type": "epoch", "epoch": epoch, "iteration": self.iteration,
                       "loss": sums["loss"] / sums["loss_n"] if sums["loss_n"] else None,
                       "lr": last.get("lr"), "wd": last.get("wd"),
                       "momentum": last.get("momentum"), "teacher_temp": last.get("teacher_temp"),
-                      # None when no step of the epoch ran in this process (stopped on its last iteration, resumed)
-                      "images_per_s": (self.global_batch * sums["n"] / max(sums["step"] + sums["data_wait"], 1e-9)
-                                       if sums["n"] else None),
-                      "data_wait_frac": (sums["data_wait"] / max(sums["step"] + sums["data_wait"], 1e-9)
-                                         if sums["n"] else None),
+                      "images_per_s": self.global_batch * sums["n"] / elapsed if elapsed else None,
+                      "data_wait_frac": sums["data_wait"] / elapsed if elapsed else None,
                       "train_minutes": self.train_seconds / 60, "skipped_steps": self.skipped_steps,
                       "skipped_images": _skipped_images(self.dataset)}
             if "koleo" in last:  # the last step's KoLeo term (unweighted); "loss" includes its weighted value
