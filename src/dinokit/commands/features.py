@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = next(model.parameters()).device
     outs, _ = extract_outputs(model, ds, fn, batch_size=args.batch_size, num_workers=args.num_workers,
-                                   device=device, progress=not args.no_progress, precision=args.precision)
+                              device=device, progress=not args.no_progress, precision=args.precision)
     labels = ds.labels  # each file's own label (an unreadable file's row holds a substitute: dropped below)
     index = torch.arange(len(ds))
     *outs, labels, index = drop_unreadable(ds, "input", *outs, labels, index)
