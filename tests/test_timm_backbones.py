@@ -76,3 +76,22 @@ def test_the_trainer_builds_timm_vits_at_the_global_crop_size():
     assert dim == 192 and student.backbone.pos_embed.shape[1] == (64 // 16) ** 2 + 1
     out = student([torch.randn(2, 3, 64, 64), torch.randn(2, 3, 32, 32)])
     assert out.shape == (4, 64)
+
+
+def test_crop_sizes_not_divisible_by_a_timm_models_patch_size_are_a_config_error():
+    """timm asserts at the first forward (a raw traceback after the run had started); the model's own patch size,
+    which its name decides, is checked when the models are built, local crops only when there are any."""
+    from dinokit.trainer import build_student_teacher
+
+    small = dict(out_dim=16, head_hidden_dim=32, head_bottleneck_dim=8)
+    with pytest.raises(ConfigError, match="global_crop_size 40 is not divisible by the patch size 16 of "
+                                          "timm:vit_tiny_patch16_224"):
+        build_student_teacher(TrainConfig(arch="timm:vit_tiny_patch16_224", global_crop_size=40,
+                                          local_crop_size=16, **small).validate())
+    with pytest.raises(ConfigError, match="local_crop_size 24 is not divisible by the patch size 16"):
+        build_student_teacher(TrainConfig(arch="timm:vit_tiny_patch16_224", global_crop_size=32,
+                                          local_crop_size=24, **small).validate())
+    build_student_teacher(TrainConfig(arch="timm:vit_tiny_patch16_224", global_crop_size=32, local_crop_size=24,
+                                      local_crops_number=0, **small).validate())
+    build_student_teacher(TrainConfig(arch="timm:resnet18", global_crop_size=40, local_crop_size=24,
+                                      **small).validate())  # no patches

@@ -191,6 +191,25 @@ def _backbone_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     return kw
 
 
+def _check_crops_fit_patches(cfg: TrainConfig, backbone: nn.Module) -> None:
+    """A timm model's own patch size (its name decides it, e.g. ``vit_small_patch8_224``) must divide the crop
+    sizes; dinokit's ViTs are checked by ``TrainConfig.validate`` (timm would assert at the first forward)."""
+    embed = getattr(backbone, "patch_embed", None)
+    if not cfg.arch.startswith("timm:") or getattr(embed, "dynamic_img_pad", False):
+        return
+    from .models.registry import timm_patch_size
+
+    patch = timm_patch_size(backbone)
+    if not patch:
+        return
+    sizes = [("global_crop_size", cfg.global_crop_size)]
+    if cfg.local_crops_number > 0:
+        sizes.append(("local_crop_size", cfg.local_crop_size))
+    for name, size in sizes:
+        if size % patch:
+            raise ConfigError(f"{name} {size} is not divisible by the patch size {patch} of {cfg.arch}")
+
+
 def build_student_teacher(cfg: TrainConfig) -> tuple[MultiCropWrapper, MultiCropWrapper, int]:
     """Student (drop path ``cfg.drop_path_rate``) and teacher (no drop path) built separately, as the reference
     does, then the teacher loaded from the student and frozen. Returns ``(student, teacher, embed_dim)``."""
@@ -201,6 +220,7 @@ def build_student_teacher(cfg: TrainConfig) -> tuple[MultiCropWrapper, MultiCrop
                                     **_backbone_kwargs(cfg))
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
+    _check_crops_fit_patches(cfg, s_backbone)
     embed_dim = s_backbone.num_features
     head_kw = dict(use_bn=cfg.use_bn_in_head, nlayers=cfg.head_nlayers, hidden_dim=cfg.head_hidden_dim,
                    bottleneck_dim=cfg.head_bottleneck_dim)

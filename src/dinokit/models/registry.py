@@ -121,7 +121,7 @@ def _build_torchvision(name: str, **kwargs) -> nn.Module:
 _TIMM_OPTIONAL = ("dynamic_img_size", "img_size", "patch_size")
 
 
-def _timm_patch_size(model: nn.Module) -> int | None:
+def timm_patch_size(model: nn.Module) -> int | None:
     p = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     if isinstance(p, (tuple, list)) and p:
         p = p[0]
@@ -163,7 +163,7 @@ def _build_timm(name: str, patch_size: int | None = None, drop_path_rate: float 
             hint = f"; did you mean {', '.join('timm:' + c for c in close)}?" if close else \
                 " (timm.list_models() lists them)"
             raise ValueError(f"unknown timm model {name!r}{hint}") from None
-    actual = _timm_patch_size(model)
+    actual = timm_patch_size(model)
     if patch_size is not None and patch_size != 16 and actual != patch_size:
         what = f"has patch size {actual}" if actual else "has no patch size"
         warnings.warn(f"dinokit: timm:{name} {what}; patch_size {patch_size} is ignored", stacklevel=3)
