@@ -420,6 +420,34 @@ def test_annotations_that_are_not_label_maps_are_refused(tmp_path):
     assert (out[0] == labels).all() and set(np.unique(out[1])) == {0, 1, 2}
 
 
+def test_object_ids_with_gaps_are_refused_and_greyscale_converted_palettes_named(tmp_path):
+    """DAVIS counts max-id objects; ids 38 and 75 (a palette PNG converted to greyscale: brightness values) would
+    have scored 73 absent objects as perfect."""
+    root = write_davis(tmp_path / "DAVIS", videos=("shapes",), T=3, S=64)
+    frames = sorted((root / "JPEGImages/480p/shapes").glob("*.jpg"))
+    first = root / "Annotations/480p/shapes/00000.png"
+    perfect = tmp_path / "perfect/shapes"
+    perfect.mkdir(parents=True)
+    for p in sorted(first.parent.glob("*.png")):
+        (perfect / p.name).write_bytes(p.read_bytes())
+    labels = np.array(Image.open(first))
+    for p in sorted(first.parent.glob("*.png")):
+        _resave(p, "L")
+    assert set(np.unique(np.array(Image.open(first)))) == {0, 38, 75}
+    msg = (r"00000.png has object ids 38, 75; DAVIS object ids run 1..K without gaps in the first frame; these are "
+           r"the brightness values of DAVIS palette colours: was an indexed PNG converted to greyscale\?")
+    with pytest.raises(DataError, match=msg):
+        propagate_video(ColourPatches(), frames, first, short_side=64)
+    with pytest.raises(DataError, match=msg):
+        evaluate_davis(tmp_path / "perfect", root)
+    gap = np.where(labels == 2, 3, labels).astype(np.uint8)
+    with pytest.raises(DataError, match=r"the first-frame annotation has object ids 1, 3; DAVIS object ids run "
+                                        r"1..K without gaps in the first frame$"):
+        propagate_video(ColourPatches(), frames, gap, short_side=64)
+    void = np.where(labels == 2, 255, labels).astype(np.uint8)  # void pixels are not an object
+    assert len(propagate_video(ColourPatches(), frames, void, short_side=64)) == 3
+
+
 def test_annotation_size_must_match_its_frames(tmp_path, monkeypatch, capsys):
     root = write_davis(tmp_path / "DAVIS", videos=("shapes",), T=3, S=64)
     first = root / "Annotations/480p/shapes/00000.png"

@@ -130,6 +130,21 @@ def first_frame_labels(labels: np.ndarray, grid_hw: tuple[int, int]) -> torch.Te
     return F.one_hot(small, n).permute(2, 0, 1)[None].float()
 
 
+def _check_object_ids(labels: np.ndarray, name: str) -> None:
+    """DAVIS numbers a video's objects 1..K and all of them are in the first frame (the scoring counts
+    ``K = max id`` objects, so a missing id would be an absent object scored perfect). Ids with gaps are refused;
+    a palette annotation converted to greyscale, whose ids became brightness values (38, 75, ...), is named."""
+    ids = np.unique(labels[(labels != 0) & (labels != VOID_LABEL)])
+    if ids.size == 0 or ids.size == int(ids[-1]):
+        return
+    shown = ", ".join(map(str, ids[:6].tolist())) + (", ..." if ids.size > 6 else "")
+    luma = np.rint(davis_palette()[1:ids.size + 1].astype(np.float64) @ [0.299, 0.587, 0.114]).astype(int)
+    hint = ("; these are the brightness values of DAVIS palette colours: was an indexed PNG converted to "
+            "greyscale? Keep annotations as indexed PNGs") if set(ids.tolist()) <= set(luma.tolist()) else ""
+    raise DataError(f"{name} has object ids {shown}; DAVIS object ids run 1..K without gaps in the first frame"
+                    f"{hint}")
+
+
 def _hw(shape: Sequence[int]) -> str:
     return f"{shape[0]}x{shape[1]}"
 
@@ -261,6 +276,8 @@ def iter_propagation(model: nn.Module, frames: Sequence, first_mask: np.ndarray 
     labels0 = _read_labels(first_mask) if isinstance(first_mask, str | Path) else np.asarray(first_mask)
     if labels0.ndim != 2:
         raise DataError(f"the first-frame annotation must be a 2-D label map, got shape {labels0.shape}")
+    _check_object_ids(labels0, f"annotation {first_mask}" if isinstance(first_mask, str | Path)
+                      else "the first-frame annotation")
     out_hw = labels0.shape
     p = model.patch_size
 
@@ -487,6 +504,7 @@ def evaluate_davis(results_dir: str | Path, davis_root: str | Path, videos: Sequ
                                 "annotations of a video must share a size")
         gt = np.stack(gt)
         gt[gt == VOID_LABEL] = 0
+        _check_object_ids(gt[0], f"annotation {ann[0]}")
         n_obj = int(gt[0].max())
         ids = [p.stem for p in ann][1:-1]
         gt = gt[1:-1]
