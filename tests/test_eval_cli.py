@@ -439,3 +439,19 @@ def test_num_heads_for_a_bare_state_dict_of_a_non_standard_width(setup, tmp_path
     assert main(["features", "--weights", str(bare), "--data", str(train), "--out", str(out), "--num-heads", "0",
                  *COMMON]) == 2
     assert "--num-heads must be > 0" in capsys.readouterr().err
+
+
+def test_a_diverged_checkpoint_is_an_error_not_a_perfect_score(setup, tmp_path, capsys):
+    """A backbone with NaN weights gave k-NN top-1 100% (NaN votes ranked every target first) and linear
+    chance level without a word: both now stop in one line."""
+    _, train, val, ckpt, _ = setup
+    state = torch.load(ckpt, weights_only=True)
+    state["teacher"]["backbone.norm.weight"][0] = float("nan")
+    bad = tmp_path / "diverged.pth"
+    torch.save(state, bad)
+    for cmd in (["knn", "--k", "1"], ["linear", "--epochs", "1", "--n-last-blocks", "1"]):
+        rc = main([cmd[0], "--weights", str(bad), "--train-data", str(train), "--val-data", str(val), *cmd[1:],
+                   "--num-workers", "0", *COMMON])
+        err = capsys.readouterr().err
+        assert rc == 2 and "features are not finite (NaN or inf) for" in err and "diverged or corrupt" in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -168,3 +168,59 @@ def test_drop_unreadable_keeps_the_rows_of_readable_files_also_through_a_subset(
         warnings.simplefilter("error")  # nothing left out: no warning
         (same,) = drop_unreadable(torch.utils.data.Subset(ds, [1, 2]), "test", rows[[1, 2]])
     assert torch.equal(same, rows[[1, 2]])
+
+
+def test_non_finite_features_are_refused_not_scored():
+    """NaN similarities made every comparison False: each target ranked first, 100% top-1 for a diverged model."""
+    from dinokit.errors import DataError
+    from dinokit.eval.knn import require_finite
+
+    xtr, ytr, xte, yte = _data(10, 4, 4, 2, seed=0)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="the test features hold NaN or inf values"):
+            knn_classifier(xtr, ytr, torch.full_like(xte, bad), yte, 5, 0.07)
+        broken = xtr.clone()
+        broken[3, 1] = bad
+        with pytest.raises(ValueError, match="the train features hold NaN or inf values"):
+            knn_classifier(broken, ytr, xte, yte, 5, 0.07)
+    require_finite(xtr)
+    require_finite(torch.zeros(0, 4))
+    x = torch.zeros(5, 3, 2)
+    x[1, 2, 0], x[4, 0, 1] = float("nan"), -float("inf")
+    with pytest.raises(DataError, match=r"^the model's features are not finite \(NaN or inf\) for 2 of 5 images: "
+                                        r"the weights are diverged or corrupt$"):
+        require_finite(x, "the model's features")
+
+
+def test_extraction_of_non_finite_features_is_a_one_line_data_error():
+    from dinokit.errors import DataError
+    from dinokit.models import build_backbone
+
+    model = build_backbone("vit_custom", patch_size=8, embed_dim=32, depth=1, num_heads=2, img_size=16)
+    with torch.no_grad():
+        model.norm.weight[0] = float("nan")
+    ds = torch.utils.data.TensorDataset(torch.randn(5, 3, 16, 16), torch.arange(5))
+    with pytest.raises(DataError, match="the model's val features are not finite .* for 5 of 5 images"):
+        extract_features(model, ds, batch_size=2, progress=False, desc="val features")
+
+
+@pytest.mark.parametrize("kind", ["tensor", "folder"])
+def test_the_training_monitor_stops_on_a_diverged_teacher_instead_of_logging_a_score(tmp_path, kind):
+    from dinokit.config import TrainConfig
+    from dinokit.errors import DataError
+    from dinokit.models import build_backbone
+    from dinokit.monitor import online_knn
+
+    from .helpers import make_fashion_like, make_image_folder
+
+    if kind == "tensor":
+        spec = f"fashion-mnist:{make_fashion_like(tmp_path / 'fm', n_train=16, n_test=8)}"
+    else:
+        spec = str(make_image_folder(tmp_path / "imgs", n_per_class=3, classes=("a", "b"), size=(20, 20)))
+    cfg = TrainConfig(knn_train=spec, knn_val=spec, global_crop_size=16, knn_subset=0)
+    model = build_backbone("vit_custom", patch_size=8, embed_dim=32, depth=1, num_heads=2, img_size=16)
+    assert 0 <= online_knn(model, cfg, torch.device("cpu"))["knn_top1"] <= 100
+    with torch.no_grad():
+        model.norm.bias[0] = float("inf")
+    with pytest.raises(DataError, match="the model's k-NN monitor features are not finite"):
+        online_knn(model, cfg, torch.device("cpu"))

@@ -96,7 +96,7 @@ def knn_data(cfg: TrainConfig):
 
 def online_knn(backbone: torch.nn.Module, cfg: TrainConfig, device: torch.device, k: int = 20,
                T: float = 0.07) -> dict[str, Any]:
-    from .eval.knn import drop_unreadable, extract_features, knn_classifier
+    from .eval.knn import drop_unreadable, extract_features, knn_classifier, require_finite
 
     (train_ds, train_labels), (val_ds, val_labels) = knn_data(cfg)
     was_training = backbone.training
@@ -104,12 +104,16 @@ def online_knn(backbone: torch.nn.Module, cfg: TrainConfig, device: torch.device
     try:
         ftrain, fval = (_tensor_features(backbone, ds, cfg, device) for ds in (train_ds, val_ds))
         if ftrain is None or fval is None:
-            ftrain, _ = extract_features(backbone, train_ds, batch_size=256, device=device, progress=False)
-            fval, _ = extract_features(backbone, val_ds, batch_size=256, device=device, progress=False)
+            ftrain, _ = extract_features(backbone, train_ds, batch_size=256, device=device, progress=False,
+                                         desc="k-NN monitor features")
+            fval, _ = extract_features(backbone, val_ds, batch_size=256, device=device, progress=False,
+                                       desc="k-NN monitor features")
             ftrain, train_labels = drop_unreadable(train_ds, "k-NN monitor's train", ftrain, train_labels)
             fval, val_labels = drop_unreadable(val_ds, "k-NN monitor's validation", fval, val_labels)
     finally:
         backbone.train(was_training)
+    for f in (ftrain, fval):  # a diverged teacher: stop with one line rather than log a meaningless score
+        require_finite(f, "the model's k-NN monitor features")
     ftrain = torch.nn.functional.normalize(ftrain, dim=1)
     fval = torch.nn.functional.normalize(fval, dim=1)
     top1, top5 = knn_classifier(ftrain, train_labels, fval, val_labels, k, T)

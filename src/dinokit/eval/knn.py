@@ -21,6 +21,8 @@ Differences from the reference (same numbers where the reference runs at all):
   ``sort`` made stable; the reference's unstable sort leaves the order of equal scores unspecified (this
   matters only for classes with equal, typically zero, votes);
 * ``k`` larger than the train set is clamped to its size;
+* NaN or inf features (a diverged model) are an error: the reference scores them (NaN similarities), and a
+  comparison-based vote would rank every target first;
 * votes are accumulated with ``scatter_add_`` into a ``[chunk, C]`` tensor instead of a ``[chunk, k, C]``
   one-hot product, test rows are chunked by a memory budget rather than into 100 pieces, and
   :func:`knn_eval` finds the neighbours once for the largest ``k`` and reuses them for every ``k`` (the
@@ -44,7 +46,7 @@ from ..errors import DataError
 from ..models.linear import matmul_nt
 
 __all__ = ["knn_classifier", "knn_classify_multi", "knn_eval", "extract_features", "extract_outputs",
-           "frozen_features", "default_chunk_size", "aligned_labels", "is_vit"]
+           "frozen_features", "default_chunk_size", "aligned_labels", "is_vit", "require_finite"]
 
 #: Bytes of the ``[chunk, n_train]`` similarity block (plus its top-k) aimed for by the default chunking.
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
@@ -69,6 +71,10 @@ def _check_inputs(train_features, train_labels, test_features, test_labels):
         raise ValueError("the train set is empty")
     if any(len(lab) and int(lab.min()) < 0 for lab in (train_labels, test_labels)):
         raise ValueError("k-NN needs labels >= 0 (found unlabelled images, label -1)")
+    for name, f in (("train", train_features), ("test", test_features)):
+        if len(f) and not bool(torch.isfinite(f).all()):
+            raise ValueError(f"the {name} features hold NaN or inf values (a diverged model?): similarities to "
+                             "them are meaningless")
 
 
 @torch.no_grad()
@@ -314,7 +320,20 @@ def extract_outputs(model: nn.Module, data, fn: Callable[[nn.Module, torch.Tenso
         outs = [o[:pos] for o in outs]
     else:
         outs = [torch.cat(p) for p in parts] if parts else []
+    for o in outs:
+        require_finite(o, f"the model's {desc}")
     return outs, torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+
+
+def require_finite(features: torch.Tensor, what: str = "features") -> None:
+    """Raise :class:`DataError` when rows of ``features [N, ...]`` hold NaN or inf: a diverged or corrupt model.
+    Every evaluation would score them as if they meant something (the k-NN vote of NaN similarities ranked
+    every target first: 100%)."""
+    if len(features) == 0 or bool(torch.isfinite(features).all()):
+        return
+    bad = int((~torch.isfinite(features.reshape(len(features), -1))).any(1).sum())
+    raise DataError(f"{what} are not finite (NaN or inf) for {bad} of {len(features)} images: the weights are "
+                    "diverged or corrupt")
 
 
 def extract_features(model: nn.Module, dataset_or_loader, batch_size: int = 128, num_workers: int = 0,
