@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dinokit import build_backbone
-from dinokit.config import TrainConfig
+from dinokit.config import TrainConfig, config_to_dict
 from dinokit.errors import ConfigError
 from dinokit.models.registry import _NarrowInputSafeConv2d
 
@@ -95,3 +95,34 @@ def test_crop_sizes_not_divisible_by_a_timm_models_patch_size_are_a_config_error
                                       local_crops_number=0, **small).validate())
     build_student_teacher(TrainConfig(arch="timm:resnet18", global_crop_size=40, local_crop_size=24,
                                       **small).validate())  # no patches
+
+
+def test_a_timm_vit_trained_below_224_px_is_evaluated_and_exported_at_its_size(tmp_path, capsys):
+    """The trainer builds timm ViTs at the global crop size; the evaluations and export rebuilt them at timm's
+    default 224 and refused the weights (pos_embed [1, 5, 192] vs [1, 197, 192])."""
+    import timm
+
+    from dinokit.cli import main
+    from dinokit.trainer import build_student_teacher
+    from dinokit.weights import load_backbone
+
+    cfg = TrainConfig(arch="timm:vit_tiny_patch16_224", global_crop_size=32, local_crop_size=16, out_dim=16,
+                      head_hidden_dim=32, head_bottleneck_dim=8).validate()
+    student, teacher, _ = build_student_teacher(cfg)
+    ckpt = tmp_path / "checkpoint.pth"
+    torch.save({"student": student.state_dict(), "teacher": teacher.state_dict(), "config": config_to_dict(cfg)}, ckpt)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = teacher.backbone.eval()(x)
+        assert torch.equal(load_backbone(ckpt)(x), want)
+        out = tmp_path / "bb.safetensors"
+        assert main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+        printed = capsys.readouterr().out
+        assert "img_size=32, " in printed
+        assert torch.equal(load_backbone(out)(x), want)  # the export records its size
+        m = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0, img_size=32,
+                              pretrained_cfg_overlay=dict(file=str(out))).eval()  # as printed
+        assert torch.allclose(m(x), want, atol=1e-5)
+        bare = tmp_path / "bare.pth"  # no config: the size is read from the position embedding's grid
+        torch.save(teacher.backbone.state_dict(), bare)
+        assert torch.equal(load_backbone(bare, arch="timm:vit_tiny_patch16_224")(x), want)

@@ -81,13 +81,13 @@ def export_backbone(checkpoint_path: str | os.PathLike, out_path: str | os.PathL
     from safetensors.torch import save_file
 
     from .models import build_backbone
-    from .weights import _is_vit_arch, _vit_kwargs, load_state_dict_strict
+    from .weights import build_kwargs, load_state_dict_strict
 
     src = Path(checkpoint_path)
     obj = safe_load(src)
     sd = extract_backbone_state_dict(obj, checkpoint_key)
     info = resolve_arch(sd, checkpoint_arch_hints(obj, read_safetensors_metadata(src)), arch, patch_size)
-    kw = _vit_kwargs(info) if _is_vit_arch(info["arch"]) else {}
+    kw = build_kwargs(info)
     try:
         model = build_backbone(info["arch"], patch_size=info.get("patch_size") or 16, **kw)
     except (ValueError, TypeError, RuntimeError) as e:

@@ -376,12 +376,14 @@ def checkpoint_arch_hints(obj: Any, metadata: dict[str, str] | None = None) -> d
     hints: dict[str, Any] = {}
     if isinstance(src.get("arch"), str) and src["arch"]:
         hints["arch"] = src["arch"]
-    for key in ("patch_size", "embed_dim", "depth", "num_heads"):
+    for key in ("patch_size", "embed_dim", "depth", "num_heads", "img_size"):
         try:
             if src.get(key) not in (None, ""):
                 hints[key] = int(src[key])
         except (TypeError, ValueError):
             pass
+    if "img_size" not in hints and isinstance(src.get("global_crop_size"), int):  # what dinokit trains at
+        hints["img_size"] = src["global_crop_size"]
     arch = hints.get("arch", "")
     if arch and arch != "vit_custom":  # a dinokit config's embed_dim/depth/num_heads are for vit_custom only
         for key in ("embed_dim", "depth", "num_heads"):
@@ -404,6 +406,29 @@ def _vit_kwargs(info: dict[str, Any]) -> dict[str, Any]:
 
 def _is_vit_arch(arch: str) -> bool:
     return arch.startswith(("vit_", "deit_"))
+
+
+def _stored_grid_size(sd: dict[str, torch.Tensor]) -> int | None:
+    """The image size a (timm-style) position embedding was stored at: ``sqrt(grid tokens) * patch``, with 1 or
+    0 class tokens before the grid; ``None`` without a square grid."""
+    pos, w = sd.get("pos_embed"), sd.get("patch_embed.proj.weight")
+    if pos is None or w is None or pos.ndim != 3 or w.ndim != 4:
+        return None
+    for prefix in (1, 0):
+        side = math.isqrt(max(pos.shape[1] - prefix, 0))
+        if side and side * side == pos.shape[1] - prefix:
+            return side * int(w.shape[-1])
+    return None
+
+
+def build_kwargs(info: dict[str, Any]) -> dict[str, Any]:
+    """``build_backbone`` keyword arguments for a resolved architecture (:func:`resolve_arch`): the ViT's sizes,
+    or the image size a ``timm:`` model was trained at (its position embedding's grid); nothing otherwise."""
+    if _is_vit_arch(info["arch"]):
+        return _vit_kwargs(info)
+    if info["arch"].startswith("timm:") and info.get("img_size"):
+        return {"img_size": info["img_size"]}
+    return {}
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -449,8 +474,9 @@ def resolve_arch(sd: dict[str, torch.Tensor], hints: dict[str, Any], arch: str |
     if not arch and hints.get("arch") and not _is_vit_arch(hints["arch"]):
         arch = hints["arch"]
     if arch and not _is_vit_arch(arch):
+        img_size = (_stored_grid_size(sd) or hints.get("img_size")) if arch.startswith("timm:") else None
         return {"arch": arch, "patch_size": patch_size, "embed_dim": None, "depth": None, "num_heads": None,
-                "img_size": None}
+                "img_size": img_size}
     try:
         with warnings.catch_warnings():
             if arch and arch != "vit_custom":  # the number of heads comes from the named architecture
@@ -496,7 +522,7 @@ def load_backbone(path: str | os.PathLike, arch: str | None = None, patch_size: 
     if "num_heads" in kw:
         hints["num_heads"] = kw["num_heads"]
     info = resolve_arch(sd, hints, arch, patch_size)
-    build_kw = {**_vit_kwargs(info), **kw} if _is_vit_arch(info["arch"]) else dict(kw)
+    build_kw = {**build_kwargs(info), **kw}
     try:
         model = build_backbone(info["arch"], patch_size=info.get("patch_size") or 16, **build_kw)
     except (ValueError, TypeError, RuntimeError) as e:

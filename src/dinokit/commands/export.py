@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {info['path']}: {arch}, {info['n_tensors']} tensors, "
           f"{info['n_params'] / 1e6:.2f}M parameters")
     if info.get("timm_name"):
-        print(f"timm: timm.create_model({info['timm_name']!r}, pretrained=True, num_classes=0, "
+        size = f"img_size={info['img_size']}, " if str(info.get("img_size") or 224) != "224" else ""
+        print(f"timm: timm.create_model({info['timm_name']!r}, pretrained=True, num_classes=0, {size}"
               f"pretrained_cfg_overlay=dict(file={info['path']!r}))")
     return 0
