@@ -108,6 +108,23 @@ def test_hub_entry_points_load_local_weights(tmp_path):
     assert isinstance(rn.fc, torch.nn.Identity)
 
 
+def test_hub_entry_points_take_weights_trained_at_another_size_and_advise_in_python_terms(tmp_path):
+    """A run trained at 32 px stores a 2x2 position grid: the entry point builds the model at that size (it was
+    refused as not fitting, with advice naming the CLI's --arch/--patch-size)."""
+    from dinokit import hub
+
+    vit = build_backbone("vit_small", patch_size=16, img_size=32).eval()
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in vit.state_dict().items()}}, tmp_path / "ckpt.pth")
+    m = hub.dino_vits16(weights=tmp_path / "ckpt.pth").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert m.pos_embed.shape == (1, 5, 384) and torch.equal(m(x), vit(x))
+    with pytest.raises(CheckpointError, match=r"do not fit vit_small \(patch 8\).*Use the entry point of the "
+                                              r"architecture the weights were trained with") as e:
+        hub.dino_vits8(weights=tmp_path / "ckpt.pth")
+    assert "--arch" not in str(e.value)
+
+
 def _tiny_checkpoint(path):
     net = MultiCropWrapper(build_backbone("vit_custom", patch_size=8, embed_dim=32, depth=1, num_heads=2, img_size=32),
                            DINOHead(32, 64, hidden_dim=32, bottleneck_dim=16))

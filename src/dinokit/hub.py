@@ -31,20 +31,37 @@ Path = str | os.PathLike
 __all__ = ["dino_vits16", "dino_vits8", "dino_vitb16", "dino_vitb8", "dino_resnet50"]
 
 
-def _load_into(model: nn.Module, weights: Path | None, checkpoint_key: str, what: str) -> nn.Module:
-    if weights is not None:
-        from .weights import extract_backbone_state_dict, load_state_dict_strict, safe_load
+def _state_dict(weights: Path | None, checkpoint_key: str) -> dict | None:
+    if weights is None:
+        return None
+    from .weights import extract_backbone_state_dict, safe_load
 
-        sd = extract_backbone_state_dict(safe_load(weights), checkpoint_key)
-        load_state_dict_strict(model, sd, source=f"weights in {weights}", describe=what)
+    return extract_backbone_state_dict(safe_load(weights), checkpoint_key)
+
+
+def _load_into(model: nn.Module, sd: dict | None, weights: Path | None, what: str) -> nn.Module:
+    if sd is not None:
+        from .errors import CheckpointError
+        from .weights import load_state_dict_strict
+
+        try:
+            load_state_dict_strict(model, sd, source=f"weights in {weights}", describe=what)
+        except CheckpointError as e:  # its advice names CLI options; say what fits in Python
+            msg = str(e).split(". Pass the --arch", 1)[0]
+            raise CheckpointError(f"{msg}. Use the entry point of the architecture the weights were trained with "
+                                  "(or dinokit.weights.load_backbone, which reads it from the file)") from None
     return model
 
 
 def _vit(arch: str, patch_size: int, weights, checkpoint_key: str, **kwargs) -> nn.Module:
     from .models import build_backbone
+    from .weights import stored_image_size
 
+    sd = _state_dict(weights, checkpoint_key)
+    if sd is not None and "img_size" not in kwargs and stored_image_size(sd):
+        kwargs["img_size"] = stored_image_size(sd)  # e.g. a run trained at 96 px: its position embedding's grid
     model = build_backbone(arch, patch_size=patch_size, num_classes=0, **kwargs)
-    return _load_into(model, weights, checkpoint_key, f"{arch} (patch {patch_size})")
+    return _load_into(model, sd, weights, f"{arch} (patch {patch_size})")
 
 
 def dino_vits16(weights: Path | None = None, checkpoint_key: str = "teacher", **kwargs) -> nn.Module:
@@ -76,4 +93,4 @@ def dino_resnet50(weights: Path | None = None, checkpoint_key: str = "teacher",
     model = resnet50(weights=None, **kwargs)
     model.fc = nn.Identity()
     model.num_features = 2048
-    return _load_into(model, weights, checkpoint_key, "resnet50")
+    return _load_into(model, _state_dict(weights, checkpoint_key), weights, "resnet50")

@@ -408,7 +408,7 @@ def _is_vit_arch(arch: str) -> bool:
     return arch.startswith(("vit_", "deit_"))
 
 
-def _stored_grid_size(sd: dict[str, torch.Tensor]) -> int | None:
+def stored_image_size(sd: dict[str, torch.Tensor]) -> int | None:
     """The image size a (timm-style) position embedding was stored at: ``sqrt(grid tokens) * patch``, with 1 or
     0 class tokens before the grid; ``None`` without a square grid."""
     pos, w = sd.get("pos_embed"), sd.get("patch_embed.proj.weight")
@@ -474,7 +474,7 @@ def resolve_arch(sd: dict[str, torch.Tensor], hints: dict[str, Any], arch: str |
     if not arch and hints.get("arch") and not _is_vit_arch(hints["arch"]):
         arch = hints["arch"]
     if arch and not _is_vit_arch(arch):
-        img_size = (_stored_grid_size(sd) or hints.get("img_size")) if arch.startswith("timm:") else None
+        img_size = (stored_image_size(sd) or hints.get("img_size")) if arch.startswith("timm:") else None
         return {"arch": arch, "patch_size": patch_size, "embed_dim": None, "depth": None, "num_heads": None,
                 "img_size": img_size}
     try:
