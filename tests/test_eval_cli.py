@@ -455,3 +455,19 @@ def test_a_diverged_checkpoint_is_an_error_not_a_perfect_score(setup, tmp_path, 
         err = capsys.readouterr().err
         assert rc == 2 and "features are not finite (NaN or inf) for" in err and "diverged or corrupt" in err, err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("cmd", ["knn", "linear"])
+def test_knn_and_linear_check_their_output_before_evaluating(setup, tmp_path, capsys, monkeypatch, cmd):
+    """They printed their whole table, then failed on --output (a folder); now refused before any work."""
+    _, train, val, ckpt, _ = setup
+    import importlib
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before --output was checked")
+
+    monkeypatch.setattr(importlib.import_module(f"dinokit.commands.{cmd}"), "load_model", no_model)
+    rc = main([cmd, "--weights", str(ckpt), "--train-data", str(train), "--val-data", str(val),
+               "--output", str(tmp_path), *COMMON])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "--output" in err and "is a folder" in err and "top-1" not in out, err

@@ -10,6 +10,7 @@ from ._common import (
     add_eval_size_arguments,
     add_model_arguments,
     add_precision_argument,
+    check_output_file,
     check_positive,
     eval_dataset,
     eval_image_size,
@@ -69,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
     for k in args.k:
         check_positive("--k", k)
     check_positive("--temperature", args.temperature)
+    if args.output:
+        check_output_file(args.output, "--output")
     check_positive("--batch-size", args.batch_size)
     model = load_model(args, need_patches=args.features != "cls")
     image_size = eval_image_size(args.image_size, model)

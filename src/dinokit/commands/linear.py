@@ -11,6 +11,7 @@ from ._common import (
     add_model_arguments,
     add_precision_argument,
     check_eval_sizes,
+    check_output_file,
     check_positive,
     eval_image_size,
     format_table,
@@ -72,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
     for name in ("epochs", "batch_size", "n_last_blocks", "val_freq"):
         check_positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.output:
+        check_output_file(args.output, "--output")
     for lr in args.lr:
         check_positive("--lr", lr)
     model = load_model(args)
