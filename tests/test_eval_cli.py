@@ -169,6 +169,21 @@ def test_attention_cli(setup, capsys):
     assert (out / "img000-mask-th0.6-head1.png").exists() and (out / "img000-attn-head0.png").exists()
 
 
+def test_attention_cli_keeps_every_image_whose_names_collide(setup, tmp_path, capsys):
+    """a/x.png, b/x.png and x_1.png: the second x took x_1, which the third then overwrote."""
+    _, _, _, ckpt, _ = setup
+    rng = np.random.default_rng(0)
+    paths = [tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", tmp_path / "x_1.png"]
+    for i, p in enumerate(paths):
+        p.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (24 + 8 * i, 24, 3), dtype=np.uint8)).save(p)
+    out = tmp_path / "attn"
+    argv = ["attention", "--weights", str(ckpt), "--out", str(out), "--image-size", "24", "--device", "cpu"]
+    assert main([*argv, *(a for p in paths for a in ("--image", str(p)))]) == 0, capsys.readouterr().err
+    shapes = {f.name: np.load(f).shape for f in out.glob("*-attn.npy")}
+    assert shapes == {"x-attn.npy": (2, 3, 3), "x_1-attn.npy": (2, 4, 3), "x_1_1-attn.npy": (2, 5, 3)}
+
+
 def test_export_cli_then_knn_on_export(setup, capsys):
     tmp, train, val, ckpt, _ = setup
     out = tmp / "backbone.safetensors"

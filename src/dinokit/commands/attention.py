@@ -62,18 +62,17 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--image-size {' '.join(map(str, args.image_size))}: a side of {min(args.image_size)} px "
                           f"is smaller than one {model.patch_size}-pixel patch")
     size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
-    used: dict[str, int] = {}
+    used: set[str] = set()
     for path in images:
         img = load_image(path)
         x, shown = prepare_image(img, size, model.patch_size)
         maps = attention_maps(model, x)
         masks = threshold_masks(maps, args.threshold) if args.threshold > 0 else None
-        prefix = path.stem
-        if prefix in used:  # two images with the same name: keep both
-            used[prefix] += 1
-            prefix = f"{prefix}_{used[prefix]}"
-        else:
-            used[prefix] = 0
+        prefix, n = path.stem, 0
+        while prefix in used:  # two images with the same name (a/x.png, b/x.png, x_1.png): keep all
+            n += 1
+            prefix = f"{path.stem}_{n}"
+        used.add(prefix)
         try:
             written = save_attention_images(shown, maps, masks, out, prefix=prefix,
                                             threshold=args.threshold if masks is not None else None)
