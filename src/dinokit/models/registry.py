@@ -2,7 +2,8 @@
 
 * ``vit_tiny`` / ``vit_small`` / ``vit_base`` (and ``deit_*`` aliases): the reference ViT, any patch size;
   ``vit_custom`` takes ``embed_dim``/``depth``/``num_heads`` for small models (e.g. the Fashion-MNIST demo);
-* any lower-case torchvision classifier (``resnet50`` ...), its ``fc``/``classifier`` replaced by Identity;
+* any lower-case torchvision classifier (``resnet50`` ...) without its final class-score layer (the last Linear of
+  its ``fc``/``classifier``/``head``/``heads``), so it outputs its penultimate representation;
 * ``timm:<name>`` for any timm model, built with ``num_classes=0`` (pooled features); ViT-style timm models accept
   every crop size (``dynamic_img_size``).
 
@@ -85,7 +86,68 @@ def _guard_strided_convs(model: nn.Module) -> nn.Module:
     return model
 
 
+# Layers that may follow the class-score layer inside a torchvision head without changing the feature's size once
+# the model's forward flattens it (squeezenet: ReLU and a global pool after its 1x1 class convolution).
+_SIZE_PRESERVING = (nn.Identity, nn.Flatten, nn.modules.dropout._DropoutNd)
+
+
+def _keeps_feature_size(m: nn.Module) -> bool:
+    if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+        return m.output_size in (1, (1, 1))
+    if isinstance(m, (nn.GLU, nn.MultiheadAttention)):  # in torch.nn's activation module, not size-preserving
+        return False
+    return isinstance(m, _SIZE_PRESERVING) or type(m).__module__ == nn.ReLU.__module__  # an activation
+
+
+def _strip_torchvision_classifier(model: nn.Module, name: str, num_classes: int) -> int:
+    """Replace the final class-score layer of a torchvision classifier by ``nn.Identity`` and return its input
+    size D, the size of the penultimate representation the model then outputs.
+
+    The head is the first of ``fc`` / ``classifier`` / ``head`` / ``heads`` the model has. A plain ``nn.Linear``
+    head is replaced whole (``backbone.fc = nn.Identity()``, as the reference does for ResNets); in a container
+    head only its last ``nn.Linear`` (or 1x1 ``nn.Conv2d``: squeezenet) is, so every layer before it stays
+    (convnext's LayerNorm2d, maxvit's pooling/LayerNorm/Linear/Tanh, the hidden Linear layers of vgg, alexnet
+    and mobilenet_v3). D is derived structurally and checked: the removed layer must produce ``num_classes``
+    scores and be followed only by size-preserving layers (dropout, activations, a global pool, flatten), or
+    the model is refused (``ValueError``) rather than built with a wrong ``num_features``."""
+    for attr in ("fc", "classifier", "head", "heads"):
+        head = getattr(model, attr, None)
+        if isinstance(head, nn.Module):
+            break
+    else:
+        raise ValueError(f"cannot find the classifier of torchvision model {name!r}")
+    modules = list(head.named_modules())
+    scorers = [i for i, (_, m) in enumerate(modules) if isinstance(m, nn.Linear)
+               or (isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1))]
+    if not scorers:
+        raise ValueError(f"cannot find the classifier of torchvision model {name!r} (no Linear in its {attr})")
+    path, layer = modules[scorers[-1]]
+    dim, out = (layer.in_features, layer.out_features) if isinstance(layer, nn.Linear) else \
+        (layer.in_channels, layer.out_channels)
+    after = [m for _, m in modules[scorers[-1] + 1:] if not list(m.children())]
+    if out != num_classes or not all(_keeps_feature_size(m) for m in after):
+        raise ValueError(f"cannot find the classifier of torchvision model {name!r}: its {attr} does not end "
+                         f"in a {num_classes}-class Linear or 1x1 Conv2d")
+    if not path:
+        setattr(model, attr, nn.Identity())
+    else:
+        parent, _, child = path.rpartition(".")
+        setattr(head.get_submodule(parent) if parent else head, child, nn.Identity())
+    return dim
+
+
+def _drop_auxiliary_classifiers(model: nn.Module) -> None:
+    """googlenet / inception_v3 also compute auxiliary class scores in training mode (and return them in a
+    tuple); a backbone has no use for them, so they are removed and the model returns its features alone."""
+    if getattr(model, "aux_logits", False):
+        model.aux_logits = False
+        for child in [n for n, _ in model.named_children() if n.lower().startswith("aux")]:
+            setattr(model, child, None)
+
+
 def _build_torchvision(name: str, **kwargs) -> nn.Module:
+    """A torchvision classifier without its final class-score layer (:func:`_strip_torchvision_classifier`): it
+    outputs its penultimate representation, ``[B, num_features]``."""
     import torchvision.models as tvm
 
     kwargs.pop("patch_size", None)
@@ -99,22 +161,8 @@ def _build_torchvision(name: str, **kwargs) -> nn.Module:
             model = None
     if model is None:
         model = tvm.get_model(name, weights=None, **kwargs)
-    dim = None
-    for attr in ("fc", "classifier", "head", "heads"):
-        layer = getattr(model, attr, None)
-        if layer is None:
-            continue
-        if isinstance(layer, nn.Linear):
-            dim = layer.in_features
-        elif isinstance(layer, nn.Sequential):
-            linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
-            if linears:
-                dim = linears[0].in_features if attr != "classifier" else linears[-1].in_features
-        setattr(model, attr, nn.Identity())
-        break
-    if dim is None:
-        raise ValueError(f"cannot find the classifier of torchvision model {name!r}")
-    model.num_features = dim
+    model.num_features = _strip_torchvision_classifier(model, name, kwargs.get("num_classes", 1000))
+    _drop_auxiliary_classifiers(model)
     return _guard_strided_convs(model)
 
 

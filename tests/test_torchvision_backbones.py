@@ -1,0 +1,137 @@
+"""torchvision backbones (``--arch resnet50`` ...): only the final class-score layer is removed, so the backbone
+outputs the penultimate representation ``[B, num_features]`` whatever the layout of the model's head. No weights
+are downloaded (every model is built with ``weights=None``)."""
+
+import warnings
+
+import pytest
+import torch
+import torchvision.models as tvm
+from torch import nn
+
+from dinokit.config import TrainConfig
+from dinokit.models.registry import _NarrowInputSafeConv2d, build_backbone
+
+# (name, input size, D, state-dict prefix of the removed class-score layer). 224 only where the model needs it.
+HEADS = [
+    ("resnet18", 64, 512, "fc."),  # fc: Linear, replaced whole as the reference does
+    ("convnext_tiny", 64, 768, "classifier.2."),  # LayerNorm2d, Flatten, Linear
+    ("mobilenet_v3_small", 64, 1024, "classifier.3."),  # Linear(576, 1024), Hardswish, Dropout, Linear
+    ("mobilenet_v2", 64, 1280, "classifier.1."),  # Dropout, Linear
+    ("efficientnet_b0", 64, 1280, "classifier.1."),
+    ("vgg11", 64, 4096, "classifier.6."),  # Linear(25088, 4096), ReLU, Dropout, Linear(4096, 4096), ReLU, Dropout, Lin.
+    ("alexnet", 64, 4096, "classifier.6."),  # Dropout, Linear(9216, 4096), ReLU, Dropout, Linear, ReLU, Linear
+    ("squeezenet1_0", 64, 512, "classifier.1."),  # Dropout, Conv2d(512, classes, 1), ReLU, AdaptiveAvgPool2d
+    ("densenet121", 64, 1024, "classifier."),  # classifier: Linear
+    ("shufflenet_v2_x0_5", 64, 1024, "fc."),
+    ("mnasnet0_5", 64, 1280, "classifier.1."),
+    ("regnet_x_400mf", 64, 400, "fc."),
+    ("googlenet", 64, 1024, "fc."),  # and its auxiliary classifiers aux1 / aux2
+    ("swin_t", 224, 768, "head."),  # head: Linear
+    ("vit_b_16", 224, 768, "heads.head."),  # heads: Sequential(head=Linear)
+    ("maxvit_t", 224, 512, "classifier.5."),  # AdaptiveAvgPool2d, Flatten, LayerNorm, Linear(512, 512), Tanh, Linear
+]
+
+
+def _state_dict_keys(name: str) -> set[str]:
+    """The untouched torchvision classifier's, built on the meta device where it can be (no memory, no init)."""
+    with warnings.catch_warnings():  # googlenet's FutureWarning about its default initialisation
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            with torch.device("meta"):
+                return set(tvm.get_model(name, weights=None).state_dict())
+        except NotImplementedError:  # regnets compute their widths with tensors
+            return set(tvm.get_model(name, weights=None).state_dict())
+
+
+def _backbone(name: str, **kwargs) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return build_backbone(name, **kwargs)
+
+
+@pytest.mark.parametrize("name,size,dim,removed", HEADS)
+def test_torchvision_backbone_outputs_its_penultimate_representation(name, size, dim, removed):
+    """Used to replace the whole classifier / head by Identity while reading D from a Linear inside it:
+    convnext_tiny gave [B, 768, 1, 1], mobilenet_v3_small [B, 576] for num_features 1024, vgg11 [B, 25088]
+    for 4096, maxvit_t [B, 512, 7, 7]; squeezenet1_0 was refused."""
+    m = _backbone(name).eval()
+    assert m.num_features == dim
+    with torch.no_grad():
+        out = m(torch.randn(2, 3, size, size))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, m.num_features)
+    # every layer is kept except the class-score layer (and googlenet's auxiliary classifiers)
+    kept, full = set(m.state_dict()), _state_dict_keys(name)
+    assert kept < full
+    assert all(k.startswith((removed, "aux")) for k in full - kept), sorted(full - kept)
+    assert any(k.startswith(removed) for k in full - kept)
+
+
+def test_every_torchvision_classifier_gets_a_consistent_feature_size():
+    """Shapes only (meta tensors, no memory, no arithmetic), for every torchvision classifier at 224 px. RegNets
+    cannot be built on the meta device (their block widths are computed with tensors); they all share the plain
+    ``fc`` Linear of regnet_x_400mf above."""
+    names = tvm.list_models(module=tvm)
+    assert len(names) > 70
+    checked = 0
+    for name in names:
+        try:
+            with torch.device("meta"):
+                m = _backbone(name).eval()
+        except NotImplementedError:
+            assert name.startswith("regnet_"), name
+            continue
+        with torch.no_grad():
+            out = m(torch.empty(2, 3, 224, 224, device="meta"))
+        assert out.shape == (2, m.num_features), name
+        checked += 1
+    assert checked > 50
+
+
+def test_training_mode_returns_features_alone_and_keeps_stochastic_depth():
+    g = _backbone("googlenet").train()
+    assert g.aux1 is None and g.aux2 is None and not g.aux_logits
+    out = g(torch.randn(2, 3, 64, 64))  # used to be a namedtuple with the auxiliary class scores
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 1024)
+    m = _backbone("mobilenet_v3_small").train()
+    assert m(torch.randn(2, 3, 64, 64)).shape == (2, 1024)
+    c = _backbone("convnext_tiny", drop_path_rate=0.1)
+    assert max(x.p for x in c.modules() if type(x).__name__ == "StochasticDepth") == pytest.approx(0.1)
+    assert c.num_features == 768
+    r = _backbone("resnet18", drop_path_rate=0.1, patch_size=8, img_size=64)  # no stochastic depth: ignored
+    assert isinstance(r.fc, nn.Identity) and r.num_features == 512
+    assert type(r.conv1) is _NarrowInputSafeConv2d  # the strided-conv guard stays applied
+
+
+def test_a_head_that_does_not_end_in_a_class_score_layer_is_refused(monkeypatch):
+    def fake(layout):
+        def get_model(name, weights=None, **kwargs):
+            m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            if layout is not None:
+                m.classifier = layout
+            return m
+
+        return get_model
+
+    layouts = [None, nn.Sequential(nn.Flatten()), nn.Sequential(nn.Linear(8, 1000), nn.LayerNorm(1000)),
+               nn.Linear(8, 10), nn.Sequential(nn.Conv2d(8, 1000, 1), nn.AdaptiveAvgPool2d(2))]
+    for layout in layouts:
+        monkeypatch.setattr(tvm, "get_model", fake(layout))
+        with pytest.raises(ValueError, match="cannot find the classifier of torchvision model 'resnet18'"):
+            build_backbone("resnet18")
+    monkeypatch.setattr(tvm, "get_model", fake(nn.Linear(8, 10)))
+    assert build_backbone("resnet18", num_classes=10).num_features == 8
+
+
+def test_student_teacher_on_mobilenet_v3_small_run_multi_crop():
+    """``dinokit train --arch mobilenet_v3_small`` died with a shape mismatch at the DINO head."""
+    from dinokit.trainer import build_student_teacher
+
+    cfg = TrainConfig(arch="mobilenet_v3_small", global_crop_size=64, local_crop_size=32, out_dim=16,
+                      head_hidden_dim=32, head_bottleneck_dim=8).validate()
+    student, teacher, embed_dim = build_student_teacher(cfg)
+    assert embed_dim == 1024
+    crops = [torch.randn(2, 3, 64, 64)] * 2 + [torch.randn(2, 3, 32, 32)] * 2
+    assert student(crops).shape == (8, 16)
+    with torch.no_grad():
+        assert teacher(crops[:2]).shape == (4, 16)
