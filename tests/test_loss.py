@@ -239,3 +239,11 @@ def test_loss_computes_in_at_least_float32_and_keeps_float64(chunk_pairs):
         loss.backward()
         assert s.grad.dtype == dtype
         assert clip_gradients([s], 1e-3).dtype == want
+
+
+def test_sinkhorn_centering_needs_at_least_one_iteration():
+    """0 iterations left the teacher targets unnormalised: an infinite loss (the config refused 0, the library
+    did not)."""
+    with pytest.raises(ValueError, match="sinkhorn_iterations must be >= 1, got 0"):
+        DINOLoss(6, 2, 0.04, 0.04, 0, 1, centering="sinkhorn_knopp", sinkhorn_iterations=0)
+    DINOLoss(6, 2, 0.04, 0.04, 0, 1, sinkhorn_iterations=0)  # not used by plain centering

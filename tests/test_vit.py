@@ -195,3 +195,15 @@ def torchvision_resnet18_keys():
     m = torchvision.models.resnet18()
     m.fc = torch.nn.Identity()
     return m.state_dict().keys()
+
+
+def test_impossible_head_counts_and_attention_of_a_blockless_vit_are_clear_errors():
+    """embed_dim 50 with 3 heads built and failed at the first forward with a reshape error; a depth-0 ViT's
+    get_last_selfattention returned a CLS feature as if it were an attention map."""
+    with pytest.raises(ValueError, match="embed_dim 50 is not divisible by num_heads 3"):
+        build_backbone("vit_custom", patch_size=8, embed_dim=50, depth=1, num_heads=3)
+    v0 = build_backbone("vit_custom", patch_size=8, embed_dim=24, depth=0, num_heads=2, img_size=16)
+    with pytest.raises(ValueError, match="no self-attention"):
+        v0.get_last_selfattention(torch.randn(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="input size 36x36 is not divisible by the patch size 8"):
+        build_backbone("vit_custom", patch_size=8, embed_dim=24, depth=1, num_heads=2)(torch.randn(1, 3, 36, 36))

@@ -165,6 +165,8 @@ class DINOLoss(nn.Module):
         super().__init__()
         if centering not in CENTERINGS:
             raise ValueError(f"centering must be one of {CENTERINGS}, not {centering!r}")
+        if centering == "sinkhorn_knopp" and sinkhorn_iterations < 1:
+            raise ValueError(f"sinkhorn_iterations must be >= 1, got {sinkhorn_iterations}")
         self.centering = centering
         self.sinkhorn_iterations = sinkhorn_iterations
         if ncrops < 2:

@@ -65,9 +65,11 @@ def describe(model: nn.Module, x: torch.Tensor, descriptor: str = "cls", gem_p: 
     x = patch_crop(x, getattr(model, "patch_size", None))
     if descriptor == "cls":
         return model(x)
-    if not hasattr(model, "get_intermediate_layers"):
-        raise ConfigError(f"descriptor {descriptor!r} needs patch tokens (a ViT with get_intermediate_layers); "
-                          f"use --descriptor cls for this backbone")
+    from .knn import is_vit
+
+    if not is_vit(model):  # timm's get_intermediate_layers drops the CLS token and the final norm
+        raise ConfigError(f"descriptor {descriptor!r} needs the patch tokens of a dinokit ViT; use --descriptor "
+                          f"cls for this backbone")
     tokens = model.get_intermediate_layers(x, n=1)[0]
     pooled = gem(tokens[:, 1:], p=gem_p)
     if descriptor == "gem":

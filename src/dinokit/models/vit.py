@@ -255,6 +255,8 @@ def _split_heads(x: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor,
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True):
         super().__init__()
+        if num_heads < 1 or dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
@@ -374,7 +376,11 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, height: int, width: int, patc
 
 class VisionTransformer(nn.Module):
     """ViT with the reference's ``forward`` (CLS feature), ``get_last_selfattention`` and
-    ``get_intermediate_layers``, plus timm's ``forward_features`` contract (all normed tokens)."""
+    ``get_intermediate_layers``, plus timm's ``forward_features`` contract (all normed tokens).
+
+    Inputs must have sides divisible by ``patch_size`` (a ``ValueError`` otherwise): the reference's strided
+    patch convolution silently drops the remainder at the bottom/right; crop first to get its tokens
+    (:func:`dinokit.eval.whitening.patch_crop`). ``embed_dim`` must be divisible by ``num_heads``."""
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
@@ -452,7 +458,7 @@ class VisionTransformer(nn.Module):
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
         """Post-softmax attention of the last block, ``[B, heads, 1 + N, 1 + N]`` (reference semantics)."""
         if len(self.blocks) == 0:
-            return self.head(self.norm(self.prepare_tokens(x))[:, 0])
+            raise ValueError("a ViT without blocks (depth 0) has no self-attention")
         x = self._run_blocks(self.prepare_tokens(x), self.blocks[:-1])
         last = self.blocks[-1]
         return last.attn.attention_map(last.norm1(x))
