@@ -135,3 +135,18 @@ def test_student_teacher_on_mobilenet_v3_small_run_multi_crop():
     assert student(crops).shape == (8, 16)
     with torch.no_grad():
         assert teacher(crops[:2]).shape == (4, 16)
+
+
+def test_torchvision_vits_are_refused_for_crop_sizes_they_cannot_take():
+    """torchvision's VisionTransformer asserts its one image size at the first forward (a traceback after the
+    run had started); with local crops at another size it cannot train DINO at all."""
+    from dinokit.config import TrainConfig
+    from dinokit.errors import ConfigError
+    from dinokit.trainer import build_student_teacher
+
+    small = dict(out_dim=16, head_hidden_dim=32, head_bottleneck_dim=8)
+    with pytest.raises(ConfigError, match="torchvision's vit_b_16 takes only 224-px images, not the crop sizes "
+                                          "96, 224; use dinokit's vit_tiny/vit_small/vit_base"):
+        build_student_teacher(TrainConfig(arch="vit_b_16", **small).validate())
+    student, _, dim = build_student_teacher(TrainConfig(arch="vit_b_16", local_crops_number=0, **small).validate())
+    assert dim == 768

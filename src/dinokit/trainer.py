@@ -193,7 +193,16 @@ def _backbone_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 
 def _check_crops_fit_patches(cfg: TrainConfig, backbone: nn.Module) -> None:
     """A timm model's own patch size (its name decides it, e.g. ``vit_small_patch8_224``) must divide the crop
-    sizes; dinokit's ViTs are checked by ``TrainConfig.validate`` (timm would assert at the first forward)."""
+    sizes, and torchvision's ViTs take one image size only; dinokit's ViTs are checked by
+    ``TrainConfig.validate`` (timm and torchvision would assert at the first forward)."""
+    fixed = getattr(backbone, "image_size", None)  # torchvision's ViTs take only the size they were built for
+    if isinstance(fixed, int) and not cfg.arch.startswith("timm:"):
+        sizes = {cfg.global_crop_size} | ({cfg.local_crop_size} if cfg.local_crops_number > 0 else set())
+        if sizes != {fixed}:
+            raise ConfigError(f"torchvision's {cfg.arch} takes only {fixed}-px images, not the crop sizes "
+                              f"{', '.join(map(str, sorted(sizes)))}; use dinokit's vit_tiny/vit_small/vit_base (or "
+                              f"timm:<name>), which take every crop size")
+        return
     embed = getattr(backbone, "patch_embed", None)
     if not cfg.arch.startswith("timm:") or getattr(embed, "dynamic_img_pad", False):
         return
