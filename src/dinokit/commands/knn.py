@@ -29,7 +29,8 @@ of the last block's patch tokens (avgpool), or both, each L2-normalised, concate
 knn_top1); fp32 (--precision bf16: bf16 autocast), eval mode, on Resize(resize_size, bicubic) +
 CenterCrop(image_size) + ImageNet normalisation; L2-normalised. --image-size defaults to the size the ViT's
 position embedding was trained at (224 for the official checkpoints, the global crop size for dinokit runs),
---resize-size to image_size*256/224; --resize-size equal to --image-size keeps the whole image. Each val image
+--resize-size to image_size*256/224; --resize-size equal to --image-size keeps the whole of a square image
+(the shorter side is resized, the longer one still center-cropped). Each val image
 takes the k most cosine-similar train images, weighted exp(similarity / T). Top-1 / top-5 in percent for every
 --k (the paper reports k=20, T=0.07). The neighbours are searched once for the largest k.
 
