@@ -200,3 +200,39 @@ def test_cli_copydetect_whitening_and_output_options_are_checked_first(tmp_path,
     assert model.seen <= 1
     assert main(["copydetect", *common, "--whiten", "--whiten-dim", "8", "--output", str(tmp_path / "c.json")]) == 0
     assert json.loads((tmp_path / "c.json").read_text())["whitening"]["dim"] == 8
+
+
+def test_unreadable_image_stops_copy_detection_in_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    import sys
+    import types
+
+    from dinokit.cli import main
+
+    root = make_copydays(tmp_path / "cd", n=3, n_distractors=2, n_whitening=0)
+    bad = root / "original" / "200100.jpg"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(DataError) as e:
+        evaluate_copy_detection(Thumb(), root, imsize=64)
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"cannot read image {bad}")
+    assert "fix or replace the file, or remove it" in str(e.value)
+    (tmp_path / "w.pth").write_bytes(b"")
+    mod = types.ModuleType("dinokit.weights")
+    mod.load_backbone = lambda *a, **k: Thumb()
+    monkeypatch.setitem(sys.modules, "dinokit.weights", mod)
+    rc = main(["copydetect", "--weights", str(tmp_path / "w.pth"), "--root", str(root), "--imsize", "64",
+               "--no-progress", "--num-workers", "1", "--output", str(tmp_path / "c.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and f"cannot read image {bad}" in err and "Traceback" not in err
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_imsize_below_one_patch_is_refused_before_any_image_is_described(tmp_path):
+    from dinokit.errors import ConfigError
+
+    root = make_copydays(tmp_path / "cd", n=2, n_distractors=0, n_whitening=3)
+    model = CountingThumb()
+    with pytest.raises(ConfigError, match="--imsize 6 gives images of at most 6 px, smaller than one 8-pixel patch "
+                                          "of the model; use --imsize 8 or more"):
+        evaluate_copy_detection(model, root, imsize=6, whiten_dir=root / "whitening")
+    assert model.seen == 0
+    assert evaluate_copy_detection(Thumb(), root, imsize=8)["overall"]["n_queries"] > 0

@@ -310,6 +310,93 @@ def test_unreadable_image_is_one_line_data_error(tmp_path, workers):
         extract_descriptors(Thumb(), [tmp_path / "a.jpg", tmp_path / "b.jpg"], thumbnail_loader(32),
                             num_workers=workers)
     assert "\n" not in str(e.value) and str(e.value).startswith(f"cannot read image {tmp_path / 'b.jpg'}")
+    assert str(e.value).endswith("fix or replace the file, or remove it (and its ground-truth entries): retrieval and "
+                                 "copy detection cannot leave a listed image out")
+
+
+def test_unreadable_database_image_stops_the_cli_in_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    from dinokit.cli import main
+
+    make_places(tmp_path / "p", n=3)
+    bad = tmp_path / "p/database/broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (tmp_path / "w.pth").write_bytes(b"")
+    _fake_weights(monkeypatch, Thumb())
+    for workers in ("0", "1"):
+        rc = main(["retrieval", "--weights", str(tmp_path / "w.pth"), "--imsize", "64", "--no-progress",
+                   "--num-workers", workers, "--dataset", "folder", "--root", str(tmp_path / "p"),
+                   "--output", str(tmp_path / "r.json")])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and f"cannot read image {bad}" in err, err
+        assert "fix or replace the file, or remove it" in err and "Traceback" not in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_images_too_small_for_one_patch_name_the_file_and_what_to_change(tmp_path, monkeypatch, capsys):
+    from dinokit.cli import main
+    from dinokit.errors import ConfigError
+
+    make_places(tmp_path / "p", n=3)
+    tiny = tmp_path / "p/database/tiny.png"
+    Image.new("RGB", (4, 3), (9, 9, 9)).save(tiny)
+    with pytest.raises(ConfigError) as e:  # a thumbnail never enlarges: --imsize cannot help this one
+        evaluate_place_recognition(Thumb(), tmp_path / "p", imsize=64)
+    assert str(e.value) == (f"{tiny}: the image is 3x4 px (HxW), smaller than one 8-pixel patch of the model; "
+                            "enlarge, replace or remove this file")
+    (tmp_path / "w.pth").write_bytes(b"")
+    _fake_weights(monkeypatch, Thumb())
+    rc = main(["retrieval", "--weights", str(tmp_path / "w.pth"), "--imsize", "64", "--no-progress",
+               "--num-workers", "0", "--dataset", "folder", "--root", str(tmp_path / "p"),
+               "--output", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and str(tiny) in err and "Traceback" not in err
+    tiny.unlink()
+
+    wide = tmp_path / "p/database/wide.png"
+    Image.new("RGB", (300, 20), (9, 9, 9)).save(wide)  # thumbnail at 64: 64x4
+    with pytest.raises(ConfigError) as e:
+        evaluate_place_recognition(Thumb(), tmp_path / "p", imsize=64)
+    assert str(e.value) == (f"{wide}: the image is 4x64 px (HxW) at --imsize 64, smaller than one 8-pixel patch of "
+                            "the model; use a larger --imsize, or enlarge, replace or remove this file")
+    wide.unlink()
+
+    Image.new("RGB", (100, 18), (9, 9, 9)).save(wide)  # 12x64 at 64: holds a patch, but not at scale 1/2
+    evaluate_place_recognition(Thumb(), tmp_path / "p", imsize=64)
+    with pytest.raises(ConfigError) as e:
+        evaluate_place_recognition(Thumb(), tmp_path / "p", imsize=64, multiscale=True)
+    assert str(e.value) == (f"{wide}: the image is 12x64 px (HxW) at --imsize 64 (6x32 px at scale 0.5 of "
+                            "--multiscale), smaller than one 8-pixel patch of the model; use a larger --imsize or "
+                            "leave out --multiscale, or enlarge, replace or remove this file")
+
+
+def test_imsize_below_one_patch_is_refused_before_any_image_is_described(tmp_path):
+    from dinokit.errors import ConfigError
+
+    make_places(tmp_path / "p", n=3)
+    make_revisited(tmp_path / "ds", n=2)
+    for imsize, multiscale, need in ((4, False, 8), (7, False, 8), (12, True, 16), (15, True, 16)):
+        model = CountingThumb()
+        with pytest.raises(ConfigError, match=f"--imsize {imsize} gives images of at most .* smaller than one "
+                                              f"8-pixel patch of the model; use --imsize {need} or more"):
+            evaluate_place_recognition(model, tmp_path / "p", imsize=imsize, multiscale=multiscale)
+        with pytest.raises(ConfigError, match=f"use --imsize {need} or more"):
+            evaluate_revisited(model, tmp_path / "ds", imsize=imsize, multiscale=multiscale)
+        assert model.seen == 0
+    evaluate_place_recognition(Thumb(), tmp_path / "p", imsize=16)  # 96x72 images: 16x12 thumbnails
+    evaluate_place_recognition(Thumb(), tmp_path / "p", imsize=32, multiscale=True)
+
+
+def test_query_box_too_small_for_one_patch_is_named(tmp_path):
+    from dinokit.errors import ConfigError
+
+    data = make_revisited(tmp_path / "ds", n=2)
+    data["gnd"][1]["bbx"] = [1.0, 1.0, 4.0, 4.0]
+    (tmp_path / "ds/gnd_roxford5k.json").write_text(json.dumps(data))
+    evaluate_revisited(Thumb(), tmp_path / "ds", imsize=64)  # the boxes are not used without query_crop
+    with pytest.raises(ConfigError) as e:
+        evaluate_revisited(Thumb(), tmp_path / "ds", imsize=64, query_crop=True)
+    assert str(e.value).startswith(f"{tmp_path / 'ds/jpg/query1.jpg'}: the image is 2x2 px (HxW) at --imsize 64 "
+                                   "after the crop to its query box, smaller than one 8-pixel patch")
 
 
 def test_cli_with_real_weights_file(tmp_path, capsys):

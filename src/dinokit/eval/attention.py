@@ -27,7 +27,9 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..data import to_rgb
 from ..errors import ConfigError
+from .retrieval import as_rgb
 
 __all__ = ["prepare_image", "attention_maps", "threshold_masks", "save_attention_images", "colormap",
            "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -74,10 +76,12 @@ def colormap(values: np.ndarray, normalize: bool = True) -> np.ndarray:
 def prepare_image(image: Image.Image, image_size: int | Sequence[int] | None, patch_size: int
                   ) -> tuple[torch.Tensor, Image.Image]:
     """``(normalised tensor [3, H, W], the RGB image at that size)`` with ``H, W`` multiples of ``patch_size``
-    (see the module docstring for ``image_size``)."""
+    (see the module docstring for ``image_size``). ``image`` is first converted as :func:`dinokit.data.load_image`
+    reads files (EXIF orientation, 16-bit images rescaled; :func:`~dinokit.eval.retrieval.as_rgb`), so an image
+    opened with PIL gives the maps of the file."""
     from torchvision.transforms import functional as TF
 
-    img = image.convert("RGB")
+    img = as_rgb(image)
     if image_size is not None:
         if isinstance(image_size, int) or len(image_size) == 1:
             size = int(image_size if isinstance(image_size, int) else image_size[0])
@@ -167,7 +171,7 @@ def save_attention_images(image: Image.Image, attn: torch.Tensor, masks: torch.T
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pre = f"{prefix}-" if prefix else ""
-    img = np.asarray(image.convert("RGB"), dtype=np.float64)
+    img = np.asarray(to_rgb(image), dtype=np.float64)
     size = image.size
     maps = attn.detach().float().cpu().numpy()
     written: list[Path] = []

@@ -36,6 +36,7 @@ from ..errors import DataError
 from ..models.linear import matmul_nt
 from .retrieval import (
     IMAGE_EXTENSIONS,
+    check_imsize,
     compute_ap,
     extract_descriptors,
     learn_whitening,
@@ -159,9 +160,13 @@ def evaluate_copy_detection(model: nn.Module, root: str | Path, imsize: int = 32
                             progress: bool = False) -> dict:
     """Copy-detection mAP per query block and overall (fractions in [0, 1]); see the module docstring.
 
-    ``topk=None`` scores the full ranking instead of the reference's first 20 results.
+    ``topk=None`` scores the full ranking instead of the reference's first 20 results. Images are read as
+    :func:`dinokit.data.load_image` reads them (:func:`~dinokit.eval.retrieval.load_rgb`); an unreadable one stops
+    the run with a one-line :class:`~dinokit.errors.DataError` naming it (a database image cannot be left out
+    without changing the positives' indices).
     """
     data = load_copy_detection(root, distractors_dir, n_distractors, blocks)
+    check_imsize(model, imsize)
     loader = square_loader(imsize)
     kw = dict(descriptor=descriptor, batch_size=batch_size, device=device, num_workers=num_workers,
               progress=progress, normalize=False)

@@ -39,8 +39,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ..data import load_image
 from ..errors import ConfigError, DataError
 from ..models.linear import matmul_nt
+from .retrieval import as_rgb
 from .whitening import patch_crop
 
 __all__ = [
@@ -100,15 +102,12 @@ def read_frame(path: str | Path | Image.Image, short_side: int = 480, multiple: 
                mean: Sequence[float] = DAVIS_MEAN, std: Sequence[float] = DAVIS_STD) -> tuple[torch.Tensor, int, int]:
     """``(frame [3, h, w], original height, original width)`` preprocessed as the reference: resized with
     (non-antialiased, cv2-like) bilinear interpolation to :func:`frame_size`, rounded to 8-bit as cv2 does, /255,
-    normalised with ``mean``/``std`` (default: the reference's DAVIS std quirk)."""
-    if isinstance(path, Image.Image):
-        img = path.convert("RGB")
-    else:
-        try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot read frame {path}: {e}") from None
+    normalised with ``mean``/``std`` (default: the reference's DAVIS std quirk).
+
+    A frame is read as :func:`dinokit.data.load_image` reads images (EXIF orientation, every PIL mode to 8-bit
+    RGB, 16-bit images rescaled rather than clipped); a PIL image goes through the same conversion
+    (:func:`~dinokit.eval.retrieval.as_rgb`). An unreadable file is a :class:`DataError` naming it."""
+    img = as_rgb(path) if isinstance(path, Image.Image) else load_image(path)
     ori_w, ori_h = img.size
     h, w = frame_size(ori_h, ori_w, short_side, multiple)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)[None]

@@ -40,17 +40,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 
+from ..data import load_image, to_rgb
 from ..errors import ConfigError, DataError
 from .whitening import PCAWhitening, describe, l2n
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "compute_ap", "compute_map", "revisited_metrics",
     "recall_at_k", "rank_database", "load_ground_truth", "convert_ground_truth", "load_revisited",
-    "load_place_dataset", "list_images", "load_rgb", "thumbnail_loader", "square_loader", "extract_descriptors",
-    "fit_whitening", "learn_whitening", "evaluate_revisited", "evaluate_place_recognition",
+    "load_place_dataset", "list_images", "as_rgb", "load_rgb", "thumbnail_loader", "square_loader",
+    "check_imsize", "extract_descriptors", "fit_whitening", "learn_whitening", "evaluate_revisited",
+    "evaluate_place_recognition",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -362,13 +364,34 @@ def load_place_dataset(root: str | Path) -> tuple[list[Path], list[Path], list[l
 
 # ---------------------------------------------------------------------------------------------- features
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image as RGB; unreadable files raise :class:`~dinokit.errors.DataError`."""
+#: How an unreadable image is to be dealt with (retrieval and copy detection describe every listed image: one left
+#: out would shift the database indices the ground truth refers to, so the run stops instead).
+UNREADABLE_HINT = ("fix or replace the file, or remove it (and its ground-truth entries): retrieval and copy detection "
+                   "cannot leave a listed image out")
+
+
+def as_rgb(img: Image.Image) -> Image.Image:
+    """A PIL image as :func:`dinokit.data.load_image` reads a file: EXIF orientation applied (a broken EXIF block
+    keeps it as stored) and converted by :func:`dinokit.data.to_rgb` (16-bit and float images rescaled, not
+    clipped to white). Never the caller's object: a new image is returned. For the APIs that take a PIL image
+    (DAVIS frames, attention maps)."""
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read image {path}: {e}") from None
+        oriented = ImageOps.exif_transpose(img)  # a copy, also when there is nothing to rotate
+    except Exception:  # as load_image: a broken EXIF block must not lose the image
+        oriented = img
+    out = to_rgb(oriented)
+    return out.copy() if out is img else out
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Read an image file exactly as :func:`dinokit.data.load_image` does (the training and k-NN/linear loader:
+    EXIF orientation, every PIL mode to 8-bit RGB, 16-bit images rescaled). An unreadable file raises a one-line
+    :class:`~dinokit.errors.DataError` naming it and saying to fix or remove it (:data:`UNREADABLE_HINT`)."""
+    try:
+        return load_image(path)
+    except DataError as e:
+        msg = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())
+        raise DataError(f"{msg}; {UNREADABLE_HINT}") from None
 
 
 def _to_tensor(img: Image.Image, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
@@ -383,17 +406,13 @@ class _ThumbnailLoader:
         self.imsize, self.bbox = imsize, bbox
 
     def __call__(self, path: Path) -> torch.Tensor:
-        try:
-            with Image.open(path) as im:
-                full = max(im.size)
-                if self.bbox is not None:
-                    im = im.crop(tuple(int(round(v)) for v in self.bbox))
-                if self.imsize:
-                    s = self.imsize if self.bbox is None else self.imsize * max(im.size) / full
-                    im.thumbnail((s, s), Image.Resampling.LANCZOS)
-                img = im.convert("RGB")
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot read image {path}: {e}") from None
+        img = load_rgb(path)  # fully decoded, as the reference's convert("RGB") before its thumbnail
+        full = max(img.size)
+        if self.bbox is not None:
+            img = img.crop(tuple(int(round(v)) for v in self.bbox))
+        if self.imsize:
+            s = self.imsize if self.bbox is None else self.imsize * max(img.size) / full
+            img.thumbnail((s, s), Image.Resampling.LANCZOS)
         return _to_tensor(img)
 
 
@@ -409,15 +428,17 @@ class _SquareLoader:
 
 
 def thumbnail_loader(imsize: int | None, bbox: Sequence[float] | None = None) -> Callable[[Path], torch.Tensor]:
-    """The reference retrieval preprocessing: PIL ``thumbnail((imsize, imsize))`` with Lanczos (the former
-    ``ANTIALIAS``), aspect kept, then ImageNet normalisation. With ``bbox`` (x1, y1, x2, y2) the image is first
-    cropped and the thumbnail size scaled by ``max(crop size) / max(full size)`` (revisitop's query protocol)."""
+    """The reference retrieval preprocessing: the image read by :func:`load_rgb` (as the reference's
+    ``convert("RGB")``, fully decoded, plus dinokit's EXIF orientation and 16-bit rescaling), PIL
+    ``thumbnail((imsize, imsize))`` with Lanczos (the former ``ANTIALIAS``; it never enlarges), aspect kept, then
+    ImageNet normalisation. With ``bbox`` (x1, y1, x2, y2, in the oriented image) the image is first cropped and
+    the thumbnail size scaled by ``max(crop size) / max(full size)`` (revisitop's query protocol)."""
     return _ThumbnailLoader(imsize, bbox)
 
 
 def square_loader(imsize: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Callable[[Path], torch.Tensor]:
-    """The reference copy-detection preprocessing: resize to ``imsize × imsize`` (bicubic, aspect ratio not
-    kept), then normalise."""
+    """The reference copy-detection preprocessing: the image read by :func:`load_rgb`, resized to
+    ``imsize × imsize`` (bicubic, aspect ratio not kept), then normalised."""
     return _SquareLoader(imsize, mean, std)
 
 
@@ -444,6 +465,58 @@ def _multiscale(model: nn.Module, x: torch.Tensor, descriptor: str, scales: Sequ
 MULTISCALES = (1.0, 1.0 / math.sqrt(2.0), 0.5)
 
 
+def _scaled(size: int, s: float) -> int:
+    return size if s == 1 else math.floor(size * s)  # F.interpolate's output size for scale_factor=s
+
+
+def _scale_note(s: float) -> str:
+    return f" at scale {s:.2g} of --multiscale" if s != 1 else ""
+
+
+def check_imsize(model: nn.Module, imsize: int | None, multiscale: bool = False) -> None:
+    """Refuse (:class:`~dinokit.errors.ConfigError`, before any image is read) an ``imsize`` whose images could not
+    hold one patch of ``model`` (at every scale of ``multiscale``); a model without ``patch_size`` (a CNN) takes
+    any size."""
+    p = getattr(model, "patch_size", None)
+    if not p or not imsize:
+        return
+    scales = MULTISCALES if multiscale else (1.0,)
+    bad = [s for s in scales if _scaled(imsize, s) < p]
+    if bad:
+        need = next(n for n in range(p, 4 * p + 1) if all(_scaled(n, s) >= p for s in scales))
+        raise ConfigError(f"--imsize {imsize} gives images of at most {_scaled(imsize, bad[-1])} px"
+                          f"{_scale_note(bad[-1])}, smaller than one {p}-pixel patch of the model; use --imsize "
+                          f"{need} or more")
+
+
+def _check_patch_grid(model: nn.Module, x: torch.Tensor, item, loader: Callable,
+                      scales: Sequence[float]) -> None:
+    """Name ``item`` (and the option to change) when its loaded image ``x`` is smaller than one patch of ``model``
+    at one of ``scales`` (the model would refuse it without saying which file it was)."""
+    p = getattr(model, "patch_size", None)
+    if not p:
+        return
+    H, W = x.shape[-2:]
+    for s in scales:
+        h, w = _scaled(H, s), _scaled(W, s)
+        if h >= p and w >= p:
+            continue
+        imsize = getattr(loader, "imsize", None)
+        bbox = getattr(loader, "bbox", None)
+        # a thumbnail never enlarges: when it kept the image's own size, a larger --imsize cannot help
+        own_size = isinstance(loader, _ThumbnailLoader) and bbox is None and (not imsize or max(H, W) < imsize)
+        where = "" if own_size or not imsize else f" at --imsize {imsize}"
+        if bbox is not None:
+            where += " after the crop to its query box"
+        if s != 1:
+            where += f" ({h}x{w} px{_scale_note(s)})"
+        fixes = ([] if own_size or not imsize else ["use a larger --imsize"]) + (
+            ["leave out --multiscale"] if s != 1 else [])
+        fix = " or ".join(fixes) + ", or " if fixes else ""
+        raise ConfigError(f"{item}: the image is {H}x{W} px (HxW){where}, smaller than one {p}-pixel patch of the "
+                          f"model; {fix}enlarge, replace or remove this file")
+
+
 @torch.no_grad()
 def extract_descriptors(model: nn.Module, items: Sequence, loader: Callable, descriptor: str = "cls",
                         multiscale: bool = False, batch_size: int = 1, device: str | torch.device = "cpu",
@@ -459,11 +532,13 @@ def extract_descriptors(model: nn.Module, items: Sequence, loader: Callable, des
     from tqdm import tqdm
 
     model.eval()
-    dl = torch.utils.data.DataLoader(_Images(items, loader), batch_size=batch_size, shuffle=False,
-                                     num_workers=num_workers)
+    images = _Images(items, loader)
+    dl = torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     out = []
+    scales = MULTISCALES if multiscale else (1.0,)
     try:
-        for x in tqdm(dl, desc=desc, disable=not progress, leave=False):
+        for b, x in enumerate(tqdm(dl, desc=desc, disable=not progress, leave=False)):
+            _check_patch_grid(model, x, images.items[b * batch_size], loader, scales)  # a batch shares one size
             x = x.to(device, non_blocking=True)
             f = _multiscale(model, x, descriptor, MULTISCALES) if multiscale else describe(model, x, descriptor)
             out.append(f.float().cpu())
@@ -489,7 +564,9 @@ def fit_whitening(model: nn.Module, images: Sequence[Path], loader: Callable, mo
         if dim < 1:
             raise ConfigError(f"--whiten-dim must be > 0, got {dim}")
         with torch.no_grad():  # one image, no loader workers: the descriptor's length
-            x = loader(images[0])[None].to(kw.get("device", "cpu"))
+            x = loader(images[0])[None]
+            _check_patch_grid(model, x, images[0], loader, (1.0,))
+            x = x.to(kw.get("device", "cpu"))
             size = describe(model, x, kw.get("descriptor", "cls")).shape[-1]
         if dim > size:
             raise ConfigError(f"--whiten-dim {dim} is larger than the {size}-dimensional "
@@ -528,6 +605,7 @@ def evaluate_revisited(model: nn.Module, root: str | Path, dataset: str = "roxfo
     """Revisited Oxford/Paris evaluation (see module docstring). Returns fractions in [0, 1]:
     ``{"mAP": {"easy", "medium", "hard"}, "mP@k": {...}, "n_queries", "n_database", ...}``."""
     db_paths, q_paths, gt = load_revisited(root, dataset)
+    check_imsize(model, imsize, multiscale)
     kw = dict(descriptor=descriptor, multiscale=multiscale, device=device, num_workers=num_workers,
               progress=progress)
     whitening, whitening_info = learn_whitening(model, whiten_dir, thumbnail_loader(imsize), whiten_mode, whiten_dim,
@@ -554,6 +632,7 @@ def evaluate_place_recognition(model: nn.Module, root: str | Path, imsize: int =
                                ks: Sequence[int] = (1, 5, 10)) -> dict:
     """Recall@k and mAP of a query/database folder dataset (see module docstring); fractions in [0, 1]."""
     queries, database, positives = load_place_dataset(root)
+    check_imsize(model, imsize, multiscale)
     kw = dict(descriptor=descriptor, multiscale=multiscale, device=device, num_workers=num_workers,
               progress=progress)
     whitening, whitening_info = learn_whitening(model, whiten_dir, thumbnail_loader(imsize), whiten_mode, whiten_dim,
