@@ -364,7 +364,7 @@ def test_loader_workers_auto_is_the_papers_10_at_most_one_per_cpu(folder, tmp_pa
         tiny(folder, tmp_path / "o2", "--num-workers", "-2")
 
 
-def test_resume_refuses_what_cannot_continue_and_names_changed_options(folder, tmp_path):
+def test_resume_refuses_what_cannot_continue_and_names_changed_options(folder, tmp_path, monkeypatch):
     """Another number of iterations per epoch (batch size, processes, data) would shift the schedules and the
     epoch counter (a user saw 19 one-iteration epochs); another optimiser has other state (KeyError at the
     first step). Both are refused before anything is written; other changed options are named."""
@@ -377,10 +377,22 @@ def test_resume_refuses_what_cannot_continue_and_names_changed_options(folder, t
     with pytest.raises(CheckpointError, match="with --optimizer sgd: the run used adamw"):
         Trainer(tiny(folder, out, "--epochs", "2", "--optimizer", "sgd"))
     assert (out / "config.yaml").read_text() == config_before
+    monkeypatch.chdir(folder.parent)  # the same data, named relatively with a trailing slash: not a change
     with pytest.warns(UserWarning, match=r"with options that differ from the run's: lr 0\.0005 -> 0\.001; epochs 1 "
-                                         r"-> 2"):
-        t = Trainer(tiny(folder, out, "--epochs", "2", "--lr", "0.001", "--num-workers", "0", "--log-every", "5"))
+                                         r"-> 2$"):
+        t = Trainer(tiny(folder, out, "--epochs", "2", "--lr", "0.001", "--num-workers", "0", "--log-every", "5",
+                         "--data", f"{folder.name}/"))
     assert t.iteration == 3
+
+
+def test_the_same_data_named_differently_is_the_same_data_path(tmp_path, monkeypatch):
+    from dinokit.trainer import _same_data_spec
+
+    monkeypatch.chdir(tmp_path)
+    assert _same_data_spec(str(tmp_path / "imgs"), "imgs/") and _same_data_spec("./imgs", "imgs")
+    assert _same_data_spec(f"fashion-mnist:{tmp_path}/fm", "fashion-mnist:fm")
+    assert not _same_data_spec("fashion-mnist:fm", "fm") and not _same_data_spec("imgs", "imgs2")
+    assert _same_data_spec("", "") and not _same_data_spec("", "imgs")
 
 
 def test_the_knn_monitor_and_the_report_leave_the_training_unchanged(folder, tmp_path):

@@ -250,6 +250,20 @@ def has_batchnorms(model: nn.Module) -> bool:
 # data
 
 
+def _same_data_spec(a: Any, b: Any) -> bool:
+    """Two ``data_path`` values naming the same data: relative or absolute, ``~``, trailing slashes, with the
+    same ``fashion-mnist:`` prefix or none (relative paths are taken from the current directory)."""
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return a == b
+
+    def norm(spec: str) -> tuple[str, str]:
+        prefix = "fashion-mnist:" if spec.startswith("fashion-mnist:") else ""
+        rest = spec[len(prefix):]
+        return prefix, os.path.abspath(os.path.expanduser(rest)) if rest else rest
+
+    return norm(a) == norm(b)
+
+
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed that depends only on (run seed, epoch, sample index)."""
     x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
@@ -760,7 +774,8 @@ class Trainer:
         """After a successful resume: name the options (beyond :attr:`RESUME_FREE_OPTIONS`) that differ."""
         saved = _saved_config(ckpt)
         changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in config_to_dict(self.cfg).items()
-                   if k not in self.RESUME_FREE_OPTIONS and k in saved and saved[k] != v]
+                   if k not in self.RESUME_FREE_OPTIONS and k in saved and saved[k] != v
+                   and not (k == "data_path" and _same_data_spec(saved[k], v))]
         if changed:
             budget = " (a time-budgeted run keeps its plan)" if (ckpt.get("plan") or {}).get("from_budget") else ""
             self._warn(f"resuming {path} with options that differ from the run's: {'; '.join(changed)}{budget}")
