@@ -634,6 +634,32 @@ def test_sigterm_on_an_epochs_last_iteration_then_resume(data, reference, tmp_pa
              if json.loads(x)["type"] == "epoch"][0]
     assert first["epoch"] == 0 and first["images_per_s"] is None and first["data_wait_frac"] is None
     assert first["loss"] is not None
+    # the collapse diagnostics of its last step come with the checkpoint (they were left out)
+    assert _collapse_fields(out)[0] == _collapse_fields(reference)[0]
+
+
+_COLLAPSE = ("teacher_entropy", "entropy_max", "kl_mean_to_uniform", "center_norm", "distinct_prototypes")
+
+
+def _collapse_fields(out: Path) -> dict[int, tuple]:
+    records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    return {r["epoch"]: tuple(r.get(k) for k in _COLLAPSE) for r in records if r["type"] == "epoch"}
+
+
+def test_sigterm_on_the_runs_last_iteration_then_resume_closes_the_last_epoch(data, reference, tmp_path):
+    """Stopped on iteration 9 of 9, the run never finished: every resume printed 'done' without the last epoch's
+    record or its numbered checkpoint."""
+    out = tmp_path / "run"
+    args = train_args(data, out, "--save-every-steps", "2")
+    r = run_cli(args, fault="term_after_iteration:9")
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr[-3000:]
+    assert not (out / "checkpoint0002.pth").exists() and 2 not in epoch_records(out)
+    _resume_and_match(args, out, reference, from_iteration=9)
+    assert (out / "checkpoint0002.pth").exists()
+    assert _collapse_fields(out) == _collapse_fields(reference) and None not in _collapse_fields(out)[2]
+    r = run_cli(args)  # and then it is finished: nothing more to run or log
+    assert r.returncode == 0 and "done: 3 epochs, 9 iterations" in r.stdout, r.stderr[-3000:]
+    assert len(iteration_losses(out)) == 9 and len(_collapse_fields(out)) == 3
 
 
 def test_a_checkpoint_that_is_not_one_says_what_it_is(tmp_path):

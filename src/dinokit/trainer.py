@@ -739,7 +739,9 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "knn_history": self.knn_history,
             "epoch_progress": {"loss": self._epoch_progress[0], "n": self._epoch_progress[1],
-                               "last": self._epoch_progress[2]},
+                               "last": self._epoch_progress[2],
+                               # the epoch record's collapse diagnostics, for a resume with no step left in it
+                               "collapse": self._collapse_diagnostics() if self.step_in_epoch else None},
             "rng": rng_state(),
             "loader_workers": self.loader.num_workers,
             "config": config_to_dict(self.cfg),
@@ -813,6 +815,7 @@ class Trainer:
         progress = ckpt.get("epoch_progress")
         if progress:
             self._epoch_progress = (float(progress["loss"]), int(progress["n"]), dict(progress["last"]))
+            self._resumed_collapse = progress.get("collapse")
         plan = ckpt.get("plan")
         if plan and plan.get("from_budget"):
             self.plan = Plan(plan["niter_per_ep"], plan["epochs"], plan["total_iters"])
@@ -883,6 +886,14 @@ class Trainer:
         one line ``dinokit train: warning: ...``."""
         if self.main:
             warnings.warn(f"dinokit: {msg}", UserWarning, stacklevel=3)
+
+    def _collapse_diagnostics(self) -> dict[str, Any] | None:
+        """:func:`collapse_stats` of the last step's teacher output, or those saved with the checkpoint when this
+        process has run no step yet (resumed after the last iteration of an epoch); ``None`` without either."""
+        if getattr(self, "_last_teacher_output", None) is not None:
+            temp = self._epoch_progress[2].get("teacher_temp", self.cfg.teacher_temp)
+            return collapse_stats(self._last_teacher_output, self.dino_loss.center, temp)
+        return getattr(self, "_resumed_collapse", None)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.main:
@@ -1107,7 +1118,8 @@ class Trainer:
         need_plan = cfg.time_budget_minutes > 0 and not self.planned_from_budget
         since = (0, 0.0)
         last = {}
-        while self.iteration < self.plan.total_iters:
+        # a run stopped on its last iteration resumes with that epoch still to close (step_in_epoch > 0)
+        while self.iteration < self.plan.total_iters or self.step_in_epoch:
             epoch = self.epoch
             self.sampler.set_epoch(epoch, self.step_in_epoch)
             n_this_epoch = min(self.plan.niter_per_ep, self.plan.total_iters - epoch * self.plan.niter_per_ep)
@@ -1117,7 +1129,7 @@ class Trainer:
             bar = tqdm(total=n_this_epoch, initial=self.step_in_epoch, desc=f"epoch {epoch}", leave=False,
                        disable=not self.main or not sys.stderr.isatty(), dynamic_ncols=True)
             t_prev = time.perf_counter()
-            for batch in self.loader:
+            for batch in self.loader if self.step_in_epoch < n_this_epoch else ():
                 t_data = time.perf_counter()
                 crops = self._to_device(batch)
                 stats = self.train_step(crops)
@@ -1163,6 +1175,7 @@ class Trainer:
                 fault_kill("kill_after_iteration", self.iteration)  # DINOKIT_FAULT, tests only
                 if cfg.save_every_steps and self.iteration % cfg.save_every_steps == 0:
                     self.save()
+                    t_prev = time.perf_counter()  # writing a checkpoint is not data wait
                 if self._knn_due(epoch_end=False):
                     self.run_knn()
                     t_prev = time.perf_counter()  # the monitor is neither data wait nor training time
@@ -1192,9 +1205,9 @@ class Trainer:
                       "skipped_images": _skipped_images(self.dataset)}
             if "koleo" in last:  # the last step's KoLeo term (unweighted); "loss" includes its weighted value
                 record["koleo"] = last["koleo"]
-            if getattr(self, "_last_teacher_output", None) is not None:
-                record.update(collapse_stats(self._last_teacher_output, self.dino_loss.center,
-                                             last.get("teacher_temp", self.cfg.teacher_temp)))
+            diagnostics = self._collapse_diagnostics()
+            if diagnostics:
+                record.update(diagnostics)
                 if record["epoch"] >= 1 and (record["teacher_entropy"] > 0.98 * record["entropy_max"]
                                              or record["distinct_prototypes"] <= 1):
                     self._warn("the run looks collapsed (teacher targets uniform or one prototype); try a lower "
