@@ -202,8 +202,9 @@ _COLLAPSE_FIELDS = ("teacher_entropy", "entropy_max", "kl_mean_to_uniform", "cen
 
 
 def test_report_tolerates_records_missing_fields(run_dir, tmp_path):
-    """A run stopped by SIGTERM on an epoch's last iteration and resumed logs that epoch without the collapse
-    fields and with images_per_s 0; any other field may be missing too. The report plots what exists."""
+    """Logs of older versions: a run stopped by SIGTERM on an epoch's last iteration and resumed logged that epoch
+    without the collapse fields and with images_per_s 0; any other field may be missing too. The report plots
+    what exists."""
     run = _copy_run(run_dir, tmp_path / "run")
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     for r in records:
