@@ -240,3 +240,17 @@ def test_report_of_a_diverged_run_notes_non_finite_features(run_dir, tmp_path):
     assert "the features are not finite: the run diverged" in page
     assert "the attention is not finite: the run diverged" in page and "head 0" not in page
     assert "DINO loss" in page and 'id="environment"' in page
+
+
+def test_attention_captions_name_a_class_only_where_there_is_one():
+    """An unlabelled folder's images were captioned 'class -1'."""
+    from PIL import Image
+
+    from dinokit import build_backbone
+    from dinokit.config import TrainConfig
+    from dinokit.report import _attention_section
+
+    vit = build_backbone("vit_custom", patch_size=8, embed_dim=32, depth=1, num_heads=2, img_size=32).eval()
+    img = Image.new("RGB", (40, 40), (200, 30, 30))
+    page = _attention_section(vit, TrainConfig(global_crop_size=32), [(img, -1), (img, 2)])
+    assert "<br>input</td>" in page and "<br>class 2</td>" in page and "class -1" not in page

@@ -484,3 +484,10 @@ def test_writing_a_periodic_checkpoint_is_not_counted_as_data_wait(folder, tmp_p
     for r in train[1:]:  # each after a (1.5 s) checkpoint write
         wait_s = r["data_wait_frac"] * 4 / r["images_per_s"]  # batch 4
         assert wait_s < 0.75, r
+
+
+def test_short_durations_in_messages_are_seconds():
+    from dinokit.trainer import _minutes_or_seconds
+
+    assert _minutes_or_seconds(2.4) == "2 s" and _minutes_or_seconds(59.4) == "59 s"
+    assert _minutes_or_seconds(90) == "1.5 min"

@@ -219,7 +219,8 @@ def _attention_section(backbone, cfg, images, threshold: float = 0.6) -> str:
             return "<p class='note'>No attention maps: the attention is not finite: the run diverged.</p>"
         masks = threshold_masks(attn, threshold)
         size = (x.shape[-1] * 4, x.shape[-2] * 4) if x.shape[-1] < 96 else (x.shape[-1], x.shape[-2])
-        cells = [f'<td><img src="{_pil_png(img.resize(size))}" alt="input"><br>class {label}</td>']
+        caption = f"class {label}" if label >= 0 else "input"  # -1: an image without a class
+        cells = [f'<td><img src="{_pil_png(img.resize(size))}" alt="input"><br>{caption}</td>']
         for h in range(attn.shape[0]):
             heat = Image.fromarray(colormap(attn[h].numpy())).resize(size, Image.NEAREST)
             mask = Image.fromarray((masks[h].numpy() * 255).astype(np.uint8)).resize(size, Image.NEAREST)

@@ -491,6 +491,11 @@ def _saved_config(ckpt: dict) -> dict:
     return ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
 
 
+def _minutes_or_seconds(seconds: float) -> str:
+    """``"42 s"`` under a minute (a short budget's re-plans read "0.0 min" otherwise), ``"3.5 min"`` above."""
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+
+
 def count_noun(n: int, noun: str) -> str:
     """``"1 image"``, ``"2 images"``: a count with its noun in agreement (messages, the CLI's summary lines)."""
     return f"{n} {noun}" + ("" if n == 1 else "s")
@@ -1018,7 +1023,7 @@ class Trainer:
                          for f in fracs if f * budget > elapsed]
         self._log_console(f"time budget {self.cfg.time_budget_minutes:g} min: {sec_per_iter * 1000:.0f} ms per "
                           f"iteration -> {total} iterations ({total / self.plan.niter_per_ep:.2f} epochs)"
-                          + (f", re-planned at {elapsed / 60:.1f} min" if again else ""))
+                          + (f", re-planned at {_minutes_or_seconds(elapsed)}" if again else ""))
 
     # -- online k-NN -------------------------------------------------------------------------------------
     #: under torch.distributed, how often (iterations) the ranks agree whether a timed k-NN is due
