@@ -1,4 +1,5 @@
 import argparse
+import re
 import subprocess
 import sys
 
@@ -70,7 +71,7 @@ def test_dash_and_underscore_spellings_and_precedence(tmp_path):
     (["--set", "weight_decay_end=-0.1"], "weight_decay_end must be >= 0, got -0.1"),
     (["--drop-path-rate", "2"], r"drop_path_rate must be in \[0, 1\), got 2"),
     (["--drop-path-rate", "1"], r"drop_path_rate must be in \[0, 1\), got 1"),
-    (["--set", "drop_path_rate=nan"], "drop_path_rate must be in"),
+    (["--set", "drop_path_rate=nan"], "drop_path_rate must be a finite number, got nan"),
     (["--depth", "0"], "depth must be >= 1, got 0"),
     (["--head-hidden-dim", "0"], "head_hidden_dim must be >= 1, got 0"),
     (["--head-bottleneck-dim", "0"], "head_bottleneck_dim must be >= 1, got 0"),
@@ -83,7 +84,7 @@ def test_dash_and_underscore_spellings_and_precedence(tmp_path):
     (["--set", "center_momentum=1.5"], r"center_momentum must be in \[0, 1\]"),
     (["--set", "solarize_prob=2"], "solarize_prob must be probabilities"),
     (["--set", "blur_prob=1,0.1,-0.5"], "blur_prob and solarize_prob must be probabilities"),
-    (["--set", "lr=nan"], "lr must be >= 0, got nan"),
+    (["--set", "lr=nan"], "lr must be a finite number, got nan"),
     (["--set", "output_dir="], "output_dir is empty"),
     (["--output-dir", " "], "output_dir is empty"),
 ])
@@ -204,3 +205,176 @@ def test_invalid_numbers_are_one_line_exit_2_on_the_cli(tmp_path):
     r = _cli("train", "--data", str(tmp_path), "--output-dir", str(tmp_path / "o"), "--patch-size", "0")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == ["dinokit train: error: patch_size must be >= 1, got 0"]
+
+
+def test_repeated_set_accumulates_and_the_last_value_wins(tmp_path):
+    """A second --set used to replace the first one's items (argparse's store action)."""
+    yml = tmp_path / "c.yaml"
+    yml.write_text("epochs: 7\n")
+    cfg = parse(["--config", str(yml), "--set", "epochs=1", "--set", "out_dim=30"])
+    assert (cfg.epochs, cfg.out_dim) == (1, 30)
+    cfg = parse(["--set", "epochs=1", "out_dim=30", "--set", "epochs=3"])
+    assert (cfg.epochs, cfg.out_dim) == (3, 30)
+    # another spelling of the same option: still the last one given
+    assert parse(["--set", "batch_size=3", "batch-size-per-gpu=5", "--set", "batch-size=7"]).batch_size_per_gpu == 7
+    assert parse(["--set", "batch_size=3", "--set", "batch_size_per_gpu=5"]).batch_size_per_gpu == 5
+
+
+@pytest.mark.parametrize("text,match", [
+    ("output_dir: null", "option 'output_dir': null is not a valid value (expected a string)"),
+    ("data_path: ~", "option 'data_path': null is not a valid value (expected a string)"),
+    ("data:", "option 'data_path': null is not a valid value"),
+    ("epochs: null", "option 'epochs': null is not a valid value (expected an integer)"),
+    ("lr: null", "option 'lr': null is not a valid value (expected a number)"),
+    ("compile: null", "option 'compile': null is not a valid value (expected a boolean)"),
+    ("global_crops_scale: null", "option 'global_crops_scale': null is not a valid value (expected 2 numbers)"),
+    ("global_crops_scale: [null, 1]", "option 'global_crops_scale': null is not a valid value (expected a number)"),
+])
+def test_yaml_null_is_refused_for_options_that_are_not_optional(tmp_path, text, match):
+    """A null used to become the text "None" (training into ./None/, or 'image directory None does not exist')."""
+    yml = tmp_path / "c.yaml"
+    yml.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=re.escape(match)) as e:
+        parse(["--config", str(yml)])
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="null is not a valid value"):
+        parse(["--set", "output_dir=null"])
+
+
+def test_null_still_clears_an_optional_option_and_tuples_still_parse(tmp_path):
+    yml = tmp_path / "c.yaml"
+    yml.write_text("use_fp16: null\nglobal_crops_scale: [0.3, 1]\nblur_prob: 1 0.2 0.5\n")
+    cfg = parse(["--config", str(yml)])
+    assert cfg.use_fp16 is None and cfg.global_crops_scale == (0.3, 1.0) and cfg.blur_prob == (1.0, 0.2, 0.5)
+    assert parse(["--set", "use_fp16=none"]).use_fp16 is None
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--student-temp", "inf"], "student_temp must be a finite number, got inf"),
+    (["--set", "teacher_temp=.nan"], "teacher_temp must be a finite number, got nan"),
+    (["--warmup-teacher-temp", "nan"], "warmup_teacher_temp must be a finite number, got nan"),
+    (["--clip-grad", "nan"], "clip_grad must be a finite number, got nan"),
+    (["--clip-grad", "inf"], "clip_grad must be a finite number, got inf"),
+    (["--koleo-loss-weight", "nan"], "koleo_loss_weight must be a finite number, got nan"),
+    (["--lr", "inf"], "lr must be a finite number, got inf"),
+    (["--min-lr", "nan"], "min_lr must be a finite number, got nan"),
+    (["--weight-decay", "inf"], "weight_decay must be a finite number, got inf"),
+    (["--weight-decay-end", "nan"], "weight_decay_end must be a finite number, got nan"),
+    (["--momentum-teacher", "nan"], "momentum_teacher must be a finite number, got nan"),
+    (["--momentum-teacher-end", "nan"], "momentum_teacher_end must be a finite number, got nan"),
+    (["--center-momentum", "nan"], "center_momentum must be a finite number, got nan"),
+    (["--warmup-epochs", "inf"], "warmup_epochs must be a finite number, got inf"),
+    (["--drop-path-rate=-inf"], "drop_path_rate must be a finite number, got -inf"),
+    (["--solarize-prob", "nan"], "solarize_prob must be a finite number, got nan"),
+    (["--time-budget-minutes", "inf"], "time_budget_minutes must be a finite number, got inf"),
+    (["--time-budget-minutes", "nan"], "time_budget_minutes must be a finite number, got nan"),
+    (["--knn-every-minutes", "nan"], "knn_every_minutes must be a finite number, got nan"),
+    (["--set", "global_crops_scale=nan,1"], r"global_crops_scale must be finite numbers, got \(nan, 1.0\)"),
+    (["--local-crops-scale", "0.05", "inf"], r"local_crops_scale must be finite numbers, got \(0.05, inf\)"),
+    (["--set", "blur_prob=1,nan,0.5"], r"blur_prob must be finite numbers, got \(1.0, nan, 0.5\)"),
+    # the messages that named no option or value
+    (["--student-temp", "0"], r"student_temp must be > 0 \(a temperature\), got 0"),
+    (["--set", "teacher_temp=-0.04"], r"teacher_temp must be > 0 \(a temperature\), got -0.04"),
+    (["--momentum-teacher-end", "1.5"], r"momentum_teacher_end must be in \[0, 1\], got 1.5"),
+    (["--clip-grad", "-1"], r"clip_grad must be >= 0 \(0: no clipping\), got -1"),
+])
+def test_non_finite_floats_are_refused(argv, match):
+    """NaN passed every `x <= 0` check (a constant loss with an infinite student temperature, clipping or KoLeo
+    silently off with NaN); no float option gives inf a meaning."""
+    with pytest.raises(ConfigError, match=match) as e:
+        parse(argv)
+    assert "\n" not in str(e.value)
+
+
+def test_every_float_option_refuses_nan():
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(TrainConfig)
+    floats = [f.name for f in dataclasses.fields(TrainConfig) if hints[f.name] is float]
+    assert {"lr", "teacher_temp", "clip_grad", "koleo_loss_weight", "time_budget_minutes"} <= set(floats)
+    for name in floats:
+        with pytest.raises(ConfigError, match=f"^{name} must be a finite number, got nan$"):
+            parse(["--set", f"{name}=.nan"])
+
+
+@pytest.mark.parametrize("value,expected", [("1e1", 10), ("2.0", 2), ("1.5e3", 1500), ("3", 3), ("1_000", 1000)])
+def test_integral_numbers_in_scientific_or_float_notation_are_integers(value, expected):
+    assert parse(["--set", f"epochs={value}"]).epochs == expected
+
+
+def test_integral_floats_in_yaml_are_integers(tmp_path):
+    yml = tmp_path / "c.yaml"
+    yml.write_text("epochs: 2.0\nout_dim: 1.0e+3\n")
+    cfg = parse(["--config", str(yml)])
+    assert (cfg.epochs, cfg.out_dim) == (2, 1000) and isinstance(cfg.epochs, int)
+
+
+@pytest.mark.parametrize("text", ["epochs: 2.5", "epochs: three", "epochs: .inf", "epochs: .nan", "epochs: [1]",
+                                  "epochs: true"])
+def test_integer_options_refuse_non_integers_from_yaml(tmp_path, text):
+    yml = tmp_path / "c.yaml"
+    yml.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=r"^option 'epochs': invalid value .* \(expected an integer\)$"):
+        parse(["--config", str(yml)])
+
+
+@pytest.mark.parametrize("value", ["1.5e0", "2.5", "three", "1e400", "nan"])
+def test_integer_options_refuse_non_integers_from_set(value):
+    """--set epochs=1.5e0 used to train 1 epoch (int(float(...)) truncated)."""
+    with pytest.raises(ConfigError, match=r"^option 'epochs': invalid value .* \(expected an integer\)$"):
+        parse(["--set", f"epochs={value}"])
+
+
+def test_float_options_name_a_bad_value_plainly():
+    with pytest.raises(ConfigError, match=r"^option 'lr': invalid value 'abc' \(expected a number\)$"):
+        parse(["--set", "lr=abc"])
+
+
+def test_use_fp16_and_an_explicit_precision_must_agree(tmp_path):
+    """--use-fp16 false --precision bf16 used to run in fp32 silently (the legacy flag won)."""
+    with pytest.raises(ConfigError, match=r"use_fp16 false \(the reference's flag: precision fp32\) conflicts with "
+                                          "precision bf16: drop one of the two"):
+        parse(["--use-fp16", "false", "--precision", "bf16"])
+    with pytest.raises(ConfigError, match="use_fp16 true .* conflicts with precision fp32"):
+        parse(["--use-fp16", "--precision", "fp32"])
+    yml = tmp_path / "c.yaml"
+    yml.write_text("use_fp16: true\n")
+    with pytest.raises(ConfigError, match="conflicts with precision bf16"):
+        parse(["--config", str(yml), "--precision", "bf16"])
+    # agreeing, or precision left at auto: the reference flag decides
+    assert parse(["--use-fp16", "true", "--precision", "fp16"]).precision == "fp16"
+    assert parse(["--use-fp16", "false", "--precision", "fp32"]).precision == "fp32"
+    assert parse(["--use-fp16", "true"]).precision == "fp16"
+    assert parse(["--use-fp16", "false", "--precision", "auto"]).precision == "fp32"
+    cfg = parse(["--use-fp16", "true"])
+    assert cfg.validate().precision == "fp16"  # validating again (the trainer does) is no conflict
+    assert parse(["--precision", "bf16"]).precision == "bf16"
+
+
+def test_log_every_zero_is_documented_as_per_epoch_lines_only():
+    assert parse(["--log-every", "0"]).log_every == 0
+    r = _cli("train", "--help")
+    assert "0: only the per-epoch lines" in " ".join(r.stdout.split())
+
+
+@pytest.mark.parametrize("key", ["batch_size", "batch-size"])
+def test_every_cli_alias_is_a_yaml_key_and_a_set_key(tmp_path, key):
+    """data: worked in YAML but batch_size: / batch-size: (the --batch-size alias) was an unknown option."""
+    from dinokit.commands.train import _ALIASES
+    from dinokit.config import ALIASES
+
+    yml = tmp_path / "c.yaml"
+    yml.write_text(f"{key}: 5\ndata: /some/images\n")
+    cfg = parse(["--config", str(yml)])
+    assert cfg.batch_size_per_gpu == 5 and cfg.data_path == "/some/images"
+    assert parse(["--set", f"{key}=6", "data=/x"]).batch_size_per_gpu == 6
+    assert parse(["--batch-size", "7"]).batch_size_per_gpu == 7
+    # the flags' aliases and the YAML/--set aliases are one table
+    flags = {flag for names in _ALIASES.values() for flag in names}
+    assert flags == {f"--{a.replace('_', '-')}" for a in ALIASES} >= {"--data", "--batch-size"}
+    for alias, name in ALIASES.items():
+        for spelling in (alias, alias.replace("_", "-")):
+            assert getattr(parse(["--set", f"{spelling}=8"]), name) in (8, "8")
+    with pytest.raises(ConfigError, match="did you mean batch_size"):
+        parse(["--set", "batch_siz=8"])

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -16,7 +18,10 @@ import yaml
 
 from .errors import ConfigError
 
-__all__ = ["TrainConfig", "load_yaml", "apply_overrides", "parse_set_items", "config_to_dict"]
+__all__ = ["TrainConfig", "ALIASES", "load_yaml", "apply_overrides", "parse_set_items", "config_to_dict"]
+
+#: other names of options (as the command line's --data / --batch-size), usable as YAML keys and --set keys too
+ALIASES = {"data": "data_path", "batch_size": "batch_size_per_gpu"}
 
 
 def _f(default, help: str, choices: tuple | None = None, **kw):
@@ -118,7 +123,8 @@ class TrainConfig:
                         "CPUs runs the linear layers through oneDNN (about 2x MKL on AMD CPUs; "
                         "DINOKIT_ONEDNN_LINEAR=0 turns it off).",
                         choices=("auto", "fp32", "bf16", "fp16"))
-    use_fp16: bool | None = _f(None, "Reference flag: true = precision fp16, false = precision fp32.")
+    use_fp16: bool | None = _f(None, "Reference flag: true = precision fp16, false = precision fp32. Together with "
+                               "a precision other than auto it must agree with it (else an error).")
     compile: bool = _f(False, "torch.compile the student and teacher.")
     grad_checkpointing: bool = _f(False, "Activation checkpointing in the student ViT (less memory, ~30% slower).")
     fsdp: bool = _f(False, "Shard the student and teacher with FSDP2 (fully_shard per ViT block) instead of DDP "
@@ -132,7 +138,8 @@ class TrainConfig:
                                     "the slowest).")
     nan_policy: str = _f("stop", "On a non-finite loss: stop (keep the last good checkpoint) | skip the step.",
                          choices=("stop", "skip"))
-    log_every: int = _f(20, "Log a JSON line every N iterations (plus one per epoch).")
+    log_every: int = _f(20, "Log a JSON line every N iterations (plus one per epoch); 0: only the per-epoch "
+                        "lines.")
     knn_every: int = _f(0, "Online k-NN monitor every N epochs (0: off); needs knn_train/knn_val.")
     knn_every_minutes: float = _f(0.0, "Online k-NN monitor every M minutes of training (0: off).")
     knn_train: str = _f("", "Labelled data for the online k-NN bank (folder with class sub-folders or "
@@ -152,6 +159,13 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 bad(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
+        for f in fields(self):  # NaN slips through comparisons such as `x < 0`; no float option gives inf a meaning
+            value = getattr(self, f.name)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple)
+                                                                           else (value,))):
+                bad(f"{f.name} must be {'finite numbers' if isinstance(value, tuple) else 'a finite number'}, got "
+                    f"{value}")
+
         def at_least(name: str, lo: float, note: str = ""):
             v = getattr(self, name)
             if not v >= lo:  # also refuses NaN
@@ -203,16 +217,15 @@ class TrainConfig:
             bad(f"warmup_teacher_temp_epochs ({self.warmup_teacher_temp_epochs}) exceeds epochs ({self.epochs})")
         if self.out_dim <= 0:
             bad("out_dim must be positive")
-        if self.clip_grad < 0:
-            bad("clip_grad must be >= 0")
-        if not (0 <= self.momentum_teacher <= 1 and 0 <= self.momentum_teacher_end <= 1):
-            bad("teacher momentum must be in [0, 1]")
-        if self.teacher_temp <= 0 or self.warmup_teacher_temp <= 0 or self.student_temp <= 0:
-            bad("temperatures must be positive")
-        if self.sinkhorn_iterations < 1:
-            bad("sinkhorn_iterations must be >= 1")
-        if self.koleo_loss_weight < 0:
-            bad("koleo_loss_weight must be >= 0")
+        at_least("clip_grad", 0, " (0: no clipping)")
+        for name in ("momentum_teacher", "momentum_teacher_end"):
+            if not 0 <= getattr(self, name) <= 1:
+                bad(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("teacher_temp", "warmup_teacher_temp", "student_temp"):
+            if not getattr(self, name) > 0:
+                bad(f"{name} must be > 0 (a temperature), got {getattr(self, name)}")
+        at_least("sinkhorn_iterations", 1)
+        at_least("koleo_loss_weight", 0, " (0: off)")
         if self.koleo_loss_weight > 0 and self.batch_size_per_gpu < 2:
             bad("koleo_loss_weight > 0 needs batch_size_per_gpu >= 2 (each feature needs a nearest neighbour)")
         if self.num_workers < -1:
@@ -221,17 +234,29 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 bad(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.use_fp16 is not None:
-            self.precision = "fp16" if self.use_fp16 else "fp32"
+            implied = "fp16" if self.use_fp16 else "fp32"
+            if self.precision not in ("auto", implied):
+                bad(f"use_fp16 {str(self.use_fp16).lower()} (the reference's flag: precision {implied}) conflicts "
+                    f"with precision {self.precision}: drop one of the two")
+            self.precision = implied
         return self
 
 
+@functools.cache
 def _field_types() -> dict[str, Any]:
     return get_type_hints(TrainConfig)
+
+
+_KIND = {int: "an integer", float: "a number", bool: "a boolean", str: "a string"}
 
 
 def _coerce(name: str, value: Any, typ: Any) -> Any:
     """Convert ``value`` (from YAML or a ``--set`` string) to the field's type, or raise ConfigError."""
     origin = get_origin(typ)
+    optional = origin is not None and origin is not tuple and type(None) in get_args(typ)
+    if value is None and not optional:  # YAML null / ~, or --set key=null: str(None) would be the text "None"
+        kind = f"{len(get_args(typ))} numbers" if origin is tuple else _KIND.get(typ, "a value")
+        raise ConfigError(f"option {name!r}: null is not a valid value (expected {kind})")
     try:
         if origin is tuple:
             inner = get_args(typ)
@@ -240,7 +265,7 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
             if not isinstance(value, (list, tuple)) or len(value) != len(inner):
                 raise ValueError(f"expected {len(inner)} values")
             return tuple(_coerce(name, v, t) for v, t in zip(value, inner))
-        if origin is not None and type(None) in get_args(typ):  # Optional[X]
+        if optional:  # Optional[X]
             if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
                 return None
             (inner,) = [t for t in get_args(typ) if t is not type(None)]
@@ -255,42 +280,70 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
                 return False
             raise ValueError("expected a boolean (true/false, on/off, 1/0)")
         if typ is int:
-            if isinstance(value, bool):
-                raise ValueError("expected an integer")
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError("expected an integer")
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            return _to_int(value)
         if typ is float:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
                 raise ValueError("expected a number")
-            return float(value)
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError("expected a number") from None
         if typ is str:
             if isinstance(value, (dict, list)):
                 raise ValueError("expected a string")
             return str(value)
     except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):  # from an element of a tuple: already names the option and the value
+            raise
         raise ConfigError(f"option {name!r}: invalid value {value!r} ({e})") from None
     return value
 
 
+def _to_int(value: Any) -> int:
+    """An integer, also written as an integral float or in scientific notation (2.0, 1e3, '1.5e3'); anything
+    fractional, non-finite or not a number raises ValueError("expected an integer")."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError("expected an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError("expected an integer") from None
+    if not value.is_integer():  # also inf and nan
+        raise ValueError("expected an integer")
+    return int(value)
+
+
+def _option_name(key: str) -> str | None:
+    """The field a YAML / ``--set`` key names (dashes or underscores, or an alias such as ``data``), else None."""
+    name = key.strip().replace("-", "_")
+    name = ALIASES.get(name, name)
+    return name if name in _field_types() else None
+
+
 def _unknown(key: str) -> ConfigError:
-    names = [f.name for f in fields(TrainConfig)]
+    names = [f.name for f in fields(TrainConfig)] + list(ALIASES)
     close = difflib.get_close_matches(key.replace("-", "_"), names, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return ConfigError(f"unknown option {key!r}{hint}")
 
 
 def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
-    """Return a copy of ``cfg`` with ``overrides`` applied (keys with dashes or underscores); unknown keys and
-    ill-typed values raise :class:`ConfigError`."""
+    """Return a copy of ``cfg`` with ``overrides`` applied (keys with dashes or underscores, or an alias of
+    :data:`ALIASES`; a later key for the same option wins); unknown keys and ill-typed values raise
+    :class:`ConfigError`."""
     types = _field_types()
     updates = {}
     for key, value in overrides.items():
-        name = key.replace("-", "_")
-        if name == "data":
-            name = "data_path"
-        if name not in types:
-            raise _unknown(key)
+        name = _option_name(str(key))
+        if name is None:
+            raise _unknown(str(key))
         updates[name] = _coerce(name, value, types[name])
     return dataclasses.replace(cfg, **updates)
 
@@ -306,7 +359,11 @@ def parse_set_items(items: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
-        out[key.strip()] = value
+        key = key.strip()
+        name = _option_name(key)
+        for seen in [k for k in out if k == key or (name is not None and _option_name(k) == name)]:
+            del out[seen]  # the later item for the same option wins, whatever its spelling
+        out[key] = value
     return out
 
 

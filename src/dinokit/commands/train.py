@@ -9,7 +9,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import get_args, get_origin
 
-from ..config import TrainConfig, apply_overrides, load_yaml, parse_set_items
+from ..config import ALIASES, TrainConfig, apply_overrides, load_yaml, parse_set_items
 
 HELP = "pretrain a ViT (or CNN) with DINO on a folder of unlabelled images"
 DESCRIPTION = """Pretrain with DINO (self-distillation with no labels).
@@ -23,7 +23,9 @@ Training resumes automatically from OUTPUT_DIR/checkpoint.pth. Stability: if the
 --precision fp32, a lower --lr, --clip-grad 0.3-1.0; if it stays at ln(out_dim), lower --teacher-temp and raise
 --momentum-teacher. Precedence: defaults < --config < flags < --set."""
 
-_ALIASES = {"data_path": ["--data"], "batch_size_per_gpu": ["--batch-size"]}
+_ALIASES: dict[str, list[str]] = {}  # field -> its other flags (--data, --batch-size), the keys of config.ALIASES
+for _alias, _name in ALIASES.items():
+    _ALIASES.setdefault(_name, []).append(f"--{_alias.replace('_', '-')}")
 
 
 def _default_str(value) -> str:
@@ -33,9 +35,11 @@ def _default_str(value) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file of options (keys as in --help, underscores or dashes)")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override options after --config, e.g. --set epochs=300 teacher_temp=0.07")
+    parser.add_argument("--config", help="YAML file of options (keys as in --help, underscores or dashes; aliases "
+                        "such as data and batch_size too)")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override options after --config, e.g. --set epochs=300 teacher_temp=0.07; repeatable "
+                        "(--set a=1 --set b=2 sets both; for the same option the last value wins)")
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         typ = hints[f.name]
