@@ -200,3 +200,140 @@ def test_resuming_shards_with_another_worker_count_says_the_batch_order_changes(
         warnings.simplefilter("always")
         assert main([*args, "--epochs", "3", "--num-workers", "1"]) == 0  # same count as the last save: quiet
     assert not any("loader worker" in str(w.message) for w in record)
+
+
+def _jpeg(seed, size=(40, 36)):
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _write(out, blobs, maxcount=4):
+    """Shards of ``blobs`` (keys 000000000, ...; label = position), JPEG entries unless a blob is not one."""
+    with ShardWriter(out, maxcount=maxcount) as w:
+        for i, blob in enumerate(blobs):
+            w.write(f"{i:09d}", {"jpg": blob, "json": json.dumps({"path": f"{i}.jpg", "label": i}).encode()})
+    paths, counts, _ = resolve_shards(out)
+    return paths, counts
+
+
+def _crops(impl):
+    from dinokit.augmentation import DINOAugmentation
+    from dinokit.fast_augment import FastMultiCrop
+    from dinokit.shards import SeededTransform
+
+    kw = dict(global_crop_size=16, local_crop_size=8, local_crops_number=2)
+    aug = FastMultiCrop(**kw) if impl == "fast" else DINOAugmentation(**kw)
+    transform = SeededTransform(aug, lazy_open=impl == "fast")  # the fast path opens the bytes lazily (draft)
+
+    def map_fn(sample):
+        return sample["key"], sample["index"], sample["seed"], transform(sample)
+
+    return map_fn
+
+
+def _same(a, b):
+    return a[:3] == b[:3] and all(torch.equal(x, y) for x, y in zip(a[3], b[3], strict=True))
+
+
+CORRUPT = b"\0" * 600  # a payload zeroed in place after sharding
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_a_corrupt_first_image_takes_the_next_readable_one_and_nothing_else_changes(tmp_path, impl):
+    """The very first image a worker meets is unreadable: it is not fatal, the sample keeps its place, index and
+    seed and gets the next readable image of the stream (here past a second corrupt one): exactly the crops of a
+    stream whose entry 0 holds that image; every other sample is unchanged."""
+    blobs = [_jpeg(i) for i in range(8)]
+    clean = _write(tmp_path / "clean", blobs)
+    bad = _write(tmp_path / "bad", [CORRUPT, CORRUPT, *blobs[2:]])
+    # what the bad shards must give: entry 0 (and 1, the next corrupt one) replaced by image 2
+    expected = _write(tmp_path / "expected", [blobs[2], blobs[2], *blobs[2:]])
+
+    def run(paths_counts, **kw):
+        stream = ShardStream(*paths_counts, 4, seed=3, shuffle=False, map_fn=_crops(impl), **kw)
+        return list(stream)
+
+    with pytest.warns(UserWarning) as record:
+        got = run(bad)
+    messages = [str(w.message) for w in record if "cannot decode image" in str(w.message)]
+    assert len(messages) == 2 and "<_io.BytesIO" not in " ".join(messages)
+    assert messages[0].startswith(f"dinokit: cannot decode image {bad[0][0]}:000000000.jpg: ")
+    assert messages[0].endswith(f"using the next readable image {bad[0][0]}:000000002.jpg instead")
+    reference, want = run(clean), run(expected)
+    assert [g[:3] for g in got] == [r[:3] for r in reference]  # keys, indices and seeds: every sample in place
+    assert all(_same(g, w) for g, w in zip(got, want, strict=True))
+    assert all(_same(g, r) for g, r in zip(got[2:], reference[2:], strict=True))
+    assert not _same(got[0], reference[0])
+
+
+def test_corrupt_images_are_replaced_the_same_way_after_a_mid_epoch_resume(tmp_path):
+    """2 workers, a shuffle buffer: the substitute is the next readable image of the worker's shuffled stream
+    (wrapping around to its start when the corrupt images end it), chosen without looking at what was decoded
+    before, so a resume at any batch gives the uninterrupted epoch's remaining batches exactly; the replaced
+    samples are counted (shared flags, from the workers) and the others are those of the clean shards."""
+    blobs = [_jpeg(i) for i in range(16)]
+    corrupt = {0, 5, 6, 11, 15}
+    clean = _write(tmp_path / "clean", blobs)
+    bad = _write(tmp_path / "bad", [CORRUPT if i in corrupt else b for i, b in enumerate(blobs)])
+
+    def epoch(paths_counts, start=0):
+        def map_fn(sample):
+            return sample["key"], sample["label"], sample["seed"], np.asarray(sample["image"]()).tobytes()
+
+        stream = ShardStream(*paths_counts, 2, seed=1, buffer_size=3, map_fn=map_fn)
+        stream.set_epoch(2, start)
+        loader = torch.utils.data.DataLoader(stream, batch_size=2, num_workers=2, collate_fn=as_list)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return list(loader), stream
+
+    full, stream = epoch(bad)
+    assert stream.count_skipped() == len(corrupt)
+    # this shuffle puts a corrupt image first in worker 1's stream (batch 1) and last in worker 0's (batch 6),
+    # which wraps around to the worker's first image: every resume point inside the epoch is checked below
+    assert full[1][0][0] == "000000005" and full[6][-1][0] == "000000015" and full[6][-1][3] == full[0][0][3]
+    assert len(full) == 8 and sorted(s[0] for b in full for s in b) == [f"{i:09d}" for i in range(16)]
+    for start in range(1, 8):
+        assert epoch(bad, start)[0] == full[start:], start
+    readable = {s[3]: s[1] for b in epoch(clean)[0] for s in b}  # image -> its label
+    for (key, label, seed, image), (key2, _, seed2, image2) in zip(
+            [s for b in full for s in b], [s for b in epoch(clean)[0] for s in b], strict=True):
+        assert (key, seed) == (key2, seed2)
+        if int(key) in corrupt:  # an image (and label) of another, readable entry
+            assert readable[image] == label and label not in corrupt
+        else:
+            assert image == image2
+
+
+def test_a_worker_with_no_readable_image_raises(tmp_path):
+    paths_counts = _write(tmp_path / "sh", [CORRUPT] * 4)
+    with pytest.raises(DataError, match=r"000000000.jpg: .*no image of this worker's part of the epoch is readable"):
+        list(ShardStream(*paths_counts, 2, shuffle=False))
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_training_goes_on_past_a_corrupt_image_in_a_shard(tmp_path, impl):
+    """``dinokit train`` on shards with an image zeroed in place after sharding (the tar headers intact), with
+    both augmentation implementations: one warning naming the shard entry, the run completes, the epoch record
+    counts the replaced image."""
+    blobs = [_jpeg(i) for i in range(12)]
+    _write(tmp_path / "sh", blobs)
+    tar_path = tmp_path / "sh" / "000001.tar"
+    with tarfile.open(tar_path) as tar:
+        member = tar.getmember("000000005.jpg")
+    raw = bytearray(tar_path.read_bytes())
+    raw[member.offset_data:member.offset_data + member.size] = bytes(member.size)
+    tar_path.write_bytes(bytes(raw))
+    out = tmp_path / f"out_{impl}"
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert main(["train", "--data", str(tmp_path / "sh"), "--output-dir", str(out), *TINY_VIT,
+                     "--batch-size-per-gpu", "4", "--epochs", "1", "--augment-impl", impl]) == 0
+    replaced = [str(w.message) for w in record if "cannot decode image" in str(w.message)]
+    assert len(replaced) == 1 and "000001.tar:000000005.jpg" in replaced[0] and "BytesIO" not in replaced[0]
+    assert "using the next readable image" in replaced[0]
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["skipped_images"] for r in records if r.get("type") == "epoch"] == [1]

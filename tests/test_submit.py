@@ -155,9 +155,13 @@ def test_a_failed_job_waited_for_is_one_line(folder, tmp_path, capsys, monkeypat
         job_id = "42"
 
         def results(self):
+            # submitit's FailedJobError: the task's traceback, then the paths of its logs
             raise RuntimeError("Job (task=0) failed during processing with trace:\n----------------------\n"
                                "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
-                               "dinokit.errors.DataError: none of the 3 image files under D could be read\n")
+                               "dinokit.errors.DataError: none of the 3 image files under D could be read\n"
+                               "----------------------\nYou can check full logs with 'job.stderr(0)' and "
+                               "'job.stdout(0)'or at paths:\n  - /o/submitit/42_0_log.err\n"
+                               "  - /o/submitit/42_0_log.out")
 
     monkeypatch.setattr("dinokit.submitit_launcher.submit_training", lambda *a, **k: FailedJob())
     assert main(["submit", "--cluster", "local", "--output-dir", str(tmp_path / "o"), "--wait", "--", "--data",
@@ -165,3 +169,74 @@ def test_a_failed_job_waited_for_is_one_line(folder, tmp_path, capsys, monkeypat
     err = capsys.readouterr().err.strip()
     assert err.startswith("dinokit submit: error: job 42 failed: dinokit.errors.DataError: none of the 3 image "
                           "files under D could be read (logs in ") and "\n" not in err
+
+
+@needs_submitit
+def test_a_failed_local_job_reports_its_error_line_and_log(tmp_path, capsys):
+    """A real job that fails (every image unreadable): the one-line error is the job's exception, not the list
+    of log paths that ends submitit's message, and names the task's log (a flat file for the local executor)."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(4):
+        (bad / f"x{i}.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "run"
+    assert main(["submit", "--cluster", "local", "--gpus-per-node", "0", "--timeout-min", "10", "--output-dir",
+                 str(out), "--wait", "--", "--data", str(bad), *TINY_VIT, "--batch-size-per-gpu", "2"]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    (log,) = (out / "submitit").glob("*_0_log.err")
+    job_id = log.name.split("_")[0]
+    assert f"logs {out / 'submitit'}/{job_id}_<task>_log.out|err" in captured.out
+    assert err == (f"dinokit submit: error: job {job_id} failed: dinokit.errors.DataError: none of the 4 image "
+                   f"files under {bad} could be read (log: {log})")
+
+
+class ExitsWithAnError(TrainJob):
+    """A job that stops the way ``dinokit train`` does on a bad option: its one-line error on stderr and exit
+    status 2 (a SystemExit, so submitit records no result and raises UncompletedJobError with the error stream)."""
+
+    def __call__(self):
+        print("some output\ndinokit train: error: --data X: no such folder", file=sys.stderr, flush=True)
+        print("submitit-like noise after it", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+
+@needs_submitit
+def test_a_job_that_exits_with_dinokits_error_line_reports_that_line(folder, tmp_path, capsys, monkeypatch):
+    import cloudpickle
+
+    import dinokit.submitit_launcher as launcher
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    real = launcher.submit_training
+    monkeypatch.setattr(launcher, "submit_training", lambda argv, s: real(argv, s, job_class=ExitsWithAnError))
+    out = tmp_path / "run"
+    assert main(["submit", "--cluster", "local", "--gpus-per-node", "0", "--timeout-min", "10", "--output-dir",
+                 str(out), "--wait", "--", "--data", str(folder), *TINY_VIT]) == 1
+    err = capsys.readouterr().err.strip()
+    (log,) = (out / "submitit").glob("*_0_log.err")
+    assert err == (f"dinokit submit: error: job {log.name.split('_')[0]} failed: --data X: no such folder "
+                   f"(log: {log})")
+
+
+def test_the_error_line_comes_from_the_log_when_the_exception_has_none(tmp_path):
+    from dinokit.commands.submit import _job_failure
+
+    log = tmp_path / "7_1_log.err"
+    log.write_text("submitit INFO (...) - Starting\nTraceback (most recent call last):\n  File \"t.py\", line 3\n"
+                   "    f()\nValueError: bad value\n  with a second line\nsubmitit ERROR (...) - failed\n")
+
+    class Job:
+        job_id = "7"
+
+        def task(self, i):
+            assert i == 1  # the failed task named by submitit's message
+            return type("T", (), {"paths": type("P", (), {"stderr": str(log)})})()
+
+    assert _job_failure(Job(), RuntimeError("Job 7 (task: 1) has not produced any output (state: FAILED)"),
+                        tmp_path) == f"job 7 failed: ValueError: bad value (log: {log})"
+    assert _job_failure(Job(), RuntimeError("Job 7 (task: 1) with path X\nhas not produced any output"),
+                        tmp_path).startswith("job 7 failed: ValueError: bad value")
+    log.write_text("nothing useful\n")
+    assert _job_failure(Job(), RuntimeError("Job 7 (task: 1) timed out\n  - /a/path"),
+                        tmp_path) == f"job 7 failed: Job 7 (task: 1) timed out (log: {log})"

@@ -28,6 +28,13 @@ re-assigned to workers so that the ``DataLoader`` interleaving continues where i
 are not decoded. The batch composition depends on ``num_workers`` (resume with the same value). Augmentation
 seeds depend only on ``(seed, epoch, global index)``, as for folders.
 
+Unreadable images (a shard corrupted after it was written): as for folders, the sample's image is replaced by the
+*next readable image of the worker's stream* (its chunk in shuffled order, wrapping around to the chunk's start),
+with a warning naming the shard and the entry; the sample keeps its place, index and augmentation seed, and takes
+the substitute's label. The substitute depends only on the stream, not on what was decoded before, so it is the
+same after a mid-epoch resume (and a corrupt first image needs no earlier one); the epoch keeps its length and the
+other samples are unchanged. Only a worker whose whole chunk is unreadable raises :class:`DataError`.
+
 Data specs: ``'DIR/{000000..000099}.tar'`` (brace ranges keep zero padding; ``{a,b}`` lists work too), a single
 ``.tar`` path, or a directory holding ``index.json`` written by ``dinokit shard``.
 """
@@ -42,6 +49,7 @@ import random
 import re
 import tarfile
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -56,6 +64,7 @@ __all__ = ["INDEX_NAME", "expand_braces", "is_shard_spec", "resolve_shards", "Sh
 INDEX_NAME = "index.json"
 FORMAT = "dinokit-shards"
 _IMAGE_EXTS = ("jpg", "jpeg", "png")
+_REPLACED: set[str] = set()  # unreadable shard entries already reported in this process (one warning each)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -308,6 +317,9 @@ def _open_image(data: bytes):
     return Image.open(io.BytesIO(data))
 
 
+_BUFFER_REPR = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
 def decode_image(data: bytes, name: str = "<bytes>"):
     """Encoded image bytes -> RGB PIL image (EXIF orientation applied, every mode converted as for folders)."""
     from PIL import Image, ImageOps
@@ -323,8 +335,28 @@ def decode_image(data: bytes, name: str = "<bytes>"):
                 img = im
             img = to_rgb(img)
             return img.copy() if img is im else img
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise DataError(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL names its in-memory file: leave that out
+        raise DataError(f"cannot decode image {name}: {type(e).__name__}: {_BUFFER_REPR.sub('', str(e))}") from e
+
+
+class _Encoded:
+    """A sample's encoded image: calling it decodes it (:func:`decode_image`, :class:`DataError` naming
+    ``shard:entry`` if unreadable); :meth:`open` is the lazy ``Image.open`` (for JPEG draft decoding)."""
+
+    __slots__ = ("blob", "name")
+
+    def __init__(self, blob: bytes, name: str):
+        self.blob, self.name = blob, name
+
+    def __call__(self):
+        return decode_image(self.blob, self.name)
+
+    def open(self):
+        return _open_image(self.blob)
+
+
+class _Unreadable(DataError):
+    """A sample's image could not be decoded (raised to :meth:`ShardStream._item`, which substitutes it)."""
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -345,17 +377,23 @@ class SeededTransform:
     def __call__(self, sample: dict[str, Any]):
         py_state = random.getstate()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample["seed"])
-            random.seed(sample["seed"])
             try:
                 if self.lazy_open and "open" in sample:
+                    self._seed(sample["seed"])
                     try:
                         return self.transform(sample["open"]())
                     except (OSError, ValueError, SyntaxError, EOFError, DataError):
                         pass
+                # seeded afresh: a lazy attempt that failed half-way must not shift the fallback's crops
+                self._seed(sample["seed"])
                 return self.transform(sample["image"]())
             finally:
                 random.setstate(py_state)
+
+    @staticmethod
+    def _seed(seed: int) -> None:
+        torch.manual_seed(seed)
+        random.seed(seed)
 
 
 def decoded(sample: dict[str, Any]) -> dict[str, Any]:
@@ -370,9 +408,12 @@ class ShardStream(torch.utils.data.IterableDataset):
     """Stream the samples of ``shards`` (with ``counts`` samples each) for one rank; see the module docstring
     for the epoch, rank and worker split. Each item is ``map_fn(sample)`` where ``sample`` is a dict with
     ``key``, ``index`` (global: position in the spec's shard order), ``seed`` (per-sample augmentation
-    seed), ``label`` (-1 if none), ``shard`` and ``image`` (a zero-argument callable decoding the image, so
-    skipped or unused samples are never decoded). Use it in a ``DataLoader`` with ``batch_size=batch_size``
-    and ``persistent_workers=False`` (workers must see :meth:`set_epoch`)."""
+    seed), ``label`` (-1 if none), ``shard``, ``image`` (a zero-argument callable decoding the image, so
+    skipped or unused samples are never decoded) and ``open`` (the same bytes through a lazy ``Image.open``).
+    An image that cannot be decoded when ``map_fn`` calls ``image`` is replaced by the next readable one of
+    the worker's stream (see the module docstring); :meth:`count_skipped` counts them. Use it in a
+    ``DataLoader`` with ``batch_size=batch_size`` and ``persistent_workers=False`` (workers must see
+    :meth:`set_epoch`)."""
 
     def __init__(self, shards: list[str | os.PathLike], counts: list[int], batch_size: int, seed: int = 0,
                  rank: int = 0, world: int = 1, shuffle: bool = True, buffer_size: int = 1000,
@@ -392,9 +433,15 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.batches_per_epoch = self.per_rank // batch_size
         self.epoch = 0
         self.start_batch = 0
+        # one flag per sample in shared memory, so replacements in DataLoader workers are counted here too
+        self._bad = torch.zeros(self.n, dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
         return self.n
+
+    def count_skipped(self) -> int:
+        """Distinct samples whose image was found unreadable (and replaced), in this process or its workers."""
+        return int(self._bad.sum())
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
@@ -482,25 +529,109 @@ class ShardStream(torch.utils.data.IterableDataset):
         rng.shuffle(buf)
         yield from buf
 
+    def _stream(self, segs: list[tuple[int, int, int]], epoch: int, chunk: int, skip: int,
+                handles: dict) -> Iterator[tuple[int, dict[str, Any]]]:
+        """``(position, sample)`` of the worker's stream (its chunk in shuffled order) from position ``skip`` on;
+        the samples before it are passed over without reading their bytes."""
+        rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{chunk}")
+        for pos, sample in enumerate(self._shuffled(self._samples(segs, epoch, handles), rng)):
+            sample = self._finish(sample, read=pos >= skip)
+            if pos >= skip:
+                yield pos, sample
+
+    def _restream(self, segs: list[tuple[int, int, int]], epoch: int, chunk: int,
+                  stop: int) -> Iterator[dict[str, Any]]:
+        """The worker's stream read again from its start up to position ``stop`` (excluded): the wrap-around
+        candidates for a substitute."""
+        handles: dict[int, list] = {}
+        try:
+            for pos, sample in self._stream(segs, epoch, chunk, 0, handles):
+                if pos >= stop:
+                    return
+                yield sample
+        finally:
+            for tar, _ in handles.values():
+                tar.close()
+
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, k = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch, start = self.epoch, self.start_batch
         chunk, segs, skip = self.worker_plan(epoch, start, worker, k)
-        rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{chunk}")
         handles: dict[int, list] = {}
-        last_good: dict[str, Any] = {}
+        stream = self._stream(segs, epoch, chunk, skip, handles)
+        ahead: deque[tuple[int, dict[str, Any]]] = deque()  # samples read early, looking for a substitute
+
+        def candidates(pos: int) -> Iterator[dict[str, Any]]:
+            """The samples after ``pos`` (read ahead, kept for their own turn), then those before it."""
+            i = 0
+            while True:
+                if i == len(ahead):
+                    nxt = next(stream, None)
+                    if nxt is None:
+                        break
+                    ahead.append(nxt)
+                yield ahead[i][1]
+                i += 1
+            yield from self._restream(segs, epoch, chunk, pos)
+
         try:
-            for n, sample in enumerate(self._shuffled(self._samples(segs, epoch, handles), rng)):
-                sample = self._finish(sample, read=n >= skip)
-                if n < skip:
-                    continue
-                if "image" in sample:
-                    sample["image"] = self._guard(sample["image"], last_good)
-                yield self.map_fn(sample)
+            while True:
+                nxt = ahead.popleft() if ahead else next(stream, None)
+                if nxt is None:
+                    break
+                pos, sample = nxt
+                yield self._item(sample, lambda p=pos: candidates(p))
         finally:
+            stream.close()
             for tar, _ in handles.values():
                 tar.close()
+
+    def _item(self, sample: dict[str, Any], candidates: Callable[[], Iterator[dict[str, Any]]]):
+        """``map_fn(sample)``; if the sample's image cannot be decoded, ``map_fn`` of the sample with the image
+        (and label) of the first readable candidate, with a warning naming both entries."""
+        if "image" not in sample:
+            return self.map_fn(sample)
+        try:
+            return self.map_fn(self._strict(sample))
+        except _Unreadable as e:
+            err = e
+        self._bad[sample["index"]] = True
+        found = candidates()
+        try:
+            for other in found:
+                if "image" not in other:
+                    continue
+                try:
+                    out = self.map_fn(self._strict({**sample, "image": other["image"], "open": other["open"],
+                                                    "label": other["label"]}))
+                except _Unreadable:
+                    continue
+                name = getattr(sample["image"], "name", sample["key"])
+                if name not in _REPLACED:
+                    _REPLACED.add(name)
+                    substitute = getattr(other["image"], "name", other["key"])
+                    warnings.warn(f"dinokit: {err}; using the next readable image {substitute} instead",
+                                  UserWarning, stacklevel=2)
+                return out
+        finally:
+            found.close()
+        raise DataError(f"{err}; no image of this worker's part of the epoch is readable "
+                        f"(epoch {self.epoch}, rank {self.rank})") from None
+
+    @staticmethod
+    def _strict(sample: dict[str, Any]) -> dict[str, Any]:
+        """The sample with an ``image`` callable that raises :class:`_Unreadable` for an unreadable image (a
+        :class:`DataError`, so a ``map_fn`` that catches those still can)."""
+        load = sample["image"]
+
+        def image():
+            try:
+                return load()
+            except DataError as e:
+                raise _Unreadable(str(e)) from e
+
+        return {**sample, "image": image}
 
     @staticmethod
     def _finish(sample: dict[str, Any], read: bool = True) -> dict[str, Any]:
@@ -524,42 +655,27 @@ class ShardStream(torch.utils.data.IterableDataset):
             sample["label"] = label
             ext = next((e for e in (*_IMAGE_EXTS, "webp", "bmp", "ppm", "tif", "tiff") if e in members), None)
             if ext is not None:
-                name = f"{sample['shard']}:{members[ext].name}"
-                blob = tar.extractfile(members[ext]).read()
-                sample["image"] = lambda: decode_image(blob, name)
-                sample["open"] = lambda: _open_image(blob)
+                image = _Encoded(tar.extractfile(members[ext]).read(), f"{sample['shard']}:{members[ext].name}")
+                sample["image"], sample["open"] = image, image.open
             return sample
         finally:
             handle[1] -= 1
             if handle[1] == 0:
                 tar.close()
 
-    @staticmethod
-    def _guard(load: Callable, last_good: dict[str, Any]) -> Callable:
-        """Wrap an image loader: a corrupt image is replaced by the last image this worker decoded (with a
-        warning), so an epoch keeps its length."""
-
-        def guarded():
-            try:
-                last_good["image"] = img = load()
-                return img
-            except DataError as e:
-                if "image" not in last_good:
-                    raise
-                warnings.warn(f"dinokit: {e}; using the previous image instead", UserWarning, stacklevel=2)
-                return last_good["image"]
-
-        return guarded
-
 
 class _ShardCount:
-    """``len()`` of the streamed data set (what the trainer reports and checks against the global batch)."""
+    """``len()`` of the streamed data set (what the trainer reports and checks against the global batch) and
+    ``count_skipped()`` (the epoch record's ``skipped_images``)."""
 
-    def __init__(self, n: int, meta: dict[str, Any]):
-        self.n, self.meta = n, meta
+    def __init__(self, n: int, meta: dict[str, Any], stream: ShardStream | None = None):
+        self.n, self.meta, self.stream = n, meta, stream
 
     def __len__(self) -> int:
         return self.n
+
+    def count_skipped(self) -> int:
+        return self.stream.count_skipped() if self.stream is not None else 0
 
 
 def build_shard_loader(cfg, rank: int, world: int):
@@ -597,4 +713,4 @@ def build_shard_loader(cfg, rank: int, world: int):
         stream, batch_size=cfg.batch_size_per_gpu, num_workers=workers, collate_fn=collate_crops,
         pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None, worker_init_fn=_ignore_stop_signals if workers > 0 else None)
-    return _ShardCount(n, meta), stream, loader, None
+    return _ShardCount(n, meta, stream), stream, loader, None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from ..errors import ConfigError, DinokitError
@@ -18,8 +19,9 @@ examples:
   dinokit submit --dry-run --nodes 2 --gpus-per-node 8 --partition P --output-dir OUT -- --data DIR   # print sbatch
   dinokit submit --cluster local --gpus-per-node 0 --output-dir OUT --wait -- --data DIR ...          # this machine
 
-Logs: OUTPUT_DIR/submitit/<job id>/. OUTPUT_DIR must be on a file system every node sees. Needs submitit:
-pip install 'dinokit[slurm]'."""
+Logs, one .out and one .err per task: OUTPUT_DIR/submitit/<job id>/<job id>_<task>_log.out|err on SLURM,
+OUTPUT_DIR/submitit/<job id>_<task>_log.out|err with --cluster local. With --wait, a failed job's error line and
+log are printed. OUTPUT_DIR must be on a file system every node sees. Needs submitit: pip install 'dinokit[slurm]'."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -146,16 +148,14 @@ def run(args: argparse.Namespace) -> int:
     job = submit_training(argv, s)
     world = s.nodes * s.ntasks
     print(f"submitted job {job.job_id}: {s.nodes} node(s) x {s.ntasks} task(s) = world {world}; "
-          f"output {out}; logs {s.folder}")
+          f"output {out}; logs {_log_folder(job, s.folder)}/{job.job_id}_<task>_log.out|err")
     if not any(a.split("=")[0] in ("--save-every-steps", "--save_every_steps") for a in argv):
         print("hint: add --save-every-steps N to the train options so a requeue redoes at most N steps")
     if args.wait:
         try:
             results = job.results()  # one summary per task; rank 0's is the run's
-        except Exception as e:  # submitit's FailedJobError carries the job's tracebacks: its last line says why
-            lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-            raise DinokitError(f"job {job.job_id} failed: {lines[-1] if lines else type(e).__name__} "
-                               f"(logs in {s.folder})") from None
+        except Exception as e:
+            raise DinokitError(_job_failure(job, e, s.folder)) from None
         result = next((r for r in results if r.get("rank") == 0), results[0])
         from ..trainer import count_noun
 
@@ -163,3 +163,58 @@ def run(args: argparse.Namespace) -> int:
               f"{count_noun(result['iterations'], 'iteration')}, "
               f"{result['train_minutes']:.1f} min")
     return 0
+
+
+_TASK = re.compile(r"\(task[=:] ?(\d+)\)")
+_CLI_ERROR = re.compile(r"^dinokit [\w-]+: error: (.*\S)")
+
+
+def _error_line(text: str) -> str | None:
+    """The line of a job's output that says why it failed: dinokit's own ``dinokit train: error: ...`` line
+    (its message), else the exception line of the last Python traceback (``module.Error: message``)."""
+    lines = text.splitlines()
+    for line in reversed(lines):
+        m = _CLI_ERROR.match(line.strip())
+        if m:
+            return m.group(1)
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last):")]
+    if starts:
+        for line in lines[starts[-1] + 1:]:  # the frames are indented; the exception line is not
+            if line.strip() and not line[0].isspace():
+                return line.strip()
+    return None
+
+
+def _log_folder(job, folder: Path) -> Path:
+    """Where submitit writes the job's logs: ``folder/<job id>`` on SLURM, ``folder`` for the local executor."""
+    try:
+        return Path(job.paths.folder)
+    except Exception:  # not a submitit job (tests)
+        return folder
+
+
+def _task_log(job, task: int) -> Path | None:
+    """The stderr log of one task of a submitit job (``OUTPUT_DIR/submitit/<job id>_<task>_log.err``)."""
+    try:
+        return Path(job.task(task).paths.stderr)
+    except Exception:  # not a submitit job (tests), or a task id it does not know
+        return None
+
+
+def _job_failure(job, err: Exception, folder: Path) -> str:
+    """One line for a job that failed: the job's own error line, found in submitit's exception (the failed
+    task's traceback for ``FailedJobError``, the error stream for ``UncompletedJobError``) or else in the task's
+    stderr log, and that log's path. submitit's message ends with the log paths, never with the error."""
+    text = str(err)
+    m = _TASK.search(text)
+    log = _task_log(job, int(m.group(1)) if m else 0)
+    line = _error_line(text)
+    if line is None and log is not None:
+        try:
+            line = _error_line(log.read_text(errors="replace"))
+        except OSError:
+            pass
+    if line is None:  # neither a traceback nor an error line: the first line of submitit's message
+        line = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(err).__name__)
+    where = f"log: {log}" if log is not None and log.exists() else f"logs in {folder}"
+    return f"job {job.job_id} failed: {line} ({where})"
