@@ -674,3 +674,43 @@ def test_a_checkpoint_that_is_not_one_says_what_it_is(tmp_path):
     (tmp_path / "checkpoint.pth").write_bytes(b"")
     with pytest.raises(CheckpointError, match="it is empty"):
         load_checkpoint(tmp_path / "checkpoint.pth")
+
+
+_WORKER_ERROR_SCRIPT = """
+import sys
+import dinokit.trainer
+from dinokit.cli import main
+from dinokit.errors import DataError
+
+real = dinokit.trainer.AugmentedDataset.__getitem__
+
+
+def failing(self, item):  # the sampler yields (index, sample seed)
+    if (item[0] if isinstance(item, tuple) else item) == 5:
+        raise DataError("cannot decode image item 5 (injected)")
+    return real(self, item)
+
+
+dinokit.trainer.AugmentedDataset.__getitem__ = failing
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_error_in_a_loader_worker_ends_the_run_instead_of_hanging(data, tmp_path, workers):
+    """Workers ignore SIGTERM (the trainer stops them after its checkpoint); a worker's error left the loader
+    iterator referenced by the traceback at interpreter exit, where multiprocessing's exit hook SIGTERMs and joins
+    its children: the process printed its error and then waited forever (under torchrun the job stalled)."""
+    import subprocess
+    import sys
+
+    from .fault_injection import cli_env
+
+    args = train_args(data, tmp_path / "run", "--num-workers", workers)
+    try:
+        r = subprocess.run([sys.executable, "-c", _WORKER_ERROR_SCRIPT, *args], capture_output=True, text=True,
+                           timeout=120, env=cli_env())
+    except subprocess.TimeoutExpired:
+        pytest.fail("the run did not exit after its loader worker's error")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "cannot decode image item 5 (injected)" in r.stderr and "Traceback" not in r.stderr

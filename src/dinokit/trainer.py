@@ -1083,8 +1083,22 @@ class Trainer:
                               f"{self.global_batch}, {count_noun(len(self.dataset), 'image')}, "
                               f"{self.plan.niter_per_ep} it/epoch, "
                               f"{count_noun(self.loader.num_workers, 'loader worker')}")
-        with _StopSignals() as stop:
-            return self._fit(stop)
+        try:
+            with _StopSignals() as stop:
+                return self._fit(stop)
+        finally:
+            self._shutdown_loader_workers()
+
+    def _shutdown_loader_workers(self) -> None:
+        """End the data-loader workers now. They ignore SIGTERM (the training process stops them after its
+        checkpoint), so a loader iterator still referenced at interpreter exit — by an error's traceback, e.g. a
+        worker's decode error — made multiprocessing's exit hook wait for them forever."""
+        batches, self._batches = getattr(self, "_batches", None), None
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:  # multi-process iterators only
+            shutdown()
+            if getattr(self.loader, "_iterator", None) is batches:  # a persistent loader's: make a new one next time
+                self.loader._iterator = None
 
     STOP_CHECK_EVERY = 10  # at most this many iterations between the ranks' agreements on a stop request
     STOP_CHECK_SECONDS = 5.0  # and about this many seconds: slow iterations agree more often
@@ -1134,7 +1148,8 @@ class Trainer:
             bar = tqdm(total=n_this_epoch, initial=self.step_in_epoch, desc=f"epoch {epoch}", leave=False,
                        disable=not self.main or not sys.stderr.isatty(), dynamic_ncols=True)
             t_prev = time.perf_counter()
-            for batch in self.loader if self.step_in_epoch < n_this_epoch else ():
+            self._batches = iter(self.loader) if self.step_in_epoch < n_this_epoch else iter(())
+            for batch in self._batches:
                 t_data = time.perf_counter()
                 crops = self._to_device(batch)
                 stats = self.train_step(crops)
