@@ -166,6 +166,15 @@ def test_time_budget_plans_the_schedule(folder, tmp_path):
     assert t.lr_schedule[-1] == pytest.approx(t.cfg.min_lr, rel=0.5, abs=1e-6)
 
 
+def test_time_budget_is_planned_even_when_the_epochs_option_gives_fewer_iterations_than_the_timing(folder, tmp_path):
+    """--epochs 1 at 3 iterations per epoch ended the run after 3 iterations, before the budget was planned from
+    the speed of the first 8: the budget was silently ignored."""
+    t = Trainer(tiny(folder, tmp_path / "b", "--time-budget-minutes", "0.03", "--epochs", "1"))
+    assert t.plan.total_iters >= Trainer.CALIBRATION_ITERS
+    t.fit()
+    assert t.planned_from_budget and t.iteration == t.plan.total_iters > 3
+
+
 def _run_cli(*args, **kw):
     return subprocess.run([sys.executable, "-m", "dinokit", "train", *args], capture_output=True, text=True,
                           timeout=300, **kw)

@@ -595,7 +595,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.global_batch = cfg.batch_size_per_gpu * self.world
         self.base_lr = cfg.lr * self.global_batch / 256.0
-        self.plan = Plan(self.sampler.batches_per_epoch, cfg.epochs, cfg.epochs * self.sampler.batches_per_epoch)
+        epochs = cfg.epochs
+        if cfg.time_budget_minutes > 0:  # provisional: the budget's plan comes after the timed iterations, which
+            # must all fit (a few iterations per epoch used to end the run at --epochs before any plan was made)
+            epochs = max(epochs, math.ceil(self.CALIBRATION_ITERS / self.sampler.batches_per_epoch))
+        self.plan = Plan(self.sampler.batches_per_epoch, epochs, epochs * self.sampler.batches_per_epoch)
         self._build_schedules()
 
         self.epoch = 0  # next epoch to run
@@ -1100,6 +1104,7 @@ class Trainer:
             if getattr(self.loader, "_iterator", None) is batches:  # a persistent loader's: make a new one next time
                 self.loader._iterator = None
 
+    CALIBRATION_ITERS = 8  # a time budget is planned from the speed of at most this many first iterations
     STOP_CHECK_EVERY = 10  # at most this many iterations between the ranks' agreements on a stop request
     STOP_CHECK_SECONDS = 5.0  # and about this many seconds: slow iterations agree more often
 
@@ -1175,7 +1180,7 @@ class Trainer:
                     calib["n"] += 1
                     if calib["n"] > 2:  # skip warm-up iterations; the ranks agree on the slowest clock
                         calib["t"] = self._agree(calib["t"] + step_s + wait_s)[0]
-                    if calib["n"] >= 8 or (calib["n"] > 2 and calib["t"] > 20):
+                    if calib["n"] >= self.CALIBRATION_ITERS or (calib["n"] > 2 and calib["t"] > 20):
                         self._plan_from_budget(calib["t"] / (calib["n"] - 2))
                         need_plan, planned = False, True
                         since = (self.iteration, self.train_seconds)
