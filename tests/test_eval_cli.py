@@ -323,6 +323,26 @@ def test_file_system_errors_end_in_one_line(tmp_path, capsys, monkeypatch):
     assert err == f"dinokit knn: error: Is a directory: {tmp_path}"
 
 
+def test_a_stop_is_announced_by_rank_0_only(capsys, monkeypatch):
+    """Under torchrun every rank stops at the same iteration with the same message: it was printed once per
+    rank. Errors still print on every rank (they may differ)."""
+    from dinokit import cli
+    from dinokit.trainer import Stopped
+
+    def stop(args):
+        raise Stopped("SIGINT at iteration 80, checkpoint saved in out (epoch 1); the same command resumes from it",
+                      2)
+
+    monkeypatch.setattr(cli, "build_parser", lambda only=None: _FakeParser(stop))
+    for rank, printed in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert cli.main(["train"]) == 130
+        assert ("dinokit train: stopped: SIGINT at iteration 80" in capsys.readouterr().err) == printed
+    monkeypatch.setattr(cli, "build_parser", lambda only=None: _FakeParser(
+        lambda args: (_ for _ in ()).throw(IsADirectoryError(21, "Is a directory", "x"))))
+    assert cli.main(["train"]) == 1 and "error: Is a directory" in capsys.readouterr().err  # rank 1 too
+
+
 class _FakeParser:
     def __init__(self, run):
         self.run = run

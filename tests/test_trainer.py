@@ -500,3 +500,16 @@ def test_short_durations_in_messages_are_seconds():
 
     assert _minutes_or_seconds(2.4) == "2 s" and _minutes_or_seconds(59.4) == "59 s"
     assert _minutes_or_seconds(90) == "1.5 min"
+
+
+def test_the_collapse_warning_is_given_once_per_run(folder, tmp_path):
+    """It repeated on every epoch that qualified (107 lines after a resumed budgeted run)."""
+    cfg = tiny(folder, tmp_path / "c", "--epochs", "4", "--teacher-temp", "0.5", "--warmup-teacher-temp", "0.5")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(cfg).fit()
+    collapsed = [w for w in caught if "looks collapsed" in str(w.message)]
+    records = [json.loads(x) for x in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
+    flagged = [r for r in records if r["type"] == "epoch" and r["epoch"] >= 1
+               and (r["teacher_entropy"] > 0.98 * r["entropy_max"] or r["distinct_prototypes"] <= 1)]
+    assert len(flagged) >= 2 and len(collapsed) == 1

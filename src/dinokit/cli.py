@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import sys
 import warnings
 
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         with _one_line_warnings(args.command):
             return int(args._run(args) or 0)
     except DinokitError as e:
-        print(f"dinokit {args.command}: {getattr(e, 'label', 'error')}: {_message(e)}", file=sys.stderr)
+        if not (getattr(e, "label", "") == "stopped" and os.environ.get("RANK", "0") != "0"):  # every rank stops
+            print(f"dinokit {args.command}: {getattr(e, 'label', 'error')}: {_message(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"dinokit {args.command}: interrupted", file=sys.stderr)

@@ -1233,8 +1233,9 @@ class Trainer:
             diagnostics = self._collapse_diagnostics()
             if diagnostics:
                 record.update(diagnostics)
-                if record["epoch"] >= 1 and (record["teacher_entropy"] > 0.98 * record["entropy_max"]
-                                             or record["distinct_prototypes"] <= 1):
+                if record["epoch"] >= 1 and not getattr(self, "_collapse_warned", False) and (
+                        record["teacher_entropy"] > 0.98 * record["entropy_max"] or record["distinct_prototypes"] <= 1):
+                    self._collapse_warned = True  # once per run; every epoch record keeps the diagnostics
                     self._warn("the run looks collapsed (teacher targets uniform or one prototype); try a lower "
                                "--teacher-temp, a higher --momentum-teacher, or a longer --freeze-last-layer")
             if record["data_wait_frac"] is not None:
