@@ -378,3 +378,24 @@ def test_every_cli_alias_is_a_yaml_key_and_a_set_key(tmp_path, key):
             assert getattr(parse(["--set", f"{spelling}=8"]), name) in (8, "8")
     with pytest.raises(ConfigError, match="did you mean batch_size"):
         parse(["--set", "batch_siz=8"])
+
+
+def test_notes_name_options_that_are_ignored_or_risky_in_their_combination():
+    assert TrainConfig().notes() == []
+    cases = {
+        "embed_dim/num_heads (vit_custom only) ignored: vit_tiny has its own":
+            dict(arch="vit_tiny", embed_dim=96, num_heads=4),
+        "patch_size ignored: resnet18 has no patches": dict(arch="resnet18", patch_size=8),
+        "gpu_augment ignored: it applies to fast_augment's batched augmentation only": dict(gpu_augment=True),
+        "sinkhorn_iterations ignored: centering is centering": dict(sinkhorn_iterations=5),
+        "keep_last ignored: saveckp_freq 0 writes no numbered checkpoints": dict(keep_last=2, saveckp_freq=0),
+        "momentum_teacher_end 0.99 is below momentum_teacher 0.996: the teacher's EMA momentum will decrease":
+            dict(momentum_teacher_end=0.99),
+        "teacher_temp 0.2 is above 0.07, which the paper found unstable": dict(teacher_temp=0.2),
+    }
+    for note, kw in cases.items():
+        assert TrainConfig(**kw).notes() == [note]
+    for kw in (dict(arch="vit_custom", embed_dim=96, num_heads=4), dict(arch="timm:vit_tiny_patch16_224",
+               patch_size=8), dict(gpu_augment=True, fast_augment=True),
+               dict(centering="sinkhorn_knopp", sinkhorn_iterations=5), dict(keep_last=2), dict(teacher_temp=0.07)):
+        assert TrainConfig(**kw).notes() == [], kw

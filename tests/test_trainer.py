@@ -513,3 +513,8 @@ def test_the_collapse_warning_is_given_once_per_run(folder, tmp_path):
     flagged = [r for r in records if r["type"] == "epoch" and r["epoch"] >= 1
                and (r["teacher_entropy"] > 0.98 * r["entropy_max"] or r["distinct_prototypes"] <= 1)]
     assert len(flagged) >= 2 and len(collapsed) == 1
+
+
+def test_the_trainer_warns_about_ignored_options(folder, tmp_path):
+    with pytest.warns(UserWarning, match="keep_last ignored: saveckp_freq 0 writes no numbered checkpoints"):
+        Trainer(tiny(folder, tmp_path / "k", "--keep-last", "2", "--saveckp-freq", "0"))

@@ -241,6 +241,29 @@ class TrainConfig:
             self.precision = implied
         return self
 
+    def notes(self) -> list[str]:
+        """Warnings about options that are valid but ignored or risky in this combination (the trainer prints
+        each once): e.g. ``embed_dim`` for an architecture other than vit_custom."""
+        default = {f.name: f.default for f in fields(self)}
+        out = []
+        changed = [n for n in ("embed_dim", "depth", "num_heads") if getattr(self, n) != default[n]]
+        if changed and self.arch != "vit_custom":
+            out.append(f"{'/'.join(changed)} (vit_custom only) ignored: {self.arch} has its own")
+        if self.patch_size != default["patch_size"] and not self.arch.startswith(("vit", "deit", "timm:")):
+            out.append(f"patch_size ignored: {self.arch} has no patches")
+        if self.gpu_augment and not self.fast_augment:
+            out.append("gpu_augment ignored: it applies to fast_augment's batched augmentation only")
+        if self.sinkhorn_iterations != default["sinkhorn_iterations"] and self.centering != "sinkhorn_knopp":
+            out.append(f"sinkhorn_iterations ignored: centering is {self.centering}")
+        if self.keep_last and not self.saveckp_freq:
+            out.append("keep_last ignored: saveckp_freq 0 writes no numbered checkpoints")
+        if self.momentum_teacher_end < self.momentum_teacher:
+            out.append(f"momentum_teacher_end {self.momentum_teacher_end} is below momentum_teacher "
+                       f"{self.momentum_teacher}: the teacher's EMA momentum will decrease")
+        if self.teacher_temp > 0.07:
+            out.append(f"teacher_temp {self.teacher_temp} is above 0.07, which the paper found unstable")
+        return out
+
 
 @functools.cache
 def _field_types() -> dict[str, Any]:

@@ -540,6 +540,11 @@ class Trainer:
             tune_cpu_allocator()
         self.main = self.rank == 0
         self.out = Path(cfg.output_dir)
+        for note in cfg.notes():
+            self._warn(note)
+        if cfg.gpu_augment and cfg.fast_augment and self.device.type == "cpu":
+            self._warn("gpu_augment on a CPU device: the batched augmentation runs in the training process instead "
+                       "of the loader workers")
         if self.main and (cfg.knn_every or cfg.knn_every_minutes):
             from .monitor import knn_data
 
