@@ -47,6 +47,8 @@ def test_brace_expansion_and_specs(shards):
     assert not is_shard_spec(shards / "imgs") and not is_shard_spec("fashion-mnist:/data")
     with pytest.raises(DataError, match=r"000004.tar does not exist \(and 5 more\)"):
         resolve_shards(f"{shards}/sh/{{000000..000009}}.tar")
+    with pytest.raises(DataError, match=r"\*.tar does not exist; wildcards are not expanded: name the shards as"):
+        resolve_shards(f"{shards}/sh/*.tar")
 
 
 def test_shard_writes_webdataset_tars_with_an_index(shards):

@@ -143,7 +143,9 @@ def resolve_shards(spec: str | os.PathLike) -> tuple[list[Path], list[int], dict
     missing = [x for x in paths if not x.is_file()]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise DataError(f"shard {missing[0]} does not exist{more}")
+        glob = ("; wildcards are not expanded: name the shards as 'DIR/{000000..000009}.tar' or pass the folder "
+                "`dinokit shard` wrote") if any(c in s for c in "*?[") else ""
+        raise DataError(f"shard {missing[0]} does not exist{more}{glob}")
     indexes: dict[Path, dict[str, int]] = {}
     meta: dict[str, Any] = {}
     counts = []
