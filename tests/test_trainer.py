@@ -518,3 +518,16 @@ def test_the_collapse_warning_is_given_once_per_run(folder, tmp_path):
 def test_the_trainer_warns_about_ignored_options(folder, tmp_path):
     with pytest.warns(UserWarning, match="keep_last ignored: saveckp_freq 0 writes no numbered checkpoints"):
         Trainer(tiny(folder, tmp_path / "k", "--keep-last", "2", "--saveckp-freq", "0"))
+
+
+def test_resuming_with_another_number_of_processes_names_it(folder, tmp_path):
+    """The same iterations per epoch can come from another split (2 x 4 -> 1 x 8): allowed, but the data order
+    changes, so the warning names the processes (it named only a changed batch size)."""
+    out = tmp_path / "run"
+    Trainer(tiny(folder, out, "--epochs", "1")).fit()
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["world"] == 1
+    ckpt["world"] = 2
+    torch.save(ckpt, out / "checkpoint.pth")
+    with pytest.warns(UserWarning, match=r"options that differ from the run's: epochs 1 -> 2; processes 2 -> 1$"):
+        Trainer(tiny(folder, out, "--epochs", "2"))

@@ -758,6 +758,7 @@ class Trainer:
                                "collapse": self._collapse_diagnostics() if self.step_in_epoch else None},
             "rng": rng_state(),
             "loader_workers": self.loader.num_workers,
+            "world": self.world,
             "config": config_to_dict(self.cfg),
             "dinokit_version": _version(),
         }
@@ -792,6 +793,9 @@ class Trainer:
         changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in config_to_dict(self.cfg).items()
                    if k not in self.RESUME_FREE_OPTIONS and k in saved and saved[k] != v
                    and not (k == "data_path" and _same_data_spec(saved[k], v))]
+        world = ckpt.get("world")
+        if isinstance(world, int) and world != self.world:  # the same global batch can be split differently
+            changed.append(f"processes {world} -> {self.world}")
         if changed:
             budget = " (a time-budgeted run keeps its plan)" if (ckpt.get("plan") or {}).get("from_budget") else ""
             self._warn(f"resuming {path} with options that differ from the run's: {'; '.join(changed)}{budget}")
