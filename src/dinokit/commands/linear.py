@@ -21,7 +21,7 @@ from ._common import (
     write_json,
 )
 
-HELP = "linear-probe classification accuracy of frozen features (DINO protocol)"
+HELP = "linear-probe classification accuracy of frozen features (cached features; --augment: DINO protocol)"
 DESCRIPTION = """Linear probe on a frozen backbone (DINO paper §4.1; reference eval_linear.py).
 
 Feature: CLS tokens of the last --n-last-blocks blocks (ViT-S setting: 4), or with --avgpool-patchtokens
@@ -35,7 +35,9 @@ sweep is trained on them in the same run. --augment runs the reference protocol 
 flip on every training image every epoch (one backbone forward per image per epoch, shared by all --lr).
 Evaluation images: Resize(--resize-size, bicubic) + CenterCrop(--image-size); --image-size defaults to the size
 the ViT's position embedding was trained at (224 for the official checkpoints, the global crop size for dinokit
-runs), --resize-size to image_size*256/224 (equal to --image-size: the whole image).
+runs), --resize-size to image_size*256/224 (set it equal to --image-size to keep the whole of a square image).
+The default's numbers are not the paper's protocol: use --augment to compare with published results (the JSON
+records the mode).
 
 examples:
   dinokit linear --weights dino_deitsmall16_pretrain.pth --train-data imagenet/train --val-data imagenet/val
