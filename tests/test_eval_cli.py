@@ -506,3 +506,21 @@ def test_knn_and_linear_check_their_output_before_evaluating(setup, tmp_path, ca
                "--output", str(tmp_path), *COMMON])
     out, err = capsys.readouterr()
     assert rc == 2 and "--output" in err and "is a folder" in err and "top-1" not in out, err
+
+
+def test_features_with_a_paths_side_file_into_a_new_folder(setup, tmp_path, monkeypatch, capsys):
+    """A long paths list goes to OUT.paths.json; it was written before OUT's folder was created: the command
+    failed after the whole extraction when --out named a new folder."""
+    import dinokit.commands.features as features_cmd
+
+    tmp, train, _, ckpt, _ = setup
+    monkeypatch.setattr(features_cmd, "_MAX_INLINE_PATHS", 10)
+    out = tmp_path / "new" / "feats.safetensors"
+    rc = main(["features", "--weights", str(ckpt), "--data", str(train), "--out", str(out), "--num-workers", "0",
+               *COMMON])
+    assert rc == 0, capsys.readouterr().err
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert "paths" not in meta and meta["paths_file"] == "feats.safetensors.paths.json"
+    paths = json.loads((out.parent / meta["paths_file"]).read_text())
+    assert len(paths) == 12 and paths[0].startswith("a")

@@ -254,3 +254,12 @@ def test_attention_captions_name_a_class_only_where_there_is_one():
     img = Image.new("RGB", (40, 40), (200, 30, 30))
     page = _attention_section(vit, TrainConfig(global_crop_size=32), [(img, -1), (img, 2)])
     assert "<br>input</td>" in page and "<br>class 2</td>" in page and "class -1" not in page
+
+
+def test_a_projection_of_fewer_than_three_images_is_a_note_not_a_crash(run_dir, tmp_path):
+    """--points 1 (or a one-image run) raised IndexError from the 2-D PCA; the report promises notes instead."""
+    run = _copy_run(run_dir, tmp_path / "run")
+    r = subprocess.run([sys.executable, "-m", "dinokit", "report", str(run), "--points", "1", "--images", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "No projection: 1 image(s); it needs at least 3." in (run / "report.html").read_text()

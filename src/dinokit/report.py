@@ -250,6 +250,8 @@ def _projection_section(backbone, cfg, ds, n: int = 1000) -> str:
     f = torch.cat(feats)
     if not torch.isfinite(f).all():  # NaN/Inf weights: no PCA possible (the SVD would raise)
         return "<p class='note'>No projection: the features are not finite: the run diverged.</p>"
+    if len(f) < 3:  # a 2-D projection needs two components of the centred features
+        return f"<p class='note'>No projection: {len(f)} image(s); it needs at least 3.</p>"
     f = torch.nn.functional.normalize(f, dim=1)
     f = f - f.mean(0, keepdim=True)
     _, _, v = torch.linalg.svd(f, full_matrices=False)

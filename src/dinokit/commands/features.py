@@ -110,19 +110,19 @@ def run(args: argparse.Namespace) -> int:
     if classes:
         meta["classes"] = json.dumps(classes)
     samples = getattr(ds, "samples", None)
-    if samples is not None:
-        root = Path(getattr(ds, "root", os.path.commonpath([p for p, _ in samples]) if samples else "."))
-        rel = [os.path.relpath(samples[i][0], root) for i in index.tolist()]
-        meta["root"] = str(root.resolve())
-        text = json.dumps(rel)
-        if len(text) <= _MAX_INLINE_PATHS:
-            meta["paths"] = text
-        else:
-            side = out.with_name(out.name + ".paths.json")
-            side.write_text(text)
-            meta["paths_file"] = side.name
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)  # before the side file too, which goes beside --out
+        if samples is not None:
+            root = Path(getattr(ds, "root", os.path.commonpath([p for p, _ in samples]) if samples else "."))
+            rel = [os.path.relpath(samples[i][0], root) for i in index.tolist()]
+            meta["root"] = str(root.resolve())
+            text = json.dumps(rel)
+            if len(text) <= _MAX_INLINE_PATHS:
+                meta["paths"] = text
+            else:
+                side = out.with_name(out.name + ".paths.json")
+                side.write_text(text)
+                meta["paths_file"] = side.name
         save_file(tensors, str(out), metadata=meta)
     except OSError as e:
         raise DataError(f"cannot write {out}: {e.strerror or e}") from None
