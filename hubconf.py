@@ -10,7 +10,7 @@ checkpoints, dinokit ``.safetensors`` exports); nothing is ever downloaded. See 
 import os
 import sys
 
-dependencies = ["torch", "torchvision"]
+dependencies = ["torch", "torchvision", "safetensors", "numpy", "yaml", "tqdm"]
 
 try:
     import dinokit  # noqa: F401

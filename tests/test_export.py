@@ -104,6 +104,14 @@ def test_hub_entry_points_load_local_weights(tmp_path):
     with pytest.raises(CheckpointError, match="do not fit vit_base"):
         hub.dino_vitb16(weights=tmp_path / "dino_deitsmall16_pretrain.pth")
     assert hub.dino_vits8().patch_embed.proj.kernel_size == (8, 8)
+    # the reference's pretrained= keyword (it downloads): False is random weights, True needs a local file
+    m = torch.hub.load(str(ROOT), "dino_vits16", source="local", pretrained=False)
+    assert m.pos_embed.shape == (1, 197, 384)
+    for entry in (hub.dino_vits16, hub.dino_resnet50):
+        with pytest.raises(CheckpointError, match="dinokit never downloads weights: pass weights=<local file>"):
+            entry(pretrained=True)
+    assert torch.equal(hub.dino_vits16(weights=tmp_path / "dino_deitsmall16_pretrain.pth", pretrained=True).eval()(x),
+                       vit(x))
     rn = hub.dino_resnet50()
     assert isinstance(rn.fc, torch.nn.Identity)
 

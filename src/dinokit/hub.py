@@ -17,7 +17,8 @@ training checkpoint, a dinokit export) or get random weights.
 As in the reference the models return the CLS token (ResNet: the pooled 2048-d feature) from ``forward``; use
 ``get_intermediate_layers`` / ``get_last_selfattention`` for patch tokens and attention. The repository's
 top-level ``hubconf.py`` exposes the same functions for ``torch.hub.load(<repo dir>, "dino_vits16",
-source="local", weights=...)``.
+source="local", weights=...)``. The reference's ``pretrained=`` keyword is accepted: ``pretrained=False`` gives
+random weights, ``pretrained=True`` without ``weights=`` is an error (nothing is downloaded).
 """
 
 from __future__ import annotations
@@ -31,8 +32,16 @@ Path = str | os.PathLike
 __all__ = ["dino_vits16", "dino_vits8", "dino_vitb16", "dino_vitb8", "dino_resnet50"]
 
 
-def _state_dict(weights: Path | None, checkpoint_key: str) -> dict | None:
+def _state_dict(weights: Path | None, checkpoint_key: str, pretrained: bool | None = None) -> dict | None:
+    """The backbone state dict of ``weights``. ``pretrained`` is the reference's keyword (which downloads the
+    release): ``True`` without ``weights`` is refused, as dinokit never downloads; ``False`` means random weights."""
     if weights is None:
+        if pretrained:
+            from .errors import CheckpointError
+
+            raise CheckpointError("dinokit never downloads weights: pass weights=<local file> (e.g. an official "
+                                  "release such as dino_deitsmall16_pretrain.pth), or pretrained=False for random "
+                                  "weights")
         return None
     from .weights import extract_backbone_state_dict, safe_load
 
@@ -57,7 +66,7 @@ def _vit(arch: str, patch_size: int, weights, checkpoint_key: str, **kwargs) -> 
     from .models import build_backbone
     from .weights import stored_image_size
 
-    sd = _state_dict(weights, checkpoint_key)
+    sd = _state_dict(weights, checkpoint_key, kwargs.pop("pretrained", None))
     if sd is not None and "img_size" not in kwargs and stored_image_size(sd):
         kwargs["img_size"] = stored_image_size(sd)  # e.g. a run trained at 96 px: its position embedding's grid
     model = build_backbone(arch, patch_size=patch_size, num_classes=0, **kwargs)
@@ -90,7 +99,8 @@ def dino_resnet50(weights: Path | None = None, checkpoint_key: str = "teacher",
     loads with ``strict=False`` because the release has no ``fc``; here only ``fc.*`` may differ."""
     from torchvision.models import resnet50
 
+    pretrained = kwargs.pop("pretrained", None)
     model = resnet50(weights=None, **kwargs)
     model.fc = nn.Identity()
     model.num_features = 2048
-    return _load_into(model, _state_dict(weights, checkpoint_key), weights, "resnet50")
+    return _load_into(model, _state_dict(weights, checkpoint_key, pretrained), weights, "resnet50")
