@@ -263,3 +263,14 @@ def test_a_projection_of_fewer_than_three_images_is_a_note_not_a_crash(run_dir, 
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert "No projection: 1 image(s); it needs at least 3." in (run / "report.html").read_text()
+
+
+def test_report_data_that_does_not_exist_is_an_error(run_dir, tmp_path, capsys):
+    """Asked for explicitly, a missing --data folder gave exit 0 and only a note in the page."""
+    from dinokit.cli import main
+
+    run = _copy_run(run_dir, tmp_path / "run")
+    for spec in (str(tmp_path / "nope"), f"fashion-mnist:{tmp_path / 'nope'}"):
+        assert main(["report", str(run), "--data", spec]) == 2
+        assert f"--data {spec}: {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+    assert not (run / "report.html").exists()

@@ -26,6 +26,14 @@ def run(args: argparse.Namespace) -> int:
     if args.images < 0:
         raise ConfigError(f"--images must be >= 0, got {args.images}")
     check_positive("--points", args.points)
+    if args.data:  # asked for explicitly: a missing folder is an error, not a note in the page
+        from pathlib import Path
+
+        from ..errors import DataError
+
+        where = args.data.split(":", 1)[1] if args.data.startswith("fashion-mnist:") else args.data
+        if where and "{" not in where and not Path(where).expanduser().exists():
+            raise DataError(f"--data {args.data}: {where} does not exist")
     path = write_report(args.run_dir, n_images=args.images, projection_points=args.points, data=args.data)
     print(f"report: {path}")
     return 0
