@@ -129,3 +129,14 @@ def demo_config(sets: list[str], base: str | Path = DEMO_CONFIG, **fixed):
     cfg = apply_overrides(cfg, {"data_path": FASHION_MNIST, **fixed})
     return apply_overrides(cfg, parse_set_items(sets)).validate()
 
+
+def run_main(main: Callable[[], int], name: str) -> int:
+    """``main()`` with dinokit's one-line errors: a :class:`dinokit.errors.DinokitError` (a bad size, a corrupt
+    image, ...) prints ``<name>: error: <message>`` and exits 2 instead of a traceback."""
+    from dinokit.errors import DinokitError
+
+    try:
+        return main()
+    except DinokitError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info, median, spread  # noqa: E402
+from _common import machine_info, median, peak_rss_mib, run_main, spread  # noqa: E402
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
           "stereo_motorcycle", "camera")
@@ -122,6 +122,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     if a.upscale < 1 or (a.upscale != 1 and a.images is not None):
         raise SystemExit("--upscale takes a positive integer and applies to the sample photos only (not --images)")
+    if a.rounds < 1 or a.threads < 1 or a.local_crops_number < 0:
+        raise SystemExit("--rounds and --threads take positive integers, --local-crops-number one >= 0")
     if a.images is None:
         name = "dinokit-bench-photos" + ("" if a.upscale == 1 else f"-x{a.upscale}")
         files = sample_photos(Path(tempfile.gettempdir()) / name, a.upscale)
@@ -130,7 +132,24 @@ def main(argv=None) -> int:
         files = sorted(p for p in a.images.rglob("*") if p.suffix.lower() in exts)
         if not files:
             raise SystemExit(f"no images under {a.images}")
+        from dinokit.data import load_image
+        from dinokit.errors import DataError
+
+        unreadable = []
+        for f in files:
+            try:
+                load_image(f)
+            except DataError:
+                unreadable.append(f)
+        if unreadable:
+            print(f"augment.py: warning: left out {len(unreadable)} unreadable image(s), e.g. {unreadable[0]}",
+                  file=sys.stderr)
+            files = [f for f in files if f not in unreadable]
+        if not files:
+            raise SystemExit(f"no readable images under {a.images}")
     impls = [i.strip() for i in a.impl.split(",") if i.strip()]
+    if not impls:
+        raise SystemExit(f"--impl names no implementation; choose from {', '.join(IMPLS)}")
     skipped = [i for i in impls if not available(i)]
     impls = [i for i in impls if i not in skipped]
     fns = {i: build(i, a.local_crops_number) for i in impls}
@@ -153,7 +172,8 @@ def main(argv=None) -> int:
     if "fast" in by and "lightly" in by:
         ratios["fast vs lightly"] = by["fast"]["img_per_s"] / by["lightly"]["img_per_s"]
     record = {"img_per_s": res[0]["img_per_s"], "impl": res[0]["impl"], "results": res, "ratios": ratios,
-              "images": len(files), "image_dir": str(files[0].parent), "threads": a.threads,
+              "images": len(files), "image_dir": str(a.images if a.images is not None else files[0].parent),
+              "peak_rss_mib": peak_rss_mib(), "threads": a.threads,
               "local_crops_number": a.local_crops_number, "skipped": skipped,
               "command": " ".join(["python", "benchmarks/augment.py", *(sys.argv[1:] if argv is None else argv)]),
               "machine": machine_info()}
@@ -171,4 +191,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main, "augment.py"))

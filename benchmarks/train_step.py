@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _common import current_rss_mib, machine_info, median, peak_rss_mib, spread  # noqa: E402
+from _common import current_rss_mib, machine_info, median, peak_rss_mib, run_main, spread  # noqa: E402
 from matmul import block_shapes, gemm_libraries  # noqa: E402
 
 ARCHS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}
@@ -242,9 +242,18 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.steps < 1 or a.warmup < 0 or a.threads < 0:
+        raise SystemExit("--steps takes a positive integer, --warmup and --threads integers >= 0")
+    if a.gflop_per_step is not None and not a.gflop_per_step > 0:
+        raise SystemExit(f"--gflop-per-step must be > 0, got {a.gflop_per_step}")
     if a.threads:
         torch.set_num_threads(a.threads)
-    device = torch.device(a.device)
+    try:
+        device = torch.device(a.device)
+    except RuntimeError:
+        raise SystemExit(f"unknown --device {a.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
     impls = [s.strip() for s in a.impl.split(",") if s.strip()]
     precisions = [s.strip() for s in a.precision.split(",") if s.strip()]
     for i in impls:
@@ -384,4 +393,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main, "train_step.py"))
