@@ -274,3 +274,21 @@ def test_report_data_that_does_not_exist_is_an_error(run_dir, tmp_path, capsys):
         assert main(["report", str(run), "--data", spec]) == 2
         assert f"--data {spec}: {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
     assert not (run / "report.html").exists()
+
+
+def test_the_results_section_summarises_the_run_from_its_log(run_dir):
+    """The report showed no epochs, images/s or k-NN as text; 'No results.json' although the log had them."""
+    from dinokit.report import _run_summary, read_log
+
+    log = read_log(run_dir)
+    epochs = [r for r in log if r.get("type") == "epoch"]
+    s = _run_summary(log)
+    assert s["epochs done"] == 2 and s["iterations"] == epochs[-1]["iteration"] == 6
+    assert s["training minutes"] == round(epochs[-1]["train_minutes"], 2)
+    lo, hi = sorted(r["images_per_s"] for r in epochs)
+    assert lo * 0.999 <= s["images / s"] <= hi * 1.001  # time-weighted over the epochs
+    assert s["last epoch's loss"] == round(epochs[-1]["loss"], 4)
+    assert s["online k-NN top-1 (last)"] == s["online k-NN top-1 (best)"] == "55.00% at 0.0 min"
+    page = write_report(run_dir, n_images=1, projection_points=8).read_text()
+    assert "epochs done" in page and "online k-NN top-1 (best)" in page and "No results.json" not in page
+    assert _run_summary([]) == {} and _run_summary([{"type": "epoch"}, {}]) == {}

@@ -217,7 +217,7 @@ def training_stats(run_dir: str | Path, ckpt: dict, cfg) -> dict[str, Any]:
     iterations = int(ckpt.get("iteration", 0))
     plan = ckpt.get("plan") or {}
     niter = int(plan.get("niter_per_ep") or 0)
-    world = 1
+    world = int(ckpt.get("world") or 1)  # recorded by checkpoints since 2026-11-29; the demo runs one process
     global_batch = cfg.batch_size_per_gpu * world
     wait, total, prev = 0.0, 0.0, 0.0
     for r in epochs_rec:

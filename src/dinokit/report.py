@@ -267,6 +267,44 @@ def _projection_section(backbone, cfg, ds, n: int = 1000) -> str:
     return f'<img src="{_png(fig)}" alt="projection">'
 
 
+def _run_summary(log: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's headline numbers from its log: epochs and iterations done, training minutes, images/s and data
+    wait (time-weighted over the epochs that ran steps), the last epoch's loss, the last and best online k-NN."""
+    epochs = [r for r in log if isinstance(r, dict) and r.get("type") == "epoch" and _num(r, "epoch") is not None]
+    knn = [r for r in log if isinstance(r, dict) and r.get("type") == "knn" and _num(r, "knn_top1") is not None]
+    out: dict[str, Any] = {}
+    if epochs:
+        last = epochs[-1]
+        out["epochs done"] = int(_num(last, "epoch")) + 1
+        if _num(last, "iteration") is not None:
+            out["iterations"] = int(_num(last, "iteration"))
+        if _num(last, "train_minutes") is not None:
+            out["training minutes"] = round(_num(last, "train_minutes"), 2)
+        seconds = images = wait = 0.0
+        prev = 0.0
+        for r in epochs:
+            minutes = _num(r, "train_minutes")
+            if minutes is None:
+                continue
+            dt, prev = max(minutes - prev, 0.0) * 60, minutes
+            ips, frac = _num(r, "images_per_s"), _num(r, "data_wait_frac")
+            if ips and dt > 0:  # None or 0: no step of that epoch ran in its process (a resume)
+                seconds, images, wait = seconds + dt, images + ips * dt, wait + (frac or 0.0) * dt
+        if seconds > 0:
+            out["images / s"] = round(images / seconds, 1)
+            out["data wait"] = f"{100 * wait / seconds:.1f}%"
+        loss = _num(last, "loss")
+        if loss is not None and not _placeholder(last):
+            out["last epoch's loss"] = round(loss, 4)
+    if knn:
+        def at(r):
+            return f"{_num(r, 'knn_top1'):.2f}% at {_num(r, 'train_minutes') or 0.0:.1f} min"
+
+        out["online k-NN top-1 (last)"] = at(knn[-1])
+        out["online k-NN top-1 (best)"] = at(max(knn, key=lambda r: _num(r, "knn_top1")))
+    return out
+
+
 def _environment() -> dict[str, str]:
     env = {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
            "processor": platform.processor() or platform.machine(),
@@ -316,15 +354,19 @@ def write_report(run_dir: str | Path, n_images: int = 8, projection_points: int 
     log = read_log(run_dir)
     body: dict[str, str] = {}
 
+    summary = _run_summary(log)
+    body["results"] = _table(summary) if summary else ""
     results_path = run_dir / "results.json"
     if results_path.exists():
         try:
             res = json.loads(results_path.read_text())
-            body["results"] = _table({k: v for k, v in res.items() if not isinstance(v, (list, dict))})
+            body["results"] += ("<h3>results.json</h3>"
+                                + _table({k: v for k, v in res.items() if not isinstance(v, (list, dict))}))
         except (OSError, ValueError, AttributeError) as e:  # cut by a crash, not text, not a JSON object
-            body["results"] = f"<p class='note'>results.json is unreadable ({type(e).__name__}).</p>"
-    else:
-        body["results"] = "<p class='note'>No results.json (the demo writes k-NN results there).</p>"
+            body["results"] += f"<p class='note'>results.json is unreadable ({type(e).__name__}).</p>"
+    elif not summary:
+        body["results"] = ("<p class='note'>No log records and no results.json (the demo writes k-NN results "
+                           "there).</p>")
 
     pics, notes = _curves(log) if log else ([], [])
     body["curves"] = ("".join(f'<figure><img src="{src}" alt="{html.escape(t)}"><figcaption>{html.escape(t)}'
