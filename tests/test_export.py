@@ -112,6 +112,9 @@ def test_hub_entry_points_load_local_weights(tmp_path):
             entry(pretrained=True)
     assert torch.equal(hub.dino_vits16(weights=tmp_path / "dino_deitsmall16_pretrain.pth", pretrained=True).eval()(x),
                        vit(x))
+    torch.save({"teacher": vit.state_dict(), "student": vit.state_dict()}, tmp_path / "full.pth")
+    with pytest.raises(CheckpointError, match=r"has no 'bogus' entry .*; choose one with checkpoint_key=$"):
+        hub.dino_vits16(weights=tmp_path / "full.pth", checkpoint_key="bogus")
     rn = hub.dino_resnet50()
     assert isinstance(rn.fc, torch.nn.Identity)
 

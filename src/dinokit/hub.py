@@ -43,9 +43,13 @@ def _state_dict(weights: Path | None, checkpoint_key: str, pretrained: bool | No
                                   "release such as dino_deitsmall16_pretrain.pth), or pretrained=False for random "
                                   "weights")
         return None
+    from .errors import CheckpointError
     from .weights import extract_backbone_state_dict, safe_load
 
-    return extract_backbone_state_dict(safe_load(weights), checkpoint_key)
+    try:
+        return extract_backbone_state_dict(safe_load(weights), checkpoint_key)
+    except CheckpointError as e:  # its advice names the CLI's option
+        raise CheckpointError(str(e).replace("--checkpoint-key", "checkpoint_key=")) from None
 
 
 def _load_into(model: nn.Module, sd: dict | None, weights: Path | None, what: str) -> nn.Module:
