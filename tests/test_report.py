@@ -254,6 +254,9 @@ def test_attention_captions_name_a_class_only_where_there_is_one():
     img = Image.new("RGB", (40, 40), (200, 30, 30))
     page = _attention_section(vit, TrainConfig(global_crop_size=32), [(img, -1), (img, 2)])
     assert "<br>input</td>" in page and "<br>class 2</td>" in page and "class -1" not in page
+    page = _attention_section(vit, TrainConfig(global_crop_size=32), [(img, 1), (img, 5)],
+                              classes=["cat", "dog <b>"])
+    assert "<br>class dog &lt;b&gt;</td>" in page and "<br>class 5</td>" in page  # names where known, escaped
 
 
 def test_a_projection_of_fewer_than_three_images_is_a_note_not_a_crash(run_dir, tmp_path):

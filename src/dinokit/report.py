@@ -204,7 +204,7 @@ def _test_images(cfg, n: int, data: str | None = None):
     return out, ds
 
 
-def _attention_section(backbone, cfg, images, threshold: float = 0.6) -> str:
+def _attention_section(backbone, cfg, images, threshold: float = 0.6, classes: list[str] | None = None) -> str:
     from PIL import Image
 
     from .eval.attention import attention_maps, colormap, threshold_masks
@@ -219,7 +219,8 @@ def _attention_section(backbone, cfg, images, threshold: float = 0.6) -> str:
             return "<p class='note'>No attention maps: the attention is not finite: the run diverged.</p>"
         masks = threshold_masks(attn, threshold)
         size = (x.shape[-1] * 4, x.shape[-2] * 4) if x.shape[-1] < 96 else (x.shape[-1], x.shape[-2])
-        caption = f"class {label}" if label >= 0 else "input"  # -1: an image without a class
+        name = classes[label] if classes and 0 <= label < len(classes) else label  # the folder's name if known
+        caption = f"class {html.escape(str(name))}" if label >= 0 else "input"  # -1: an image without a class
         cells = [f'<td><img src="{_pil_png(img.resize(size))}" alt="input"><br>{caption}</td>']
         for h in range(attn.shape[0]):
             heat = Image.fromarray(colormap(attn[h].numpy())).resize(size, Image.NEAREST)
@@ -390,7 +391,8 @@ def write_report(run_dir: str | Path, n_images: int = 8, projection_points: int 
                 if n_images == 0:
                     body["attention"] = "<p class='note'>No attention grid (--images 0).</p>"
                 elif hasattr(backbone, "get_last_selfattention"):
-                    body["attention"] = _attention_section(backbone, cfg, images)
+                    body["attention"] = _attention_section(backbone, cfg, images,
+                                                           classes=list(getattr(ds, "classes", None) or []))
                 else:
                     body["attention"] = "<p class='note'>This backbone is not a ViT: no attention maps.</p>"
                 body["projection"] = _projection_section(backbone, cfg, ds, projection_points)
