@@ -363,6 +363,10 @@ def test_loader_workers_auto_is_the_papers_10_at_most_one_per_cpu(folder, tmp_pa
     monkeypatch.setattr(T.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert T.loader_workers(-1) == 10  # a GPU node: the reference's count
+    monkeypatch.delattr(T.os, "sched_getaffinity", raising=False)  # not Linux: os.cpu_count()
+    monkeypatch.setattr(T.os, "cpu_count", lambda: 6)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert T.cpus_per_process() == 3
 
     monkeypatch.setattr(T.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE")

@@ -381,7 +381,7 @@ def cpus_per_process() -> int:
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
-        cpus = os.cpucount_noun() or 1
+        cpus = os.cpu_count() or 1
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     return max(1, cpus // max(1, local))
 
