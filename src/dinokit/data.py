@@ -34,7 +34,7 @@ from PIL import Image, ImageOps
 from .errors import ConfigError, DataError, DinokitError
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "FASHION_MNIST_CLASSES", "DEFAULT_FASHION_MNIST_DIRS", "to_rgb", "load_image",
+    "IMAGE_EXTENSIONS", "FASHION_MNIST_CLASSES", "DEFAULT_FASHION_MNIST_DIRS", "to_rgb", "as_rgb", "load_image",
     "ImageFolderDataset", "TensorImageDataset", "load_idx", "save_idx", "load_fashion_mnist", "build_dataset",
     "count_skipped", "download_fashion_mnist",
 ]
@@ -121,6 +121,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
         raise DataError(f"cannot convert an image of PIL mode {mode!r} to RGB: {err}") from err
 
 
+def as_rgb(img: Image.Image) -> Image.Image:
+    """A PIL image as :func:`load_image` reads a file: EXIF orientation applied (a broken EXIF block keeps it as
+    stored) and converted by :func:`to_rgb` (16-bit and float images rescaled, not clipped to white). Never the
+    caller's object: a new image is returned (also detached from the file an opened image reads)."""
+    try:
+        oriented = ImageOps.exif_transpose(img)  # a copy, also when there is nothing to rotate
+    except Exception:  # a broken EXIF block must not lose the image; keep it un-rotated
+        oriented = img
+    out = to_rgb(oriented)
+    return out.copy() if out is img else out
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open ``path`` with PIL, decode it fully, apply its EXIF orientation and convert it to RGB
     (:func:`to_rgb`).
@@ -135,14 +147,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()  # force the decode now so truncated files fail here, not later
-                img = im
-                try:
-                    img = ImageOps.exif_transpose(im)
-                except Exception:  # a broken EXIF block must not lose the image; keep it un-rotated
-                    img = im
-                img = to_rgb(img)
-                if img is im:  # detach from the file handle closed by the `with`
-                    img = img.copy()
+                img = as_rgb(im)
     except DataError as err:
         raise DataError(f"{path}: {err}") from err
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError, Image.DecompressionBombError,

@@ -324,19 +324,14 @@ _BUFFER_REPR = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 def decode_image(data: bytes, name: str = "<bytes>"):
     """Encoded image bytes -> RGB PIL image (EXIF orientation applied, every mode converted as for folders)."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
-    from .data import to_rgb
+    from .data import as_rgb
 
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            try:
-                img = ImageOps.exif_transpose(im)
-            except Exception:
-                img = im
-            img = to_rgb(img)
-            return img.copy() if img is im else img
+            return as_rgb(im)
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL names its in-memory file: leave that out
         raise DataError(f"cannot decode image {name}: {type(e).__name__}: {_BUFFER_REPR.sub('', str(e))}") from e
 

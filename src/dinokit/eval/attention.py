@@ -27,9 +27,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..data import to_rgb
+from ..data import as_rgb, to_rgb
 from ..errors import ConfigError
-from .retrieval import as_rgb
 
 __all__ = ["prepare_image", "attention_maps", "threshold_masks", "save_attention_images", "colormap",
            "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -77,7 +76,7 @@ def prepare_image(image: Image.Image, image_size: int | Sequence[int] | None, pa
                   ) -> tuple[torch.Tensor, Image.Image]:
     """``(normalised tensor [3, H, W], the RGB image at that size)`` with ``H, W`` multiples of ``patch_size``
     (see the module docstring for ``image_size``). ``image`` is first converted as :func:`dinokit.data.load_image`
-    reads files (EXIF orientation, 16-bit images rescaled; :func:`~dinokit.eval.retrieval.as_rgb`), so an image
+    reads files (EXIF orientation, 16-bit images rescaled; :func:`dinokit.data.as_rgb`), so an image
     opened with PIL gives the maps of the file."""
     from torchvision.transforms import functional as TF
 

@@ -39,10 +39,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..data import load_image
+from ..data import as_rgb, load_image
 from ..errors import ConfigError, DataError
 from ..models.linear import matmul_nt
-from .retrieval import as_rgb
 from .whitening import patch_crop
 
 __all__ = [
@@ -106,7 +105,7 @@ def read_frame(path: str | Path | Image.Image, short_side: int = 480, multiple: 
 
     A frame is read as :func:`dinokit.data.load_image` reads images (EXIF orientation, every PIL mode to 8-bit
     RGB, 16-bit images rescaled rather than clipped); a PIL image goes through the same conversion
-    (:func:`~dinokit.eval.retrieval.as_rgb`). An unreadable file is a :class:`DataError` naming it."""
+    (:func:`dinokit.data.as_rgb`). An unreadable file is a :class:`DataError` naming it."""
     img = as_rgb(path) if isinstance(path, Image.Image) else load_image(path)
     ori_w, ori_h = img.size
     h, w = frame_size(ori_h, ori_w, short_side, multiple)

@@ -40,10 +40,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import nn
 
-from ..data import load_image, to_rgb
+from ..data import as_rgb, load_image  # as_rgb: re-exported (the PIL-image form of load_image)
 from ..errors import ConfigError, DataError
 from .whitening import PCAWhitening, describe, l2n
 
@@ -368,19 +368,6 @@ def load_place_dataset(root: str | Path) -> tuple[list[Path], list[Path], list[l
 #: out would shift the database indices the ground truth refers to, so the run stops instead).
 UNREADABLE_HINT = ("fix or replace the file, or remove it (and its ground-truth entries): retrieval and copy detection "
                    "cannot leave a listed image out")
-
-
-def as_rgb(img: Image.Image) -> Image.Image:
-    """A PIL image as :func:`dinokit.data.load_image` reads a file: EXIF orientation applied (a broken EXIF block
-    keeps it as stored) and converted by :func:`dinokit.data.to_rgb` (16-bit and float images rescaled, not
-    clipped to white). Never the caller's object: a new image is returned. For the APIs that take a PIL image
-    (DAVIS frames, attention maps)."""
-    try:
-        oriented = ImageOps.exif_transpose(img)  # a copy, also when there is nothing to rotate
-    except Exception:  # as load_image: a broken EXIF block must not lose the image
-        oriented = img
-    out = to_rgb(oriented)
-    return out.copy() if out is img else out
 
 
 def load_rgb(path: str | Path) -> Image.Image:
