@@ -184,8 +184,6 @@ class TrainConfig:
                      "warmup_teacher_temp_epochs", "time_budget_minutes", "knn_every", "knn_every_minutes"):
             at_least(name, 0)
         at_least("knn_subset", 0, " (0: every image)")
-        if not 0 <= self.center_momentum <= 1:
-            bad(f"center_momentum must be in [0, 1], got {self.center_momentum}")
         if not 0 <= self.solarize_prob <= 1 or not all(0 <= p <= 1 for p in self.blur_prob):
             bad(f"blur_prob and solarize_prob must be probabilities in [0, 1], got {tuple(self.blur_prob)} and "
                 f"{self.solarize_prob}")
@@ -218,7 +216,7 @@ class TrainConfig:
         if self.out_dim <= 0:
             bad("out_dim must be positive")
         at_least("clip_grad", 0, " (0: no clipping)")
-        for name in ("momentum_teacher", "momentum_teacher_end"):
+        for name in ("momentum_teacher", "momentum_teacher_end", "center_momentum"):
             if not 0 <= getattr(self, name) <= 1:
                 bad(f"{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("teacher_temp", "warmup_teacher_temp", "student_temp"):

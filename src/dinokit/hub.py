@@ -35,15 +35,14 @@ __all__ = ["dino_vits16", "dino_vits8", "dino_vitb16", "dino_vitb8", "dino_resne
 def _state_dict(weights: Path | None, checkpoint_key: str, pretrained: bool | None = None) -> dict | None:
     """The backbone state dict of ``weights``. ``pretrained`` is the reference's keyword (which downloads the
     release): ``True`` without ``weights`` is refused, as dinokit never downloads; ``False`` means random weights."""
+    from .errors import CheckpointError
+
     if weights is None:
         if pretrained:
-            from .errors import CheckpointError
-
             raise CheckpointError("dinokit never downloads weights: pass weights=<local file> (e.g. an official "
                                   "release such as dino_deitsmall16_pretrain.pth), or pretrained=False for random "
                                   "weights")
         return None
-    from .errors import CheckpointError
     from .weights import extract_backbone_state_dict, safe_load
 
     try:
@@ -71,8 +70,8 @@ def _vit(arch: str, patch_size: int, weights, checkpoint_key: str, **kwargs) -> 
     from .weights import stored_image_size
 
     sd = _state_dict(weights, checkpoint_key, kwargs.pop("pretrained", None))
-    if sd is not None and "img_size" not in kwargs and stored_image_size(sd):
-        kwargs["img_size"] = stored_image_size(sd)  # e.g. a run trained at 96 px: its position embedding's grid
+    if sd is not None and "img_size" not in kwargs and (size := stored_image_size(sd, class_tokens=(1,))):
+        kwargs["img_size"] = size  # e.g. a run trained at 96 px: its position embedding's grid
     model = build_backbone(arch, patch_size=patch_size, num_classes=0, **kwargs)
     return _load_into(model, sd, weights, f"{arch} (patch {patch_size})")
 

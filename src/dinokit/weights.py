@@ -325,12 +325,7 @@ def infer_arch(state_dict: dict[str, torch.Tensor], hints: dict[str, Any] | None
         if ph != pw:
             raise CheckpointError(f"non-square patches {ph}x{pw} are not supported")
         depth = len({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
-        pos = state_dict.get("pos_embed")
-        img_size = None
-        if pos is not None and pos.ndim == 3:
-            side = math.isqrt(pos.shape[1] - 1)
-            if side * side == pos.shape[1] - 1:
-                img_size = side * pw
+        img_size = stored_image_size(state_dict, class_tokens=(1,))
         heads = hints.get("num_heads")
         std = STANDARD_VITS.get((embed_dim, depth))
         if heads is None:
@@ -408,13 +403,14 @@ def _is_vit_arch(arch: str) -> bool:
     return arch.startswith(("vit_", "deit_"))
 
 
-def stored_image_size(sd: dict[str, torch.Tensor]) -> int | None:
-    """The image size a (timm-style) position embedding was stored at: ``sqrt(grid tokens) * patch``, with 1 or
-    0 class tokens before the grid; ``None`` without a square grid."""
+def stored_image_size(sd: dict[str, torch.Tensor], class_tokens: tuple[int, ...] = (1, 0)) -> int | None:
+    """The image size a ViT's position embedding was stored at: ``sqrt(grid tokens) * patch``, with the first of
+    ``class_tokens`` (1 for the reference ViT; 1 or 0 for timm models) that leaves a square grid; ``None``
+    without one."""
     pos, w = sd.get("pos_embed"), sd.get("patch_embed.proj.weight")
     if pos is None or w is None or pos.ndim != 3 or w.ndim != 4:
         return None
-    for prefix in (1, 0):
+    for prefix in class_tokens:
         side = math.isqrt(max(pos.shape[1] - prefix, 0))
         if side and side * side == pos.shape[1] - prefix:
             return side * int(w.shape[-1])

@@ -166,9 +166,6 @@ def _build_torchvision(name: str, **kwargs) -> nn.Module:
     return _guard_strided_convs(model)
 
 
-_TIMM_OPTIONAL = ("dynamic_img_size", "img_size", "patch_size")
-
-
 def timm_patch_size(model: nn.Module) -> int | None:
     p = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     if isinstance(p, (tuple, list)) and p:
