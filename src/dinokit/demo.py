@@ -180,26 +180,13 @@ def _eval_backbone(backbone, train_x, train_y, test_x, test_y, size, mean, std, 
 
 # ----------------------------------------------------------------------------------------------- the log
 
-def _read_log(run_dir: Path) -> list[dict]:
-    path = run_dir / "log.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
-
-
 def knn_curve(run_dir: str | Path) -> list[dict[str, float]]:
     """The online k-NN monitor's records of ``RUN/log.jsonl``: ``[{train_minutes, epoch, iteration, knn_top1}]``
     (on the monitor's subsets, CLS feature)."""
     out = []
-    for r in _read_log(Path(run_dir)):
+    from .report import read_log
+
+    for r in read_log(run_dir):
         if r.get("type") == "knn" and "knn_top1" in r:
             out.append({"train_minutes": round(float(r.get("train_minutes", math.nan)), 3),
                         "epoch": r.get("epoch"), "iteration": r.get("iteration"),
@@ -211,7 +198,9 @@ def knn_curve(run_dir: str | Path) -> list[dict[str, float]]:
 def training_stats(run_dir: str | Path, ckpt: dict, cfg) -> dict[str, Any]:
     """Training minutes, images/s, epochs (fractional: iterations / iterations per epoch), iterations and the
     data-wait fraction (time-weighted over the epochs' log records), from the checkpoint and the log."""
-    records = _read_log(Path(run_dir))
+    from .report import read_log
+
+    records = read_log(run_dir)
     epochs_rec = [r for r in records if r.get("type") == "epoch"]
     seconds = float(ckpt.get("train_seconds", 0.0))
     iterations = int(ckpt.get("iteration", 0))

@@ -32,16 +32,20 @@ __all__ = ["write_report", "read_log"]
 _SECTIONS = ("results", "curves", "attention", "projection", "config", "environment")
 
 
-def read_log(run_dir: Path) -> list[dict[str, Any]]:
+def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of ``run_dir/log.jsonl`` (``[]`` without one); lines that are not a JSON object (cut by a
+    crash, blank) are skipped. Shared by the report and the demo."""
     path = Path(run_dir) / "log.jsonl"
-    if not path.exists():
+    if not path.is_file():
         return []
     out = []
     for line in path.read_text().splitlines():
         try:
-            out.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line cut by a crash
+            continue
+        if isinstance(record, dict):
+            out.append(record)
     return out
 
 
@@ -86,9 +90,9 @@ def _curves(log: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], list[str]
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    train = [r for r in log if isinstance(r, dict) and r.get("type") == "train"]
-    epochs = [r for r in log if isinstance(r, dict) and r.get("type") == "epoch"]
-    knn = [r for r in log if isinstance(r, dict) and r.get("type") == "knn"]
+    train = [r for r in log if r.get("type") == "train"]
+    epochs = [r for r in log if r.get("type") == "epoch"]
+    knn = [r for r in log if r.get("type") == "knn"]
     pics: list[tuple[str, str]] = []
     notes: list[str] = []
 
@@ -271,8 +275,8 @@ def _projection_section(backbone, cfg, ds, n: int = 1000) -> str:
 def _run_summary(log: list[dict[str, Any]]) -> dict[str, Any]:
     """The run's headline numbers from its log: epochs and iterations done, training minutes, images/s and data
     wait (time-weighted over the epochs that ran steps), the last epoch's loss, the last and best online k-NN."""
-    epochs = [r for r in log if isinstance(r, dict) and r.get("type") == "epoch" and _num(r, "epoch") is not None]
-    knn = [r for r in log if isinstance(r, dict) and r.get("type") == "knn" and _num(r, "knn_top1") is not None]
+    epochs = [r for r in log if r.get("type") == "epoch" and _num(r, "epoch") is not None]
+    knn = [r for r in log if r.get("type") == "knn" and _num(r, "knn_top1") is not None]
     out: dict[str, Any] = {}
     if epochs:
         last = epochs[-1]
