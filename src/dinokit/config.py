@@ -205,10 +205,7 @@ class TrainConfig:
             bad(f"local_crop_size ({self.local_crop_size}) is larger than global_crop_size "
                 f"({self.global_crop_size})")
         if self.arch.startswith(("vit", "deit")):
-            sizes = [("global_crop_size", self.global_crop_size)]
-            if self.local_crops_number > 0:
-                sizes.append(("local_crop_size", self.local_crop_size))
-            for name, size in sizes:
+            for name, size in self.crop_sizes():
                 if size % self.patch_size:
                     bad(f"{name} {size} is not divisible by patch_size {self.patch_size}")
         if self.warmup_teacher_temp_epochs > self.epochs and self.time_budget_minutes <= 0:
@@ -238,6 +235,14 @@ class TrainConfig:
                     f"with precision {self.precision}: drop one of the two")
             self.precision = implied
         return self
+
+    def crop_sizes(self) -> list[tuple[str, int]]:
+        """``(option, size)`` of the crops the run feeds the backbone: the global crops, and the local ones when
+        there are any."""
+        sizes = [("global_crop_size", self.global_crop_size)]
+        if self.local_crops_number > 0:
+            sizes.append(("local_crop_size", self.local_crop_size))
+        return sizes
 
     def notes(self) -> list[str]:
         """Warnings about options that are valid but ignored or risky in this combination (the trainer prints

@@ -197,7 +197,7 @@ def _check_crops_fit_patches(cfg: TrainConfig, backbone: nn.Module) -> None:
     ``TrainConfig.validate`` (timm and torchvision would assert at the first forward)."""
     fixed = getattr(backbone, "image_size", None)  # torchvision's ViTs take only the size they were built for
     if isinstance(fixed, int) and not cfg.arch.startswith("timm:"):
-        sizes = {cfg.global_crop_size} | ({cfg.local_crop_size} if cfg.local_crops_number > 0 else set())
+        sizes = {size for _, size in cfg.crop_sizes()}
         if sizes != {fixed}:
             raise ConfigError(f"torchvision's {cfg.arch} takes only {fixed}-px images, not the crop sizes "
                               f"{', '.join(map(str, sorted(sizes)))}; use dinokit's vit_tiny/vit_small/vit_base (or "
@@ -211,10 +211,7 @@ def _check_crops_fit_patches(cfg: TrainConfig, backbone: nn.Module) -> None:
     patch = timm_patch_size(backbone)
     if not patch:
         return
-    sizes = [("global_crop_size", cfg.global_crop_size)]
-    if cfg.local_crops_number > 0:
-        sizes.append(("local_crop_size", cfg.local_crop_size))
-    for name, size in sizes:
+    for name, size in cfg.crop_sizes():
         if size % patch:
             raise ConfigError(f"{name} {size} is not divisible by the patch size {patch} of {cfg.arch}")
 
