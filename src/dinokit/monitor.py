@@ -61,9 +61,13 @@ def _tensor_features(backbone, ds, cfg: TrainConfig, device, batch_size: int = 1
         return None
     if idx is not None:
         images = images[torch.as_tensor(idx)]
+    from .eval.knn import require_finite
+
     out = [backbone(tensor_eval_batch(images[i:i + batch_size], cfg.global_crop_size).to(device)).float().cpu()
            for i in range(0, len(images), batch_size)]
-    return torch.cat(out)
+    feats = torch.cat(out)
+    require_finite(feats, "the model's k-NN monitor features")  # as extract_features checks the other path's
+    return feats
 
 
 def knn_data(cfg: TrainConfig):
@@ -96,7 +100,7 @@ def knn_data(cfg: TrainConfig):
 
 def online_knn(backbone: torch.nn.Module, cfg: TrainConfig, device: torch.device, k: int = 20,
                T: float = 0.07) -> dict[str, Any]:
-    from .eval.knn import drop_unreadable, extract_features, knn_classifier, require_finite
+    from .eval.knn import drop_unreadable, extract_features, knn_classifier
 
     (train_ds, train_labels), (val_ds, val_labels) = knn_data(cfg)
     was_training = backbone.training
@@ -112,8 +116,6 @@ def online_knn(backbone: torch.nn.Module, cfg: TrainConfig, device: torch.device
             fval, val_labels = drop_unreadable(val_ds, "k-NN monitor's validation", fval, val_labels)
     finally:
         backbone.train(was_training)
-    for f in (ftrain, fval):  # a diverged teacher: stop with one line rather than log a meaningless score
-        require_finite(f, "the model's k-NN monitor features")
     ftrain = torch.nn.functional.normalize(ftrain, dim=1)
     fval = torch.nn.functional.normalize(fval, dim=1)
     top1, top5 = knn_classifier(ftrain, train_labels, fval, val_labels, k, T)
