@@ -38,6 +38,14 @@ def cpu_flags() -> list[str]:
     return []
 
 
+def _native_bf16() -> bool:
+    try:
+        from dinokit.trainer import cpu_supports_bf16
+        return cpu_supports_bf16()
+    except Exception:
+        return False
+
+
 def machine_info() -> dict:
     import torch
 
@@ -51,6 +59,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "mkldnn_bf16": bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()),
+        "native_bf16": _native_bf16(),  # what precision auto decides by (oneDNN's check is true when it emulates)
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     for mod in ("torchvision", "timm", "PIL", "numpy", "lightly"):

@@ -535,3 +535,59 @@ def test_resuming_with_another_number_of_processes_names_it(folder, tmp_path):
     torch.save(ckpt, out / "checkpoint.pth")
     with pytest.warns(UserWarning, match=r"options that differ from the run's: epochs 1 -> 2; processes 2 -> 1$"):
         Trainer(tiny(folder, out, "--epochs", "2"))
+
+
+@pytest.mark.parametrize("machine, avx512_bf16, amx, onednn, expected", [
+    ("x86_64", False, False, True, "fp32"),   # AVX-512 without BF16: oneDNN says yes (emulation), autocast is slower
+    ("x86_64", True, False, True, "bf16"),    # AVX512-BF16 (Zen 4/5, Cooper Lake)
+    ("x86_64", False, True, True, "bf16"),    # AMX (Sapphire Rapids and later)
+    ("AMD64", False, False, True, "fp32"),
+    ("aarch64", False, False, True, "bf16"),  # elsewhere oneDNN's check (ARM: the BF16 extension)
+    ("aarch64", False, False, False, "fp32"),
+])
+def test_auto_precision_takes_bf16_only_where_the_cpu_has_native_bf16(monkeypatch, machine, avx512_bf16, amx,
+                                                                     onednn, expected):
+    import platform
+
+    from dinokit import trainer as tr
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
+    assert tr.resolve_precision("auto", torch.device("cpu")) == expected
+    assert tr.resolve_precision("bf16", torch.device("cpu")) == "bf16"  # asked for explicitly: kept
+    assert tr.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+
+
+def test_auto_precision_on_this_machine_agrees_with_its_cpu_flags():
+    import platform
+
+    from dinokit.trainer import resolve_precision
+    if platform.machine() != "x86_64":
+        pytest.skip("x86-64 check")
+    flags = ""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo")
+    native = " avx512_bf16" in flags or " amx_tile" in flags
+    assert resolve_precision("auto", torch.device("cpu")) == ("bf16" if native else "fp32")
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_explicit_bf16_on_a_cpu_that_emulates_it_is_named(folder, tmp_path, monkeypatch, native):
+    from dinokit import trainer as tr
+    monkeypatch.setattr(tr, "cpu_supports_bf16", lambda: native)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        t = Trainer(tiny(folder, tmp_path / "out", "--precision", "bf16"))
+    assert t.precision == "bf16"  # kept: the user asked for it
+    emulated = [str(w.message) for w in record if "without native bf16" in str(w.message)]
+    assert len(emulated) == (0 if native else 1)
+    if not native:
+        assert "precision auto picks fp32" in emulated[0]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        auto = Trainer(tiny(folder, tmp_path / "out2", "--precision", "auto"))
+    assert auto.precision == ("bf16" if native else "fp32")
+    assert not [w for w in record if "without native bf16" in str(w.message)]

@@ -118,8 +118,9 @@ class TrainConfig:
                           "at most one per CPU available to the process. The crops do not depend on it; for tar "
                           "shards the batch order does (resume with the same value).")
     device: str = _f("auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N.")
-    precision: str = _f("auto", "auto (bf16 autocast where the hardware supports it, else fp32) | fp32 | bf16 | "
-                        "fp16 (GPU, with a gradient scaler). Use fp32 first if the loss becomes NaN. fp32 on x86 "
+    precision: str = _f("auto", "auto (bf16 autocast where the hardware has native bf16: GPUs, CPUs with "
+                        "AVX512-BF16 or AMX; else fp32) | fp32 | bf16 | fp16 (GPU, with a gradient scaler). "
+                        "Use fp32 first if the loss becomes NaN. fp32 on x86 "
                         "CPUs runs the linear layers through oneDNN (about 2x MKL on AMD CPUs; "
                         "DINOKIT_ONEDNN_LINEAR=0 turns it off).",
                         choices=("auto", "fp32", "bf16", "fp16"))
