@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -18,12 +19,14 @@ from dinokit.models import linear as L
 
 from .helpers import OpLog
 
-pytestmark = pytest.mark.skipif(not L.onednn_linear_enabled(), reason="PyTorch built without oneDNN")
+pytestmark = pytest.mark.skipif(not L._op_available(), reason="PyTorch built without oneDNN")
 
 
 @pytest.fixture(autouse=True)
 def small_sizes_take_the_path(monkeypatch, request):
-    """Small test matrices take the oneDNN path (the size threshold is tested on its own)."""
+    """The path is on whatever this CPU's default (an Intel CPU's is off), and small test matrices take it (the
+    size threshold and the default are tested on their own)."""
+    monkeypatch.setattr(L, "_ENABLED", True)
     if "threshold" not in request.node.name:
         monkeypatch.setattr(L, "MIN_DIM", 1)
 
@@ -141,13 +144,31 @@ def test_vit_and_head_train_the_same_with_and_without_onednn(monkeypatch):
         assert (a - b).norm() <= 1e-4 * b.norm() + 1e-6
 
 
-def test_only_x86_64_takes_the_path():
-    assert not L._available("aarch64") and not L._available("arm64")
-    assert L._available("x86_64") == L._available("AMD64") == L._available()
+def test_by_default_only_x86_64_amd_cpus_take_the_path(monkeypatch):
+    monkeypatch.delenv("DINOKIT_ONEDNN_LINEAR", raising=False)
+    assert not L._available("aarch64", "AuthenticAMD") and not L._available("arm64", "")
+    assert L._available("x86_64", "AuthenticAMD") and L._available("AMD64", "AuthenticAMD")
+    assert not L._available("x86_64", "GenuineIntel") and not L._available("x86_64", "")  # MKL is fast on Intel
+    monkeypatch.setenv("DINOKIT_ONEDNN_LINEAR", "1")  # forced on: any x86-64 CPU
+    assert L._available("x86_64", "GenuineIntel") and not L._available("aarch64", "GenuineIntel")
+    monkeypatch.setenv("DINOKIT_ONEDNN_LINEAR", "0")
+    assert not L._available("x86_64", "AuthenticAMD")
 
 
-def test_environment_switch_turns_the_path_off():
+def test_cpu_vendor_is_read_from_proc_cpuinfo():
+    vendor = L._cpu_vendor()
+    try:
+        expected = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                        if line.startswith("vendor_id"))
+    except (OSError, StopIteration):
+        expected = ""
+    assert vendor == expected
+
+
+def test_environment_switch_turns_the_path_off_and_on():
     code = "from dinokit.models import linear as L; print(L.onednn_linear_enabled())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "DINOKIT_ONEDNN_LINEAR": "0"})
-    assert out.stdout.strip() == "False"
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    for switch, expected in (("0", "False"), ("1", str(x86))):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "DINOKIT_ONEDNN_LINEAR": switch})
+        assert out.stdout.strip() == expected
