@@ -120,9 +120,9 @@ class TrainConfig:
     device: str = _f("auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N.")
     precision: str = _f("auto", "auto (bf16 autocast where the hardware has native bf16: GPUs, CPUs with "
                         "AVX512-BF16 or AMX; else fp32) | fp32 | bf16 | fp16 (GPU, with a gradient scaler). "
-                        "Use fp32 first if the loss becomes NaN. fp32 on x86 "
-                        "CPUs runs the linear layers through oneDNN (about 2x MKL on AMD CPUs; "
-                        "DINOKIT_ONEDNN_LINEAR=0 turns it off).",
+                        "Use fp32 first if the loss becomes NaN. fp32 on AMD "
+                        "x86 CPUs runs the linear layers through oneDNN (about 2x MKL there; "
+                        "DINOKIT_ONEDNN_LINEAR=0/1 forces it off/on).",
                         choices=("auto", "fp32", "bf16", "fp16"))
     use_fp16: bool | None = _f(None, "Reference flag: true = precision fp16, false = precision fp32. Together with "
                                "a precision other than auto it must agree with it (else an error).")
