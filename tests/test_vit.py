@@ -155,21 +155,14 @@ def test_cnn_backbones_from_torchvision_and_timm():
 
 def test_cnn_strided_convolutions_on_narrow_inputs_get_exact_weight_gradients_under_bf16():
     """torch 2.14's CPU bf16 convolution backward leaves most of a 3x3 stride-2 convolution's weight gradient
-    unwritten for a 1-pixel-wide input (a ResNet-18 at 16 px local crops: NaN loss at the second step). dinokit's
-    CNN backbones run such convolutions in fp32; the gradient then matches float64."""
+    unwritten for a 1-pixel-wide input (a ResNet-18 at 16 px local crops: NaN loss at the second step) on the
+    AMD CPU with native bf16 where it was found (an Intel CPU without BF16, whose bf16 is emulated, got it right).
+    dinokit's CNN backbones run such convolutions in fp32 on every CPU; the gradient then matches float64. (This
+    test used to skip where the raw kernel was right; the guard's own behaviour is checked everywhere now.)"""
     from dinokit.models.registry import _NarrowInputSafeConv2d
 
     torch.manual_seed(0)
-    x = torch.randn(8, 256, 1, 1, dtype=torch.bfloat16)
     g = torch.randn(8, 512, 1, 1, dtype=torch.bfloat16)
-    exact = torch.nn.grad.conv2d_weight(x.double(), (512, 256, 3, 3), g.double(), stride=2, padding=1)
-    junk = torch.full((512 * 256 * 9 * 2,), float("nan"))  # what the allocator hands out next may be NaN
-    del junk
-    w = torch.zeros(512, 256, 3, 3, dtype=torch.bfloat16)
-    _, raw, _ = torch.ops.aten.convolution_backward(g, x, w, None, (2, 2), (1, 1), (1, 1), False, (0, 0), 1,
-                                                    (False, True, False))
-    if torch.isfinite(raw).all() and (raw.double() - exact).abs().max() < 0.1:
-        pytest.skip("this PyTorch computes the bf16 weight gradient correctly: the guard is not needed")
 
     model = build_backbone("resnet18")
     conv = model.layer4[0].conv1
