@@ -524,3 +524,24 @@ def test_features_with_a_paths_side_file_into_a_new_folder(setup, tmp_path, monk
     assert "paths" not in meta and meta["paths_file"] == "feats.safetensors.paths.json"
     paths = json.loads((out.parent / meta["paths_file"]).read_text())
     assert len(paths) == 12 and paths[0].startswith("a")
+
+
+def test_eval_bf16_on_a_cpu_that_emulates_it_is_named_once(monkeypatch):
+    import warnings
+
+    from dinokit.eval import knn as K
+    monkeypatch.setattr(K, "_EMULATED_BF16_WARNED", False)
+    monkeypatch.setattr(K, "cpu_supports_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="bf16 on a CPU without native bf16"):
+        with K.eval_autocast("bf16", "cpu"):
+            assert torch.is_autocast_enabled("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process, not once per batch
+        with K.eval_autocast("bf16", "cpu"):
+            pass
+        monkeypatch.setattr(K, "_EMULATED_BF16_WARNED", False)
+        monkeypatch.setattr(K, "cpu_supports_bf16", lambda: True)
+        with K.eval_autocast("bf16", "cpu"):  # native bf16: quiet
+            pass
+        with K.eval_autocast("fp32", "cpu"):
+            assert not torch.is_autocast_enabled("cpu")

@@ -19,7 +19,6 @@ import gc
 import json
 import math
 import os
-import platform
 import signal
 import sys
 import threading
@@ -48,7 +47,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import TrainConfig, config_to_dict
-from .dtypes import at_least_fp32
+from .dtypes import at_least_fp32, cpu_supports_bf16
 from .errors import CheckpointError, ConfigError, DinokitError
 from .head import DINOHead
 from .loss import DINOLoss, KoLeoLoss
@@ -138,26 +137,6 @@ def resolve_device(name: str) -> torch.device:
         return torch.device(name)
     except (RuntimeError, ValueError):
         raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-
-
-def cpu_supports_bf16() -> bool:
-    """True when this CPU has native bf16 dot products, where bf16 autocast pays off: AVX512-BF16 or AMX on x86,
-    oneDNN's bf16 check elsewhere (on ARM it asks for the BF16 extension).
-
-    On x86 oneDNN's own check (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) is true on any AVX-512 CPU because
-    oneDNN can *emulate* bf16 there, converting to fp32 on the fly; measured on such a CPU (an Intel Xeon whose
-    AVX-512 lacks the BF16 instructions) a bf16 GEMM at ViT-S shapes ran at 60 GFLOP/s against fp32's 150-280, and
-    the Fashion-MNIST demo's step at 157 images/s against 466 in fp32."""
-    cpu = getattr(torch, "cpu", None)
-    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86"):
-        try:
-            return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
-        except Exception:
-            return False
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:
-        return False
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -101,7 +101,8 @@ def add_precision_argument(group) -> None:
     group.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                        help="the backbone's forward: fp32 (default; the reference's evaluation protocol) or bf16 "
                             "autocast (about 1.7x faster extraction on CPUs with bf16 units, e.g. AMD Zen 4/5, "
-                            "and on GPUs; features differ from fp32 ones by bf16 rounding)")
+                            "and on GPUs; 2-3x *slower* on CPUs without them, where it is emulated; features differ "
+                            "from fp32 ones by bf16 rounding)")
 
 
 def add_whiten_dim_argument(parser: argparse.ArgumentParser) -> None:

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..dtypes import cpu_supports_bf16
 from ..errors import DataError
 from ..models.linear import matmul_nt
 
@@ -264,7 +265,16 @@ def eval_autocast(precision: str, device: str | torch.device):
         raise ValueError(f"precision must be one of {', '.join(EVAL_PRECISIONS)}, got {precision!r}")
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    kind = torch.device(device).type
+    global _EMULATED_BF16_WARNED
+    if kind == "cpu" and not _EMULATED_BF16_WARNED and not cpu_supports_bf16():
+        _EMULATED_BF16_WARNED = True
+        warnings.warn("dinokit: precision bf16 on a CPU without native bf16 (AVX512-BF16 or AMX): it is emulated, "
+                      "typically 2-3x slower than fp32 here", stacklevel=2)
+    return torch.autocast(kind, dtype=torch.bfloat16)
+
+
+_EMULATED_BF16_WARNED = False  # once per process: eval_autocast is entered once per batch
 
 
 @torch.no_grad()
