@@ -221,6 +221,10 @@ def render(results: dict) -> str:
              f"torchvision {m['torchvision']}, timm {m['timm']}, lightly {m['lightly']}, Pillow {m['pillow']}, "
              f"numpy {m['numpy']}; git {m['git']}. Load average at the start: {m['loadavg_1m']:.2f} "
              f"(the machine was shared: read the ratios, which pair candidates measured under the same load).", ""]
+    if m.get("native_bf16") is False:
+        lines += ["**This CPU has no native bf16** (neither AVX512-BF16 nor AMX): oneDNN emulates bf16 in fp32, so "
+                  "every bf16 figure below measures that emulation, not bf16 hardware, and `precision auto` trains "
+                  "in fp32 here. The issue's bf16 targets were set for a CPU with bf16 units.", ""]
     lines += _targets(results)
     if "matmul" in results:
         lines += ["### Matmul ceiling (the ViT block's shapes; best of `F.linear` and oneDNN's matmul)", "",
