@@ -161,3 +161,88 @@ def test_export_to_an_unwritable_place_is_one_line_and_loses_nothing(tmp_path, c
         assert err.count("\n") == 1 and "/proc/x.safetensors" in err
         with pytest.raises(CheckpointError, match="cannot write /proc/x.safetensors"):
             export_backbone(ckpt, "/proc/x.safetensors")
+
+
+def test_hub_refuses_weights_recorded_with_another_head_count(tmp_path):
+    """A width-384, depth-12 ViT with 12 heads has ViT-S/16's tensor shapes: dino_vits16 (6 heads) loaded it
+    "strictly" and gave other features. The count recorded in a checkpoint's config or an export decides."""
+    from dinokit import hub
+
+    vit = build_backbone("vit_custom", patch_size=16, embed_dim=384, depth=12, num_heads=12, img_size=32).eval()
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in vit.state_dict().items()},
+                "config": {"arch": "vit_custom", "patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 12}},
+               tmp_path / "ckpt.pth")
+    torch.save(vit.state_dict(), tmp_path / "bare.pth")  # nothing recorded: the standard count is assumed
+    export_backbone(tmp_path / "bare.pth", tmp_path / "bare12.safetensors", num_heads=12)
+    for f in ("ckpt.pth", "bare12.safetensors"):
+        with pytest.raises(CheckpointError, match=r"trained with 12 attention heads, vit_small has 6: use "
+                                                  r"dinokit.weights.load_backbone"):
+            hub.dino_vits16(weights=tmp_path / f)
+        m = load_backbone(tmp_path / f)  # what the message advises: the same features
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            assert m.blocks[0].attn.num_heads == 12 and torch.equal(m(x), vit(x))
+    assert hub.dino_vits16(weights=tmp_path / "bare.pth").blocks[0].attn.num_heads == 6  # unrecorded: as before
+
+
+def test_export_num_heads_option_records_the_count_of_a_bare_custom_vit(tmp_path, capsys):
+    from dinokit.cli import main
+
+    vit = build_backbone("vit_custom", patch_size=8, embed_dim=32, depth=1, num_heads=2, img_size=32).eval()
+    torch.save(vit.state_dict(), tmp_path / "bare.pth")
+    with pytest.warns(UserWarning, match="cannot be read from the weights"):
+        export_backbone(tmp_path / "bare.pth", tmp_path / "guess.safetensors")
+    assert main(["export", "--checkpoint", str(tmp_path / "bare.pth"), "--out", str(tmp_path / "b.safetensors"),
+                 "--num-heads", "2"]) == 0
+    with safe_open(str(tmp_path / "b.safetensors"), "pt") as f:
+        assert f.metadata()["num_heads"] == "2"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_backbone(tmp_path / "b.safetensors")(x), vit(x))
+    with pytest.raises(CheckpointError, match="num_heads must be at least 1"):
+        export_backbone(tmp_path / "bare.pth", tmp_path / "c.safetensors", num_heads=0)
+
+
+def test_export_refuses_to_overwrite_its_own_input(tmp_path, capsys):
+    from dinokit.cli import main
+
+    ckpt = _tiny_checkpoint(tmp_path / "checkpoint.pth")
+    before = ckpt.read_bytes()
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "." / "checkpoint.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is the checkpoint being exported" in err
+    assert ckpt.read_bytes() == before
+
+
+def test_export_of_a_timm_cnn_prints_a_timm_call_without_img_size(tmp_path, capsys):
+    pytest.importorskip("timm")
+    from dinokit.cli import main
+
+    net = build_backbone("timm:resnet18")
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in net.state_dict().items()},
+                "config": {"arch": "timm:resnet18", "global_crop_size": 32}}, tmp_path / "ckpt.pth")
+    assert main(["export", "--checkpoint", str(tmp_path / "ckpt.pth"), "--out", str(tmp_path / "r.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "timm.create_model('resnet18'" in out and "img_size" not in out
+    with safe_open(str(tmp_path / "r.safetensors"), "pt") as f:
+        assert "img_size" not in f.metadata()
+
+
+def test_checkpoints_and_exports_get_the_permissions_of_a_new_file(tmp_path):
+    import os
+    import stat
+
+    from dinokit.checkpoint import process_umask, save_checkpoint
+
+    old = os.umask(0o022)
+    try:
+        assert process_umask() == 0o022
+        save_checkpoint({"x": torch.zeros(1)}, tmp_path / "c.pth")  # mkstemp alone makes 0600
+        assert stat.S_IMODE((tmp_path / "c.pth").stat().st_mode) == 0o644
+        export_backbone(_tiny_checkpoint(tmp_path / "checkpoint.pth"), tmp_path / "e.safetensors")
+        assert stat.S_IMODE((tmp_path / "e.safetensors").stat().st_mode) == 0o644
+        os.umask(0o077)
+        save_checkpoint({"x": torch.zeros(1)}, tmp_path / "d.pth")
+        assert stat.S_IMODE((tmp_path / "d.pth").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)

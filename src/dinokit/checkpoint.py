@@ -79,6 +79,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def process_umask() -> int:
+    """This process's umask (read without changing it where /proc allows; else set and restored at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def chmod_like_new_file(path: str | Path) -> None:
+    """Give ``path`` the permissions a plain ``open(path, "w")`` would have (0666 less the umask). Files made by
+    ``tempfile.mkstemp`` (and safetensors' writer) are 0600, which hides checkpoints and exports from the other
+    users of a shared cluster."""
+    try:
+        os.chmod(path, 0o666 & ~process_umask())
+    except OSError:
+        pass
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write ``state`` to ``path`` atomically: a crash at any byte leaves the previous file intact."""
     path = Path(path)
@@ -105,6 +129,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
                     raise
             f.flush()
             os.fsync(f.fileno())
+        chmod_like_new_file(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:

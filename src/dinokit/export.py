@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint import chmod_like_new_file
 from .errors import CheckpointError
 from .weights import (
     checkpoint_arch_hints,
@@ -69,24 +70,34 @@ def export_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 def export_backbone(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike,
                     checkpoint_key: str = "teacher", arch: str | None = None,
-                    patch_size: int | None = None) -> dict[str, Any]:
+                    patch_size: int | None = None, num_heads: int | None = None) -> dict[str, Any]:
     """Write the backbone of ``checkpoint_path`` (any format :func:`dinokit.weights.load_backbone` reads:
     dinokit / official training checkpoints, use ``checkpoint_key``; bare state dicts; safetensors) to
     ``out_path`` as a backbone-only safetensors file with architecture metadata.
 
     The state dict is first loaded strictly into the architecture it claims to be, so a file that would not
-    load later is refused now (:class:`CheckpointError`). Returns the metadata written (plus ``path`` and
-    ``timm_name``)."""
+    load later is refused now (:class:`CheckpointError`). ``num_heads`` gives the attention heads of a custom-width
+    ViT whose file does not record them (a bare state dict; the weights' shapes cannot tell); it is written to the
+    metadata, which later loads trust. ``out_path`` may not be ``checkpoint_path`` itself. Returns the metadata
+    written (plus ``path`` and ``timm_name``)."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from .models import build_backbone
     from .weights import build_kwargs, load_state_dict_strict
 
-    src = Path(checkpoint_path)
+    src, out = Path(checkpoint_path), Path(out_path)
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        raise CheckpointError(f"--out {out} is the checkpoint being exported: writing it would replace the checkpoint "
+                              "(optimizer, head, student) by the backbone; give another file name")
     obj = safe_load(src)
     sd = extract_backbone_state_dict(obj, checkpoint_key)
-    info = resolve_arch(sd, checkpoint_arch_hints(obj, read_safetensors_metadata(src)), arch, patch_size)
+    hints = checkpoint_arch_hints(obj, read_safetensors_metadata(src))
+    if num_heads is not None:
+        if int(num_heads) < 1:
+            raise CheckpointError(f"num_heads must be at least 1, got {num_heads}")
+        hints["num_heads"] = int(num_heads)
+    info = resolve_arch(sd, hints, arch, patch_size)
     kw = build_kwargs(info)
     try:
         model = build_backbone(info["arch"], patch_size=info.get("patch_size") or 16, **kw)
@@ -101,16 +112,18 @@ def export_backbone(checkpoint_path: str | os.PathLike, out_path: str | os.PathL
                 "in_chans"):
         if info.get(key) is not None:
             meta[key] = str(info[key])
+    if "pos_embed" not in tensors:  # a CNN (e.g. timm:resnet18) has no image size: timm's constructor refuses one
+        meta.pop("img_size", None)
     name = timm_name_for(info)
     if name:
         meta["timm_name"] = name
-    out = Path(out_path)
     if out.is_dir():
         raise CheckpointError(f"cannot write {out}: it is a folder; give a file name")
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(tmp), metadata=meta)
+        chmod_like_new_file(tmp)
         os.replace(tmp, out)
     except (OSError, SafetensorError) as e:  # safetensors reports I/O errors as SafetensorError, not OSError
         try:

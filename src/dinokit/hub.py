@@ -32,9 +32,12 @@ Path = str | os.PathLike
 __all__ = ["dino_vits16", "dino_vits8", "dino_vitb16", "dino_vitb8", "dino_resnet50"]
 
 
-def _state_dict(weights: Path | None, checkpoint_key: str, pretrained: bool | None = None) -> dict | None:
-    """The backbone state dict of ``weights``. ``pretrained`` is the reference's keyword (which downloads the
-    release): ``True`` without ``weights`` is refused, as dinokit never downloads; ``False`` means random weights."""
+def _state_dict(weights: Path | None, checkpoint_key: str, pretrained: bool | None = None
+                ) -> tuple[dict | None, dict]:
+    """The backbone state dict of ``weights`` and the architecture facts recorded beside it (a dinokit
+    checkpoint's config, an export's metadata: :func:`dinokit.weights.checkpoint_arch_hints`). ``pretrained`` is
+    the reference's keyword (which downloads the release): ``True`` without ``weights`` is refused, as dinokit
+    never downloads; ``False`` means random weights."""
     from .errors import CheckpointError
 
     if weights is None:
@@ -42,11 +45,13 @@ def _state_dict(weights: Path | None, checkpoint_key: str, pretrained: bool | No
             raise CheckpointError("dinokit never downloads weights: pass weights=<local file> (e.g. an official "
                                   "release such as dino_deitsmall16_pretrain.pth), or pretrained=False for random "
                                   "weights")
-        return None
-    from .weights import extract_backbone_state_dict, safe_load
+        return None, {}
+    from .weights import checkpoint_arch_hints, extract_backbone_state_dict, read_safetensors_metadata, safe_load
 
     try:
-        return extract_backbone_state_dict(safe_load(weights), checkpoint_key)
+        obj = safe_load(weights)
+        return (extract_backbone_state_dict(obj, checkpoint_key),
+                checkpoint_arch_hints(obj, read_safetensors_metadata(weights)))
     except CheckpointError as e:  # its advice names the CLI's option
         raise CheckpointError(str(e).replace("--checkpoint-key", "checkpoint_key=")) from None
 
@@ -69,10 +74,19 @@ def _vit(arch: str, patch_size: int, weights, checkpoint_key: str, **kwargs) -> 
     from .models import build_backbone
     from .weights import stored_image_size
 
-    sd = _state_dict(weights, checkpoint_key, kwargs.pop("pretrained", None))
+    sd, hints = _state_dict(weights, checkpoint_key, kwargs.pop("pretrained", None))
     if sd is not None and "img_size" not in kwargs and (size := stored_image_size(sd, class_tokens=(1,))):
         kwargs["img_size"] = size  # e.g. a run trained at 96 px: its position embedding's grid
     model = build_backbone(arch, patch_size=patch_size, num_classes=0, **kwargs)
+    heads, built = hints.get("num_heads"), model.blocks[0].attn.num_heads if len(model.blocks) else None
+    if heads and built and heads != built and "num_heads" not in kwargs:
+        # the weights' shapes cannot tell heads apart: a 12-head width-384 ViT loads "strictly" into ViT-S (6 heads)
+        # and gives other features, so the recorded count decides
+        from .errors import CheckpointError
+
+        raise CheckpointError(f"weights in {weights} were trained with {heads} attention heads, {arch} has {built}: "
+                              "use dinokit.weights.load_backbone(path), which builds the architecture recorded in "
+                              "the file")
     return _load_into(model, sd, weights, f"{arch} (patch {patch_size})")
 
 
@@ -106,4 +120,4 @@ def dino_resnet50(weights: Path | None = None, checkpoint_key: str = "teacher",
     model = resnet50(weights=None, **kwargs)
     model.fc = nn.Identity()
     model.num_features = 2048
-    return _load_into(model, _state_dict(weights, checkpoint_key, pretrained), weights, "resnet50")
+    return _load_into(model, _state_dict(weights, checkpoint_key, pretrained)[0], weights, "resnet50")

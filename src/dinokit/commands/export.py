@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="network of a full checkpoint (default: teacher)")
     parser.add_argument("--arch", default=None, help="architecture; default: inferred")
     parser.add_argument("--patch-size", type=int, default=None, help="ViT patch size; default: inferred")
+    parser.add_argument("--num-heads", type=int, default=None,
+                        help="attention heads of a custom-width ViT whose file does not record them (a bare state "
+                             "dict); default: recorded, or the standard count for the width")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_file(args.out, "--out")
     info = export_backbone(args.checkpoint, args.out, checkpoint_key=args.checkpoint_key, arch=args.arch,
-                           patch_size=args.patch_size)
+                           patch_size=args.patch_size, num_heads=args.num_heads)
     arch = info["arch"] + (f"/{info['patch_size']}" if info.get("patch_size") else "")
     print(f"wrote {info['path']}: {arch}, {info['n_tensors']} tensors, "
           f"{info['n_params'] / 1e6:.2f}M parameters")
