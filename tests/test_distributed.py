@@ -13,6 +13,7 @@ value. The attention key bias is left out of these comparisons (see ``_comparabl
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -92,6 +93,17 @@ def main():
                 return out
 
             t.train_step = step_then_term
+    nan = os.environ.get("DINOKIT_TEST_NAN")  # "rank:iteration": this rank alone gets a NaN loss there
+    if nan:
+        rank, it = map(int, nan.split(":"))
+        if t.rank == rank:
+            inner_loss = t.dino_loss.forward
+
+            def nan_loss(*a, **k):
+                out = inner_loss(*a, **k)
+                return out * float("nan") if t.iteration == it else out
+
+            t.dino_loss.forward = nan_loss
     from dinokit.trainer import Stopped
     stopped = None
     w0 = __import__("time").perf_counter()
@@ -384,3 +396,41 @@ def test_fsdp_and_activation_checkpointing_train_like_ddp(work, ddp_run, ddp_res
     assert t.student.backbone.grad_checkpointing
     t.fit()
     assert max_diff(t.student.state_dict(), single.student.state_dict()) < TOL
+
+
+def _records(out: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r.get("type") == kind]
+
+
+def test_the_log_shows_the_global_batch_as_one_process_with_it_would(ddp_run, single_run, work):
+    """Each rank's loss is its half batch's: the logged loss (every iteration, the epoch means) and the epoch's
+    collapse diagnostics are those of the global batch, equal to the 1-process run's (rank 0's half was logged)."""
+    out, _ = ddp_run
+    single = work / "single"
+    two, one = _records(out, "train"), _records(single, "train")
+    assert [r["iteration"] for r in two] == [r["iteration"] for r in one] == list(range(1, 9))
+    for a, b in zip(two, one):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    two, one = _records(out, "epoch"), _records(single, "epoch")
+    assert len(two) == len(one) == 2
+    for a, b in zip(two, one):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["teacher_entropy"] == pytest.approx(b["teacher_entropy"], abs=1e-4)
+        assert a["kl_mean_to_uniform"] == pytest.approx(b["kl_mean_to_uniform"], abs=1e-4)
+        assert a["distinct_prototypes"] == b["distinct_prototypes"]
+
+
+def test_a_non_finite_loss_on_one_rank_is_skipped_by_every_rank(work, ddp_run):
+    """--nan-policy skip decided per rank let the rank with the NaN return before backward while the other waited
+    in DDP's gradient all-reduce (gloo: a size-mismatch abort; NCCL: a hang). The ranks now agree: the step is
+    skipped everywhere and training goes on."""
+    out = work / "nan"
+    torchrun(work, out, "--batch-size-per-gpu", "2", "--nan-policy", "skip", env={"DINOKIT_TEST_NAN": "1:5"})
+    r0, r1 = rank_state(out, 0), rank_state(out, 1)
+    assert r0["iteration"] == r1["iteration"] == 8
+    assert max_diff(r0["student"], r1["student"]) == 0.0 and torch.equal(r0["center"], r1["center"])
+    epochs = _records(out, "epoch")
+    assert epochs[-1]["skipped_steps"] == 1
+    skipped = [r for r in _records(out, "train") if r["iteration"] == 6]
+    assert len(skipped) == 1 and not math.isfinite(skipped[0]["loss"])  # rank 0's log names it
+    assert max_diff(r0["student"], rank_state(ddp_run[0], 0)["student"]) > 0  # the skipped step changed the run

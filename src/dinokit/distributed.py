@@ -11,7 +11,7 @@ import torch.distributed as dist
 from .dtypes import at_least_fp32
 
 __all__ = ["init_distributed", "is_dist", "get_rank", "get_world_size", "is_main_process", "barrier",
-           "all_reduce_mean", "clip_sharded_gradients", "cleanup"]
+           "all_reduce_mean", "all_reduce_sum", "clip_sharded_gradients", "cleanup"]
 
 
 def is_dist() -> bool:
@@ -99,6 +99,15 @@ def all_reduce_mean(value: float, device: torch.device | str = "cpu") -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item()) / get_world_size()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of ``t`` over all ranks, as a new tensor (``t`` itself in a single process)."""
+    if not is_dist():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
 
 
 def all_reduce_max(values: list[float], device: torch.device | str = "cpu") -> list[float]:

@@ -25,6 +25,7 @@ import threading
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -458,17 +459,29 @@ class _RawTensorView(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def collapse_stats(teacher_output: torch.Tensor, center: torch.Tensor, temp: float) -> dict[str, float]:
+def collapse_stats(teacher_output: torch.Tensor, center: torch.Tensor, temp: float,
+                   all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
     """Teacher-side collapse diagnostics on one batch: mean per-row entropy of the centred, sharpened targets
     (ln K means uniform collapse), KL of their mean to uniform (0 also means collapse), centre norm, and the
-    number of distinct argmax prototypes (1 means one-prototype collapse)."""
+    number of distinct argmax prototypes (1 means one-prototype collapse).
+
+    With ``all_reduce_sum`` (a sum over processes, e.g. of a DDP run) the batch is every process's rows together,
+    the global batch that a single process would see: the row sums, the prototype hits and the entropy sum are
+    summed over processes in one collective."""
     p = torch.softmax((at_least_fp32(teacher_output) - center) / temp, dim=-1)
     k = p.shape[-1]
-    ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()
-    mean_p = p.mean(0)
+    hits = torch.zeros(k, dtype=torch.float64, device=p.device).index_fill_(0, p.argmax(-1), 1.0)
+    ent_sum = -(p * torch.log(p.clamp_min(1e-30))).sum()
+    tail = torch.stack([ent_sum.double(), ent_sum.new_tensor(p.shape[0]).double()])
+    sums = torch.cat([p.sum(0).double(), hits, tail])
+    if all_reduce_sum is not None:
+        sums = all_reduce_sum(sums)
+    p_sum, hits, ent_sum, rows = sums[:k], sums[k:2 * k], sums[2 * k], sums[2 * k + 1]
+    mean_p = p_sum / rows
     kl_uniform = (mean_p * (torch.log(mean_p.clamp_min(1e-30)) + math.log(k))).sum()
-    return {"teacher_entropy": float(ent), "entropy_max": math.log(k), "kl_mean_to_uniform": float(kl_uniform),
-            "center_norm": float(center.norm()), "distinct_prototypes": int(p.argmax(-1).unique().numel())}
+    return {"teacher_entropy": float(ent_sum / rows), "entropy_max": math.log(k),
+            "kl_mean_to_uniform": float(kl_uniform), "center_norm": float(center.norm()),
+            "distinct_prototypes": int((hits > 0).sum())}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -836,10 +849,12 @@ class Trainer:
         self._log_console(f"resumed from {path} at epoch {self.epoch}, iteration {self.iteration}")
         self._warn_changed_options(ckpt, path)
         saved = ckpt.get("loader_workers")
-        if saved is not None and saved != self.loader.num_workers and is_shard_spec(self.cfg.data_path):
+        if (saved is not None and saved != self.loader.num_workers and is_shard_spec(self.cfg.data_path)
+                and self.step_in_epoch):  # at an epoch boundary the next epoch is whole with any count
             self._warn(f"{count_noun(self.loader.num_workers, 'loader worker')} now, {saved} when {path} was saved: "
-                       f"with tar shards the batches come in another order than in the uninterrupted run (every "
-                       f"image still once per epoch); --num-workers {saved} keeps the order")
+                       f"with tar shards the rest of this epoch is split into batches differently from the "
+                       f"uninterrupted run, so until it ends some images come twice and as many not at all (later "
+                       f"epochs are whole); --num-workers {saved} resumes exactly")
 
     def save(self, numbered: bool = False) -> None:
         if not self.main and not self.fsdp:
@@ -897,12 +912,15 @@ class Trainer:
         if self.main:
             warnings.warn(f"dinokit: {msg}", UserWarning, stacklevel=3)
 
-    def _collapse_diagnostics(self) -> dict[str, Any] | None:
+    def _collapse_diagnostics(self, all_processes: bool = False) -> dict[str, Any] | None:
         """:func:`collapse_stats` of the last step's teacher output, or those saved with the checkpoint when this
-        process has run no step yet (resumed after the last iteration of an epoch); ``None`` without either."""
+        process has run no step yet (resumed after the last iteration of an epoch); ``None`` without either.
+        ``all_processes`` (every rank must call it then, as at the end of an epoch): over the global batch of a
+        multi-process run; otherwise this process's rows (a mid-epoch checkpoint, written by rank 0 alone)."""
         if getattr(self, "_last_teacher_output", None) is not None:
             temp = self._epoch_progress[2].get("teacher_temp", self.cfg.teacher_temp)
-            return collapse_stats(self._last_teacher_output, self.dino_loss.center, temp)
+            reduce = D.all_reduce_sum if all_processes and self.world > 1 and D.is_dist() else None
+            return collapse_stats(self._last_teacher_output, self.dino_loss.center, temp, reduce)
         return getattr(self, "_resumed_collapse", None)
 
     def log(self, record: dict[str, Any]) -> None:
@@ -956,10 +974,16 @@ class Trainer:
             if self.koleo_loss is not None:  # DINOv2: summed over the global crops' CLS features
                 koleo = sum(self.koleo_loss(f) for f in features[:2 * crops[0].shape[0]].chunk(2))
                 loss = loss + self.cfg.koleo_loss_weight * koleo
+        # the logged values are the global batch's (the mean over processes, as one process with the whole batch
+        # computes it), and all processes agree on whether the step is finite: a step skipped (--nan-policy skip)
+        # on one rank alone would leave the others in DDP's gradient all-reduce. One collective, one host sync.
+        values = torch.stack([loss.detach(), koleo.detach()]) if self.koleo_loss is not None else loss.detach()[None]
+        if self.world > 1 and D.is_dist():
+            values = D.all_reduce_sum(values.double()) / self.world  # a NaN/inf on any rank makes the sum one
+        values = values.tolist()
+        loss_value = values[0]
         if self.koleo_loss is not None:
-            loss_value, extra["koleo"] = torch.stack([loss.detach(), koleo.detach()]).tolist()  # one host sync
-        else:
-            loss_value = loss.item()
+            extra["koleo"] = values[1]
         if not math.isfinite(loss_value):
             if self.cfg.nan_policy == "skip":
                 self.dino_loss.center.copy_(center_before)
@@ -1231,7 +1255,7 @@ class Trainer:
                       "skipped_images": _skipped_images(self.dataset)}
             if "koleo" in last:  # the last step's KoLeo term (unweighted); "loss" includes its weighted value
                 record["koleo"] = last["koleo"]
-            diagnostics = self._collapse_diagnostics()
+            diagnostics = self._collapse_diagnostics(all_processes=True)
             if diagnostics:
                 record.update(diagnostics)
                 if record["epoch"] >= 1 and not getattr(self, "_collapse_warned", False) and (
