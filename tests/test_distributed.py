@@ -434,3 +434,31 @@ def test_a_non_finite_loss_on_one_rank_is_skipped_by_every_rank(work, ddp_run):
     skipped = [r for r in _records(out, "train") if r["iteration"] == 6]
     assert len(skipped) == 1 and not math.isfinite(skipped[0]["loss"])  # rank 0's log names it
     assert max_diff(r0["student"], rank_state(ddp_run[0], 0)["student"]) > 0  # the skipped step changed the run
+
+
+def test_an_error_on_another_rank_is_one_line_on_this_one(work, tmp_path):
+    """Rank 0 refuses an output folder under a file and exits; rank 1 only sees its next collective fail. It
+    printed a raw gloo traceback; now one line saying another process stopped, exit 2 on every rank."""
+    (tmp_path / "afile").write_text("x")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dinokit",
+           "train", "--data", str(work / "imgs"), "--output-dir", str(tmp_path / "afile" / "sub"), *COMMON,
+           "--batch-size-per-gpu", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    ranks = r.stderr.split("torch/distributed/elastic")[0]  # what the ranks printed, before torchrun's summary
+    assert ranks.count("is not writable") == 1 and "Traceback" not in ranks, r.stderr[-3000:]
+    # rank 1 (unless torchrun ended it before its first collective failed): one line naming the cause's place
+    lines = [x for x in ranks.splitlines() if x.startswith("dinokit train:")]
+    assert len(lines) in (1, 2) and all("is not writable" in x or "another process of this job stopped" in x
+                                        for x in lines), lines
+
+
+def test_peer_failures_are_recognised_only_in_multi_process_jobs(monkeypatch):
+    from dinokit.cli import _peer_failed
+
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [::1]:7")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _peer_failed(gloo) and _peer_failed(torch.distributed.DistBackendError("NCCL error"))
+    assert not _peer_failed(RuntimeError("shape mismatch")) and not _peer_failed(ValueError("x"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not _peer_failed(gloo)

@@ -100,6 +100,21 @@ def _message(e: BaseException) -> str:
     return text
 
 
+_PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
+                 "Socket Timeout")
+
+
+def _peer_failed(e: BaseException) -> bool:
+    """Whether ``e`` is what a process of a multi-process job sees when another process ended (its collective's
+    partner went away): torch.distributed's own error types, or the RuntimeError a gloo/NCCL transport raises."""
+    if os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+        return False
+    dist_error = getattr(sys.modules.get("torch.distributed"), "DistError", None)
+    if dist_error is not None and isinstance(e, dist_error):
+        return True
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in _PEER_FAILURE)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     only = argv[0] if argv and argv[0] in COMMANDS else None
@@ -126,6 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         print(f"dinokit {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
+    except Exception as e:
+        if not _peer_failed(e):
+            raise
+        # e.g. rank 0 refused the output folder and exited: the others only see their collective fail
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"dinokit {args.command}: error: another process of this job stopped (its own message says why); "
+              f"rank {os.environ.get('RANK', '?')} stopped too ({first[:200]})", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
