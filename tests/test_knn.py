@@ -224,3 +224,19 @@ def test_the_training_monitor_stops_on_a_diverged_teacher_instead_of_logging_a_s
         model.norm.bias[0] = float("inf")
     with pytest.raises(DataError, match="the model's k-NN monitor features are not finite"):
         online_knn(model, cfg, torch.device("cpu"))
+
+
+def test_knn_labels_as_lists_arrays_or_columns_and_a_too_small_num_classes():
+    import numpy as np
+
+    torch.manual_seed(0)
+    xtr, xte = F.normalize(torch.randn(30, 8), dim=1), F.normalize(torch.randn(10, 8), dim=1)
+    ytr, yte = torch.randint(0, 3, (30,)), torch.randint(0, 3, (10,))
+    want = knn_classifier(xtr, ytr, xte, yte, 5, 0.07)
+    assert knn_classifier(xtr, ytr.tolist(), xte, yte.numpy(), 5, 0.07) == want
+    assert knn_classifier(xtr, ytr[:, None], xte, yte[:, None], 5, 0.07) == want
+    assert knn_classifier(xtr, np.asarray(ytr), xte, yte, 5, 0.07, num_classes=3) == want
+    with pytest.raises(ValueError, match=r"num_classes is 2 but a label is 2"):
+        knn_classifier(xtr, ytr, xte, yte, 5, 0.07, num_classes=2)
+    with pytest.raises(ValueError, match=r"one integer per row, shape \[N\]; got shape \(30, 2\)"):
+        knn_classifier(xtr, torch.zeros(30, 2, dtype=torch.long), xte, yte, 5, 0.07)

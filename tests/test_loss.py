@@ -247,3 +247,15 @@ def test_sinkhorn_centering_needs_at_least_one_iteration():
     with pytest.raises(ValueError, match="sinkhorn_iterations must be >= 1, got 0"):
         DINOLoss(6, 2, 0.04, 0.04, 0, 1, centering="sinkhorn_knopp", sinkhorn_iterations=0)
     DINOLoss(6, 2, 0.04, 0.04, 0, 1, sinkhorn_iterations=0)  # not used by plain centering
+
+
+def test_an_empty_batch_is_refused_before_the_centre_is_touched():
+    """B = 0 passed the shape check (0 == 2 * 0) and the centre update divided by zero rows: NaN for good."""
+    from dinokit.loss import DINOLoss
+
+    loss = DINOLoss(7, 4, 0.04, 0.04, 0, 10)
+    before = loss.center.clone()
+    with pytest.raises(ValueError, match="at least one image"):
+        loss(torch.randn(0, 7), torch.randn(0, 7), 0)
+    assert torch.equal(loss.center, before)
+    assert torch.isfinite(loss(torch.randn(8, 7), torch.randn(4, 7), 0))

@@ -27,3 +27,23 @@ def test_momentum_one_keeps_teacher():
     before = teacher.weight.clone()
     ema_update(student, teacher, 1.0)
     assert torch.equal(teacher.weight, before)
+
+
+def test_ema_update_with_a_teacher_in_another_dtype():
+    """An fp32 teacher of a bf16 student: the update uses the student's values in the teacher's dtype (the
+    foreach kernel refused mixed dtypes with an unclear message)."""
+    import copy
+
+    from dinokit.teacher import ema_update
+
+    torch.manual_seed(0)
+    student = torch.nn.Linear(4, 3).bfloat16()
+    teacher = copy.deepcopy(student).float()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    expected = [0.9 * t + 0.1 * s.float() for s, t in zip(student.parameters(), teacher.parameters())]
+    ema_update(student, teacher, 0.9)
+    for t, e in zip(teacher.parameters(), expected):
+        assert t.dtype == torch.float32
+        torch.testing.assert_close(t.detach(), e.detach(), rtol=1e-6, atol=1e-6)

@@ -200,3 +200,15 @@ def test_impossible_head_counts_and_attention_of_a_blockless_vit_are_clear_error
         v0.get_last_selfattention(torch.randn(1, 3, 16, 16))
     with pytest.raises(ValueError, match="input size 36x36 is not divisible by the patch size 8"):
         build_backbone("vit_custom", patch_size=8, embed_dim=24, depth=1, num_heads=2)(torch.randn(1, 3, 36, 36))
+
+
+def test_an_empty_batch_gives_empty_features():
+    """B = 0 (e.g. a filtered batch): [0, D] like the CNN backbones, not an ambiguous-reshape error."""
+    m = build_backbone("vit_custom", patch_size=4, embed_dim=24, depth=2, num_heads=3, img_size=16).eval()
+    x = torch.zeros(0, 3, 16, 16)
+    assert m(x).shape == (0, 24) and m.forward_features(x).shape == (0, 17, 24)
+    assert [t.shape for t in m.get_intermediate_layers(x, 2)] == [(0, 17, 24)] * 2
+    m.train()
+    out = m(torch.zeros(0, 3, 16, 16, requires_grad=True))
+    out.sum().backward()
+    assert out.shape == (0, 24)

@@ -190,6 +190,8 @@ class DINOLoss(nn.Module):
         warm-up per iteration); ``chunk_pairs`` trades speed for a lower peak memory."""
         temp = self.teacher_temp(epoch) if teacher_temp is None else teacher_temp
         n_teacher = teacher_output.shape[0] // 2
+        if n_teacher == 0:  # the centre update would divide by zero rows and stay NaN for good
+            raise ValueError("the DINO loss needs at least one image (teacher [2B, K] with B >= 1); got an empty batch")
         if teacher_output.shape[0] != 2 * n_teacher or student_output.shape[0] != self.ncrops * n_teacher:
             raise ValueError(f"expected teacher [2B, K] and student [{self.ncrops}B, K]; got "
                              f"{tuple(teacher_output.shape)} and {tuple(student_output.shape)}")

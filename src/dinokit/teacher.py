@@ -37,4 +37,7 @@ def ema_update(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
         raise ValueError("student and teacher have different numbers of parameters")
     if momentum == 1.0:
         return
+    # a teacher kept in another dtype than the student (e.g. an fp32 teacher of a bf16 student): the student's
+    # values in the teacher's dtype (foreach_lerp_ needs one dtype per pair)
+    s_params = [s if s.dtype == t.dtype else s.to(t.dtype) for s, t in zip(s_params, t_params)]
     torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)

@@ -60,6 +60,16 @@ def default_chunk_size(n_train: int, num_classes: int = 0, budget_bytes: int = D
     return int(max(1, min(8192, budget_bytes // per_row)))
 
 
+def _as_label_vector(labels, name: str) -> torch.Tensor:
+    """Labels as a 1-D integer tensor: lists, NumPy arrays and ``[N, 1]`` columns are accepted."""
+    t = torch.as_tensor(labels)
+    if t.ndim == 2 and t.shape[1] == 1:
+        t = t[:, 0]
+    if t.ndim != 1:
+        raise ValueError(f"{name} labels must be one integer per row, shape [N]; got shape {tuple(t.shape)}")
+    return t
+
+
 def _check_inputs(train_features, train_labels, test_features, test_labels):
     if train_features.ndim != 2 or test_features.ndim != 2:
         raise ValueError("features must be 2-D [N, D]")
@@ -88,6 +98,7 @@ def knn_classify_multi(train_features: torch.Tensor, train_labels: torch.Tensor,
     ``train_features [N, D]`` and ``test_features [M, D]`` are used as given (L2-normalise them first, as the
     reference does); the computation runs on ``train_features``' device and dtype. Returns ``{k: (top1,
     top5)}``."""
+    train_labels, test_labels = _as_label_vector(train_labels, "train"), _as_label_vector(test_labels, "test")
     _check_inputs(train_features, train_labels, test_features, test_labels)
     ks = [int(k) for k in ks]
     if not ks or min(ks) < 1:
@@ -95,8 +106,12 @@ def knn_classify_multi(train_features: torch.Tensor, train_labels: torch.Tensor,
     device = train_features.device
     train_labels = train_labels.to(device=device, dtype=torch.long)
     test_labels = test_labels.to(device=device, dtype=torch.long)
+    largest = int(max(int(train_labels.max()), int(test_labels.max()) if len(test_labels) else 0))
     if num_classes is None:
-        num_classes = int(max(int(train_labels.max()), int(test_labels.max()) if len(test_labels) else 0)) + 1
+        num_classes = largest + 1
+    elif int(num_classes) <= largest:
+        raise ValueError(f"num_classes is {num_classes} but a label is {largest}: labels must be in "
+                         f"[0, num_classes)")
     n_train, n_test = len(train_features), len(test_features)
     kmax = min(max(ks), n_train)
     if chunk_size is None:

@@ -218,8 +218,8 @@ def _lowp_cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
 
 def _heads_view(x: torch.Tensor, parts: int, heads: int) -> torch.Tensor:
     """``[B, N, parts * H * d]`` as the strided view ``[parts, B, H, N, d]``."""
-    B, N, _ = x.shape
-    return x.reshape(B, N, parts, heads, -1).permute(2, 0, 3, 1, 4)
+    B, N, C = x.shape
+    return x.reshape(B, N, parts, heads, C // (parts * heads)).permute(2, 0, 3, 1, 4)  # explicit: B may be 0
 
 
 class _SplitHeads(torch.autograd.Function):
