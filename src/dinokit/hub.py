@@ -14,6 +14,10 @@ training checkpoint, a dinokit export) or get random weights.
 (*) the reference loads ResNet-50 with ``strict=False`` because the release has no ``fc``; here only the
 ``fc.*`` keys are allowed to be missing or extra.
 
+"Strict" also covers what tensor shapes cannot tell: weights whose file records another number of attention
+heads (a dinokit checkpoint's config, an export's metadata) are refused, e.g. a 12-head width-384 ViT offered to
+``dino_vits16`` (6 heads); :func:`dinokit.weights.load_backbone` builds whatever the file records.
+
 As in the reference the models return the CLS token (ResNet: the pooled 2048-d feature) from ``forward``; use
 ``get_intermediate_layers`` / ``get_last_selfattention`` for patch tokens and attention. The repository's
 top-level ``hubconf.py`` exposes the same functions for ``torch.hub.load(<repo dir>, "dino_vits16",
