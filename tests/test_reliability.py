@@ -573,10 +573,27 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers(data, tmp_path):
 def test_a_second_sigint_interrupts_at_once():
     from dinokit.trainer import _StopSignals
 
+    # Python's default SIGINT handling, whatever the launcher left: a test run started as a background job of a
+    # non-interactive shell (`cmd &`) inherits SIGINT *ignored*, which _StopSignals rightly leaves alone
+    launched_with = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _second_sigint(_StopSignals)
+    finally:
+        signal.signal(signal.SIGINT, launched_with)
+    # an ignored SIGINT stays ignored (a background job must not be stopped by the terminal's Ctrl-C)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _StopSignals():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, launched_with)
+
+
+def _second_sigint(_StopSignals):
     before = signal.getsignal(signal.SIGINT)
     with _StopSignals() as stop:
-        # raise_signal runs the Python handler before it returns; os.kill(getpid()) may deliver the signal to
-        # another thread (a library's), and then the handler can run after the next line (a flaky failure)
+        # raise_signal runs the Python handler before it returns (os.kill to itself may not, when the signal
+        # is delivered to another thread)
         signal.raise_signal(signal.SIGINT)
         assert stop.signum == signal.SIGINT  # the first only asks
         with pytest.raises(KeyboardInterrupt):
