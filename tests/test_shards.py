@@ -344,3 +344,34 @@ def test_training_goes_on_past_a_corrupt_image_in_a_shard(tmp_path, impl):
     assert "using the next readable image" in replaced[0]
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["skipped_images"] for r in records if r.get("type") == "epoch"] == [1]
+
+
+def test_auto_workers_resume_a_shard_epoch_with_the_count_it_began_with(shards, tmp_path, monkeypatch, capsys):
+    """--num-workers auto resolving to another count on resume (another machine) would cut the rest of the epoch
+    differently; auto takes the saved count instead (when the CPUs allow it), so the run ends exactly as the
+    uninterrupted one."""
+    from dinokit import trainer as T
+
+    monkeypatch.setattr(T, "cpus_per_process", lambda: 2)  # auto would be 2 workers
+    spec = f"{shards}/sh/{{000000..000003}}.tar"
+
+    def args(out, workers):
+        return ["train", "--data", spec, "--output-dir", str(out), *TINY_VIT, "--batch-size-per-gpu", "4",
+                "--epochs", "1", "--num-workers", workers]
+
+    assert main(args(tmp_path / "whole", "0")) == 0
+    monkeypatch.setenv("DINOKIT_FAULT", "term_after_iteration:2")
+    assert main(args(tmp_path / "cut", "0")) == 143
+    monkeypatch.delenv("DINOKIT_FAULT")
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert main(args(tmp_path / "cut", "-1")) == 0
+    assert not any("loader worker" in str(w.message) for w in record)
+    assert "0 loader workers as when checkpoint.pth was saved (--num-workers auto would give 2)" in \
+        capsys.readouterr().err
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pth", weights_only=True)
+    cut = torch.load(tmp_path / "cut" / "checkpoint.pth", weights_only=True)
+    assert whole["iteration"] == cut["iteration"] == 6
+    for net in ("student", "teacher"):  # bitwise: the loader's own generator leaves the global RNG (drop path) alone
+        assert all(torch.equal(whole[net][k], cut[net][k]) for k in whole[net]), net

@@ -679,8 +679,6 @@ def build_shard_loader(cfg, rank: int, world: int):
     """``(base, stream, loader, None)`` for :func:`dinokit.trainer.build_train_data` from a shard spec: the
     stream is the sampler (``set_epoch``, ``batches_per_epoch``); the multi-crop augmentation (``augment_impl``:
     ``fast``, the default, or the reference PIL chain) runs in the workers under per-sample seeds."""
-    from .trainer import collate_crops
-
     if cfg.fast_augment:
         raise ConfigError("fast_augment needs a tensor data set (fashion-mnist:DIR); shards use the "
                           "per-image multi-crop (--augment-impl)")
@@ -703,11 +701,20 @@ def build_shard_loader(cfg, rank: int, world: int):
         aug = DINOAugmentation(**aug_kw)
     stream = ShardStream(paths, counts, cfg.batch_size_per_gpu, seed=cfg.seed, rank=rank, world=world,
                          map_fn=SeededTransform(aug, lazy_open=fast))
-    from .trainer import _ignore_stop_signals, loader_workers
+    from .trainer import loader_workers
 
-    workers = loader_workers(cfg.num_workers)
-    loader = torch.utils.data.DataLoader(
+    return _ShardCount(n, meta, stream), stream, shard_loader(stream, cfg, loader_workers(cfg.num_workers)), None
+
+
+def shard_loader(stream: ShardStream, cfg, workers: int) -> torch.utils.data.DataLoader:
+    """The training DataLoader over ``stream`` with ``workers`` worker processes (the batch composition depends
+    on the count, see the module doc)."""
+    from .trainer import _ignore_stop_signals, collate_crops
+
+    return torch.utils.data.DataLoader(
         stream, batch_size=cfg.batch_size_per_gpu, num_workers=workers, collate_fn=collate_crops,
         pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=False,
+        # its own generator, as for folders: creating the epoch's iterator must not draw from the global RNG,
+        # which drop path uses (a resumed run drew one number more there, and its masks differed from then on)
+        generator=torch.Generator().manual_seed(cfg.seed),
         prefetch_factor=4 if workers > 0 else None, worker_init_fn=_ignore_stop_signals if workers > 0 else None)
-    return _ShardCount(n, meta, stream), stream, loader, None

@@ -850,6 +850,15 @@ class Trainer:
         self._warn_changed_options(ckpt, path)
         saved = ckpt.get("loader_workers")
         if (saved is not None and saved != self.loader.num_workers and is_shard_spec(self.cfg.data_path)
+                and self.step_in_epoch and self.cfg.num_workers < 0 and 0 <= saved <= cpus_per_process()):
+            # --num-workers auto, resumed mid-epoch: the count the epoch began with (its batches depend on it),
+            # when the CPUs allow it, so the rest of the epoch is exactly the uninterrupted run's
+            from .shards import shard_loader
+
+            self._log_console(f"{count_noun(saved, 'loader worker')} as when {path.name} was saved (--num-workers "
+                              f"auto would give {self.loader.num_workers}): the shard epoch resumes exactly")
+            self.loader = shard_loader(self.sampler, self.cfg, saved)
+        if (saved is not None and saved != self.loader.num_workers and is_shard_spec(self.cfg.data_path)
                 and self.step_in_epoch):  # at an epoch boundary the next epoch is whole with any count
             self._warn(f"{count_noun(self.loader.num_workers, 'loader worker')} now, {saved} when {path} was saved: "
                        f"with tar shards the rest of this epoch is split into batches differently from the "
