@@ -10,7 +10,11 @@ import platform
 
 import torch
 
-__all__ = ["at_least_fp32", "at_least_fp32_dtype", "cpu_supports_bf16"]
+__all__ = ["EMULATED_BF16", "at_least_fp32", "at_least_fp32_dtype", "cpu_supports_bf16"]
+
+#: the warning for bf16 asked for on a CPU where :func:`cpu_supports_bf16` is false (training and evaluations)
+EMULATED_BF16 = ("precision bf16 on a CPU without native bf16 (AVX512-BF16 or AMX): it is emulated, typically 2-3x "
+                 "slower than fp32 here")
 
 
 def at_least_fp32_dtype(dtype: torch.dtype) -> torch.dtype:

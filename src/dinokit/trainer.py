@@ -48,7 +48,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import TrainConfig, config_to_dict
-from .dtypes import at_least_fp32, cpu_supports_bf16
+from .dtypes import EMULATED_BF16, at_least_fp32, cpu_supports_bf16
 from .errors import CheckpointError, ConfigError, DinokitError
 from .head import DINOHead
 from .loss import DINOLoss, KoLeoLoss
@@ -545,8 +545,7 @@ class Trainer:
         for note in cfg.notes():
             self._warn(note)
         if self.precision == "bf16" and self.device.type == "cpu" and not cpu_supports_bf16():
-            self._warn("precision bf16 on a CPU without native bf16 (AVX512-BF16 or AMX): it is emulated, typically "
-                       "2-3x slower than fp32 here (precision auto picks fp32 on this CPU)")
+            self._warn(f"{EMULATED_BF16} (precision auto picks fp32 on this CPU)")
         if cfg.gpu_augment and cfg.fast_augment and self.device.type == "cpu":
             self._warn("gpu_augment on a CPU device: the batched augmentation runs in the training process instead "
                        "of the loader workers")
@@ -850,20 +849,20 @@ class Trainer:
         self._warn_changed_options(ckpt, path)
         saved = ckpt.get("loader_workers")
         if (saved is not None and saved != self.loader.num_workers and is_shard_spec(self.cfg.data_path)
-                and self.step_in_epoch and self.cfg.num_workers < 0 and 0 <= saved <= cpus_per_process()):
-            # --num-workers auto, resumed mid-epoch: the count the epoch began with (its batches depend on it),
-            # when the CPUs allow it, so the rest of the epoch is exactly the uninterrupted run's
-            from .shards import shard_loader
-
-            self._log_console(f"{count_noun(saved, 'loader worker')} as when {path.name} was saved (--num-workers "
-                              f"auto would give {self.loader.num_workers}): the shard epoch resumes exactly")
-            self.loader = shard_loader(self.sampler, self.cfg, saved)
-        if (saved is not None and saved != self.loader.num_workers and is_shard_spec(self.cfg.data_path)
                 and self.step_in_epoch):  # at an epoch boundary the next epoch is whole with any count
-            self._warn(f"{count_noun(self.loader.num_workers, 'loader worker')} now, {saved} when {path} was saved: "
-                       f"with tar shards the rest of this epoch is split into batches differently from the "
-                       f"uninterrupted run, so until it ends some images come twice and as many not at all (later "
-                       f"epochs are whole); --num-workers {saved} resumes exactly")
+            if self.cfg.num_workers < 0 and 0 <= saved <= cpus_per_process():
+                # --num-workers auto: the count the epoch began with (its batches depend on it), when the CPUs
+                # allow it, so the rest of the epoch is exactly the uninterrupted run's
+                from .shards import shard_loader
+
+                self._log_console(f"{count_noun(saved, 'loader worker')} as when {path.name} was saved (--num-workers "
+                                  f"auto would give {self.loader.num_workers}): the shard epoch resumes exactly")
+                self.loader = shard_loader(self.sampler, self.cfg, saved)
+            else:
+                self._warn(f"{count_noun(self.loader.num_workers, 'loader worker')} now, {saved} when {path} was "
+                           f"saved: with tar shards the rest of this epoch is split into batches differently from the "
+                           f"uninterrupted run, so until it ends some images come twice and as many not at all "
+                           f"(later epochs are whole); --num-workers {saved} resumes exactly")
 
     def save(self, numbered: bool = False) -> None:
         if not self.main and not self.fsdp:

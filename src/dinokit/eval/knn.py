@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..dtypes import cpu_supports_bf16
+from ..dtypes import EMULATED_BF16, cpu_supports_bf16
 from ..errors import DataError
 from ..models.linear import matmul_nt
 
@@ -284,8 +284,7 @@ def eval_autocast(precision: str, device: str | torch.device):
     global _EMULATED_BF16_WARNED
     if kind == "cpu" and not _EMULATED_BF16_WARNED and not cpu_supports_bf16():
         _EMULATED_BF16_WARNED = True
-        warnings.warn("dinokit: precision bf16 on a CPU without native bf16 (AVX512-BF16 or AMX): it is emulated, "
-                      "typically 2-3x slower than fp32 here", stacklevel=2)
+        warnings.warn(f"dinokit: {EMULATED_BF16}", stacklevel=2)
     return torch.autocast(kind, dtype=torch.bfloat16)
 
 
