@@ -113,8 +113,9 @@ def test_apply_overrides_types():
         apply_overrides(TrainConfig(), {"epochs": 2.5})
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "dinokit", *args], capture_output=True, text=True, timeout=120)
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "dinokit", *args], capture_output=True, text=True, timeout=120,
+                          cwd=cwd)
 
 
 def test_cli_errors_are_one_line_exit_2(tmp_path):
@@ -148,6 +149,62 @@ def test_shipped_configs_load_and_validate():
     for path in configs:
         cfg = apply_overrides(TrainConfig(), load_yaml(path)).validate()
         assert cfg.epochs > 0, path
+
+
+def test_builtin_recipes_are_the_checkouts_configs_and_load_by_name(tmp_path, monkeypatch):
+    """The recipes ship inside the package (``dinokit/configs``; the checkout's ``configs/`` is a link to it), so
+    ``--config NAME`` works after a plain ``pip install``, from any folder."""
+    from pathlib import Path
+
+    from dinokit.config import builtin_configs, load_yaml, resolve_config
+
+    root = Path(__file__).parent.parent
+    builtin = builtin_configs()
+    assert set(builtin) == {p.stem for p in (root / "configs").glob("*.yaml")} >= {"fashion_mnist_demo",
+                                                                                    "vit_small_100ep"}
+    assert (root / "configs").resolve() == builtin["vit_small_100ep"].parent
+    monkeypatch.chdir(tmp_path)  # not the checkout: no configs/ folder here
+    for spelling in ("vit_small_100ep", "vit_small_100ep.yaml"):
+        assert resolve_config(spelling) == builtin["vit_small_100ep"]
+    by_name = parse(["--config", "fashion_mnist_demo", "--epochs", "3"])
+    by_path = apply_overrides(TrainConfig(), {**load_yaml(builtin["fashion_mnist_demo"]), "epochs": 3})
+    assert by_name == by_path and by_name.arch == "vit_custom" and by_name.patch_size == 7
+    (tmp_path / "vit_small_100ep").write_text("epochs: 5\n")  # an existing file wins over the built-in name
+    assert resolve_config("vit_small_100ep") == Path("vit_small_100ep")
+    assert parse(["--config", "vit_small_100ep"]).epochs == 5
+
+
+def test_unknown_config_names_the_builtin_recipes(tmp_path, monkeypatch):
+    from dinokit.config import resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"config file not found: nope \(built-in recipes, usable by name: "
+                       r".*vit_small_100ep"):
+        resolve_config("nope")
+    with pytest.raises(ConfigError, match=r"not found: configs/vit_base_16.yaml.*--config vit_base_16$"):
+        resolve_config("configs/vit_base_16.yaml")  # README's checkout path, used elsewhere: the name is offered
+    with pytest.raises(ConfigError, match="not found: sub/vit_base_16"):
+        resolve_config("sub/vit_base_16")  # a path is a path: never silently the built-in
+    r = _cli("train", "--config", "nope", "--data", str(tmp_path), "--output-dir", str(tmp_path / "out"),
+             cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "built-in recipes" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_wheel_ships_the_builtin_recipes(tmp_path):
+    import zipfile
+    from pathlib import Path
+
+    from dinokit.config import builtin_configs
+
+    root = Path(__file__).parent.parent
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (wheel,) = tmp_path.glob("dinokit-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"dinokit/configs/{n}.yaml" for n in builtin_configs()} <= names
 
 
 def test_every_commands_help_renders_its_text_literally():

@@ -240,3 +240,16 @@ def test_the_error_line_comes_from_the_log_when_the_exception_has_none(tmp_path)
     log.write_text("nothing useful\n")
     assert _job_failure(Job(), RuntimeError("Job 7 (task: 1) timed out\n  - /a/path"),
                         tmp_path) == f"job 7 failed: Job 7 (task: 1) timed out (log: {log})"
+
+
+def test_a_builtin_recipe_name_is_passed_on_as_a_name(tmp_path, monkeypatch):
+    """``--config vit_small_100ep`` names a recipe shipped in the package: found where the job runs, not a
+    missing local path."""
+    from dinokit.commands import submit
+
+    monkeypatch.chdir(tmp_path)
+    argv, missing = submit._absolute_paths(["--config", "vit_small_100ep", "--data", "imgs"])
+    assert argv == ["--config", "vit_small_100ep", "--data", str(tmp_path / "imgs")]
+    assert missing == [f"--data {tmp_path / 'imgs'}"]
+    argv, missing = submit._absolute_paths(["--config=nope.yaml"])
+    assert argv == [f"--config={tmp_path / 'nope.yaml'}"] and missing == [f"--config {tmp_path / 'nope.yaml'}"]

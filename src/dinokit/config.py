@@ -18,7 +18,8 @@ import yaml
 
 from .errors import ConfigError
 
-__all__ = ["TrainConfig", "ALIASES", "load_yaml", "apply_overrides", "parse_set_items", "config_to_dict"]
+__all__ = ["TrainConfig", "ALIASES", "load_yaml", "builtin_configs", "resolve_config", "apply_overrides",
+           "parse_set_items", "config_to_dict"]
 
 #: other names of options (as the command line's --data / --batch-size), usable as YAML keys and --set keys too
 ALIASES = {"data": "data_path", "batch_size": "batch_size_per_gpu"}
@@ -392,6 +393,32 @@ def parse_set_items(items: list[str]) -> dict[str, Any]:
             del out[seen]  # the later item for the same option wins, whatever its spelling
         out[key] = value
     return out
+
+
+def builtin_configs() -> dict[str, Path]:
+    """The recipes shipped inside the package (``dinokit/configs/*.yaml``), by name: usable anywhere as
+    ``--config NAME`` (the checkout's ``configs/`` folder is the same files)."""
+    folder = Path(__file__).resolve().parent / "configs"
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def resolve_config(value: str | Path) -> Path:
+    """The YAML file ``--config VALUE`` names: an existing path first, else a built-in recipe by name
+    (``vit_small_100ep``, with or without ``.yaml``). A value that is neither is a :class:`ConfigError` naming
+    the built-in recipes."""
+    p = Path(value).expanduser()
+    if p.exists():
+        return p
+    text = str(value)
+    builtin = builtin_configs()
+    name = text[: -len(p.suffix)] if p.suffix in (".yaml", ".yml") else text
+    if "/" not in text and "\\" not in text and name in builtin:
+        return builtin[name]
+    names = ", ".join(builtin) or "none"
+    hint = ""
+    if p.name and Path(p.name).stem in builtin:
+        hint = f"; the built-in {Path(p.name).stem!r} is used by name: --config {Path(p.name).stem}"
+    raise ConfigError(f"config file not found: {value} (built-in recipes, usable by name: {names}){hint}")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

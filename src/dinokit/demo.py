@@ -1,6 +1,6 @@
 """The Fashion-MNIST demo's evaluation (``make demo``, second half): ``python -m dinokit.demo --run-dir runs/demo``.
 
-After ``dinokit train --config configs/fashion_mnist_demo.yaml`` it
+After ``dinokit train --config fashion_mnist_demo`` it
 
 * loads ``RUN/checkpoint.pth`` (``weights_only=True``) and the run's ``config.yaml``;
 * extracts the **teacher backbone** features of the 60k train and 10k test images (eval mode, fp32, no

@@ -107,6 +107,11 @@ def _absolute(option: str, value: str, missing: list[str]) -> str:
     if sep and len(head) > 1 and "/" not in head and not Path(value).exists():  # a spec: fashion-mnist:DIR
         return f"{head}:{_absolute(option, rest, missing)}" if rest else value
     path = Path(value).expanduser()
+    if option == "--config" and not path.exists():
+        from ..config import builtin_configs
+
+        if "/" not in value and Path(value).stem in builtin_configs():  # a built-in recipe: found where the job runs
+            return value
     if not ("{" in value and value.endswith(".tar")) and not path.exists():
         missing.append(f"{option} {path.absolute()}")
     return str(path.absolute())

@@ -9,14 +9,14 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import get_args, get_origin
 
-from ..config import ALIASES, TrainConfig, apply_overrides, load_yaml, parse_set_items
+from ..config import ALIASES, TrainConfig, apply_overrides, builtin_configs, load_yaml, parse_set_items, resolve_config
 
 HELP = "pretrain a ViT (or CNN) with DINO on a folder of unlabelled images"
 DESCRIPTION = """Pretrain with DINO (self-distillation with no labels).
 
 examples:
   dinokit train --data ~/images --output-dir runs/exp1 --arch vit_small --epochs 100
-  dinokit train --config configs/vit_small_100ep.yaml --set epochs=300 teacher_temp=0.07
+  dinokit train --config vit_small_100ep --set epochs=300 teacher_temp=0.07
   torchrun --nproc_per_node=4 -m dinokit train --data ~/images --output-dir runs/ddp
 
 Training resumes automatically from OUTPUT_DIR/checkpoint.pth. Stability: if the loss becomes NaN, try
@@ -35,8 +35,9 @@ def _default_str(value) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file of options (keys as in --help, underscores or dashes; aliases "
-                        "such as data and batch_size too)")
+    parser.add_argument("--config", metavar="FILE_OR_NAME",
+                        help="YAML file of options (keys as in --help, underscores or dashes; aliases such as data "
+                        "and batch_size too), or a built-in recipe by name: " + ", ".join(builtin_configs()))
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override options after --config, e.g. --set epochs=300 teacher_temp=0.07; repeatable "
                         "(--set a=1 --set b=2 sets both; for the same option the last value wins)")
@@ -74,7 +75,7 @@ def _bool_flag(s: str) -> bool:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     cfg = TrainConfig()
     if args.config:
-        cfg = apply_overrides(cfg, load_yaml(args.config))
+        cfg = apply_overrides(cfg, load_yaml(resolve_config(args.config)))
     flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     cfg = apply_overrides(cfg, flags)
     cfg = apply_overrides(cfg, parse_set_items(args.set))
