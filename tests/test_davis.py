@@ -467,3 +467,33 @@ def test_annotation_size_must_match_its_frames(tmp_path, monkeypatch, capsys):
     Image.open(second).crop((0, 0, 64, 48)).save(second)
     with pytest.raises(DataError, match=r"00001.png is 48x64 px, 00000.png 64x64 \(HxW\): all annotations"):
         evaluate_davis(tmp_path / "out", root)
+
+
+def test_cli_davis_refuses_an_out_that_is_the_ground_truth(tmp_path, monkeypatch, capsys):
+    """``--out DAVIS/Annotations/480p`` wrote the segmentations over the annotations, then scored them against
+    themselves: J&F 100 and the ground truth lost. Refused (also with --eval-only: a meaningless 100)."""
+    import hashlib
+    import sys
+    import types
+
+    root = write_davis(tmp_path / "DAVIS", videos=("shapes",), T=3)
+    (tmp_path / "w.pth").write_bytes(b"")
+    mod = types.ModuleType("dinokit.weights")
+    mod.load_backbone = lambda *a, **k: pytest.fail("the model was loaded before the options were checked")
+    monkeypatch.setitem(sys.modules, "dinokit.weights", mod)
+    ann = root / "Annotations" / "480p"
+
+    def digest():
+        return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted((ann / "shapes").iterdir())}
+
+    before = digest()
+    base = ["--weights", str(tmp_path / "w.pth"), "--davis-root", str(root), "--no-progress"]
+    (tmp_path / "link").symlink_to(ann)
+    for out, sub in ((ann, "Annotations/480p"), (root / "JPEGImages" / "480p", "JPEGImages/480p"),
+                     (tmp_path / "link", "Annotations/480p"), (ann / ".." / "480p", "Annotations/480p")):
+        for extra in ([], ["--eval-only"]):
+            rc, err = _cli([*base, "--out", str(out), *extra], capsys)
+            assert rc == 2 and err.count("\n") == 1 and f"is the data set's {sub} folder" in err, err
+    assert digest() == before
+    rc, err = _cli([*base, "--out", str(root / "results"), "--eval-only"], capsys)  # inside the root: fine
+    assert "data set's" not in err

@@ -545,3 +545,128 @@ def test_eval_bf16_on_a_cpu_that_emulates_it_is_named_once(monkeypatch):
             pass
         with K.eval_autocast("fp32", "cpu"):
             assert not torch.is_autocast_enabled("cpu")
+
+
+def test_an_output_that_would_replace_an_input_is_refused_before_any_work(setup, tmp_path, capsys):
+    """``--output``/``--out`` equal to the weights file, or an image of an input folder, replaced that input
+    (the weights by a JSON file, a training image by features); now one line, exit 2, the input unchanged."""
+    import shutil
+
+    tmp, train, val, ckpt, _ = setup
+    weights = tmp_path / "w.pth"
+    shutil.copy(ckpt, weights)
+    data = tmp_path / "train"
+    shutil.copytree(train, data)
+    image = sorted((data / "a").iterdir())[0]
+    before = weights.read_bytes(), image.read_bytes()
+    common = ["--num-workers", "0", *COMMON]
+    cases = [
+        (["knn", "--weights", str(weights), "--train-data", str(data), "--val-data", str(val), "--output",
+          str(weights), *common], "--output .* is the --weights file"),
+        (["linear", "--weights", str(weights), "--train-data", str(data), "--val-data", str(val), "--epochs", "1",
+          "--output", str(weights), *common], "--output .* is the --weights file"),
+        (["knn", "--weights", str(weights), "--train-data", str(data), "--val-data", str(val), "--output",
+          str(image), *common], "--output .* is an image of the --train-data folder"),
+        (["features", "--weights", str(weights), "--data", str(data), "--out", str(weights), *common],
+         "--out .* is the --weights file"),
+        (["features", "--weights", str(weights), "--data", f"{data}", "--out", str(image), *common],
+         "--out .* is an image of the --data folder"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and __import__("re").search(message, err), err
+        assert (weights.read_bytes(), image.read_bytes()) == before
+    # a new file, or an existing non-image file, inside an input folder is fine (results next to the data)
+    notes = data / "results.json"
+    notes.write_text("{}")
+    assert main(["knn", "--weights", str(weights), "--train-data", str(data), "--val-data", str(val), "--k", "1",
+                 "--output", str(notes), *common]) == 0
+    assert json.loads(notes.read_text())["n_train"] == 12
+
+
+def test_refuse_overwriting_inputs_follows_links_and_data_specs(tmp_path):
+    from dinokit.commands._common import refuse_overwriting_inputs
+    from dinokit.errors import ConfigError
+
+    root = tmp_path / "ds"
+    (root / "jpg").mkdir(parents=True)
+    gnd = root / "gnd_x.json"
+    gnd.write_text("{}")
+    link = tmp_path / "link.json"
+    link.symlink_to(gnd)
+    with pytest.raises(ConfigError, match="is a file of the --root data set"):
+        refuse_overwriting_inputs(link, "--output", roots={"--root": root})
+    with pytest.raises(ConfigError, match="is a file of the --root data set"):
+        refuse_overwriting_inputs(root / "jpg" / ".." / "gnd_x.json", "--output", roots={"--root": root})
+    img = root / "jpg" / "q.png"
+    img.write_bytes(b"x")
+    with pytest.raises(ConfigError, match="is an image of the --data folder"):
+        refuse_overwriting_inputs(img, "--out", image_folders={"--data": f"fashion-mnist:{root}"})
+    refuse_overwriting_inputs(tmp_path / "new.json", "--output", roots={"--root": root})  # a new file: fine
+    refuse_overwriting_inputs(gnd, "--output", roots={"--root": None}, files={"--weights": tmp_path / "nope"})
+
+
+def test_attention_never_writes_over_an_input_image_in_the_output_folder(setup, tmp_path, capsys):
+    """``attention --image OUT/a.png OUT/a-img.png --out OUT``: the first image's ``a-img.png`` replaced the
+    second input before it was read. Now a prefix that would hit an input is skipped like a duplicate name."""
+    import shutil
+
+    tmp, train, _, ckpt, _ = setup
+    first, second = sorted((train / "a").iterdir())[:2]
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(first, out / "a.png")
+    shutil.copy(second, out / "a-img.png")
+    before = (out / "a-img.png").read_bytes()
+    assert main(["attention", "--weights", str(ckpt), "--image", str(out / "a.png"), str(out / "a-img.png"),
+                 "--out", str(out), "--device", "cpu", "--no-progress", "--image-size", "32"]) == 0
+    assert (out / "a-img.png").read_bytes() == before
+    text = capsys.readouterr().out
+    assert f"{out / 'a_1'}-*" in text and (out / "a_1-img.png").is_file()
+    assert (out / "a-img-img.png").is_file()  # the second image under its own name
+
+
+def test_linear_augment_leaves_unreadable_images_out(setup, tmp_path, capsys):
+    """``linear --augment`` trained on the next image in an unreadable file's place, under that file's label,
+    and counted it in n_train; now its rows are dropped from the batches, with the cached protocol's warning."""
+    from dinokit.data import build_dataset
+    from dinokit.eval.linear import _FlagUnreadable, train_transform
+
+    tmp, train, val, ckpt, _ = setup
+    bad = _with_unreadable_files(train, tmp_path / "train")
+    res = tmp_path / "lin.json"
+    with pytest.warns(UserWarning, match=r"3 unreadable image\(s\) of the train data left out .*12 of 15 used"):
+        rc = main(["linear", "--weights", str(ckpt), "--train-data", str(bad), "--val-data", str(val), "--epochs",
+                   "1", "--augment", "--batch-size", "4", "--num-workers", "0", *COMMON, "--output", str(res)])
+    assert rc == 0 and json.loads(res.read_text())["linear"]["n_train"] == 12
+    assert "12 train / 6 val images" in capsys.readouterr().out
+    ds = _FlagUnreadable(build_dataset(str(bad), transform=train_transform(32), unreadable="leave_out"))
+    flags = [ds[i][2] for i in range(len(ds))]
+    names = [Path(p).name for p, _ in ds.base.samples]
+    assert [n for n, ok in zip(names, flags) if not ok] == ["0-corrupt.jpg", "1-empty.png", "zz-truncated.png"]
+
+
+def test_num_heads_contradicting_the_file_is_refused(setup, tmp_path, capsys):
+    """``--num-heads`` is for a bare state dict; given for a file that records another count (a checkpoint's
+    config, export metadata, a standard ViT's name) it silently built another model with the same weights."""
+    tmp, train, _, ckpt, _ = setup  # 2 heads recorded in the config
+    out = tmp_path / "f.safetensors"
+    exp = tmp_path / "e.safetensors"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(exp), "--num-heads", "4"]) == 2
+    assert "records 2 attention heads" in capsys.readouterr().err and not exp.exists()
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(exp), "--num-heads", "2"]) == 0
+    for weights in (ckpt, exp):
+        assert main(["features", "--weights", str(weights), "--num-heads", "4", "--data", str(train), "--out",
+                     str(out), "--num-workers", "0", *COMMON]) == 2
+        err = capsys.readouterr().err
+        assert "records 2 attention heads" in err and "--num-heads 4 contradicts it" in err
+    small = tmp_path / "small.pth"
+    torch.save({"teacher": {}, "config": {"arch": "vit_small"}}, small)
+    from dinokit.errors import CheckpointError
+    from dinokit.weights import checkpoint_arch_hints, with_num_heads
+
+    hints = checkpoint_arch_hints(torch.load(small, weights_only=True))
+    with pytest.raises(CheckpointError, match="records 6 attention heads"):
+        with_num_heads(hints, 12, small)
+    assert with_num_heads(hints, 6, small)["num_heads"] == 6 and with_num_heads({}, 5, "x") == {"num_heads": 5}

@@ -470,3 +470,50 @@ def test_cli_retrieval_whitening_and_output_options_are_checked_first(tmp_path, 
     assert model.seen <= 1
     assert main(["retrieval", *common, "--whiten", "--whiten-dim", "8", "--output", str(tmp_path / "r.json")]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["whitening"]["dim"] == 8
+
+
+@pytest.mark.parametrize("bbx", [[40, 40, 10, 10], [1, 2, 3], [0, 0, "x", 5], [0, 0, float("inf"), 5],
+                                 [5.2, 0, 5.4, 9], True])
+def test_a_malformed_query_box_is_one_line_naming_it(tmp_path, bbx):
+    """An inverted or short ``bbx`` ended ``--query-crop`` in PIL's traceback; the file is now checked on load."""
+    data = make_revisited(tmp_path / "ds", n=2)
+    data["gnd"][1]["bbx"] = bbx
+    (tmp_path / "ds/gnd_roxford5k.json").write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"gnd\[1\]\['bbx'\] must be a box \[x1, y1, x2, y2\] of finite numbers "
+                       r"with x1 < x2 and y1 < y2"):
+        load_ground_truth(tmp_path / "ds/gnd_roxford5k.json")
+
+
+def test_query_crop_needs_every_box(tmp_path, monkeypatch, capsys):
+    from dinokit.cli import main
+
+    data = make_revisited(tmp_path / "ds", n=2)
+    data["gnd"][1]["bbx"] = None
+    (tmp_path / "ds/gnd_roxford5k.json").write_text(json.dumps(data))
+    (tmp_path / "w.pth").write_bytes(b"")
+    _fake_weights(monkeypatch, Thumb())
+    common = ["--weights", str(tmp_path / "w.pth"), "--imsize", "64", "--no-progress", "--num-workers", "0",
+              "--dataset", "roxford5k", "--root", str(tmp_path / "ds"), "--output", str(tmp_path / "r.json")]
+    assert main(["retrieval", *common]) == 0  # the boxes are not used without --query-crop
+    capsys.readouterr()
+    assert main(["retrieval", *common, "--query-crop"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no box ('bbx') for query 1 (query1.jpg)" in err
+
+
+def test_retrieval_output_may_not_replace_a_file_of_the_data_set(tmp_path, monkeypatch, capsys):
+    from dinokit.cli import main
+
+    make_places(tmp_path / "p")
+    gt = tmp_path / "p" / "positives.json"
+    before = gt.read_bytes()
+    (tmp_path / "w.pth").write_bytes(b"")
+    _fake_weights(monkeypatch, Thumb())
+    common = ["--weights", str(tmp_path / "w.pth"), "--imsize", "64", "--no-progress", "--num-workers", "0",
+              "--dataset", "folder", "--root", str(tmp_path / "p")]
+    for output, message in ((gt, "is a file of the --root data set"), (tmp_path / "w.pth", "is the --weights file")):
+        assert main(["retrieval", *common, "--output", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err
+    assert gt.read_bytes() == before
+    assert main(["retrieval", *common, "--output", str(tmp_path / "p" / "results.json")]) == 0  # a new file

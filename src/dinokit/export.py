@@ -32,6 +32,7 @@ from .weights import (
     read_safetensors_metadata,
     resolve_arch,
     safe_load,
+    with_num_heads,
 )
 
 __all__ = ["export_backbone", "timm_name_for", "export_state_dict"]
@@ -92,11 +93,7 @@ def export_backbone(checkpoint_path: str | os.PathLike, out_path: str | os.PathL
                               "(optimizer, head, student) by the backbone; give another file name")
     obj = safe_load(src)
     sd = extract_backbone_state_dict(obj, checkpoint_key)
-    hints = checkpoint_arch_hints(obj, read_safetensors_metadata(src))
-    if num_heads is not None:
-        if int(num_heads) < 1:
-            raise CheckpointError(f"num_heads must be at least 1, got {num_heads}")
-        hints["num_heads"] = int(num_heads)
+    hints = with_num_heads(checkpoint_arch_hints(obj, read_safetensors_metadata(src)), num_heads, src)
     info = resolve_arch(sd, hints, arch, patch_size)
     kw = build_kwargs(info)
     try:

@@ -51,7 +51,8 @@ from torch import nn
 from .errors import CheckpointError
 
 __all__ = ["safe_load", "read_safetensors_metadata", "is_safetensors", "extract_backbone_state_dict",
-           "infer_arch", "checkpoint_arch_hints", "load_backbone", "load_state_dict_strict", "STANDARD_VITS"]
+           "infer_arch", "checkpoint_arch_hints", "with_num_heads", "load_backbone", "load_state_dict_strict",
+           "STANDARD_VITS"]
 
 #: (embed_dim, depth) -> (arch, num_heads) of the reference's ViT sizes (dino-reference.md §2.2).
 STANDARD_VITS: dict[tuple[int, int], tuple[str, int]] = {
@@ -387,6 +388,30 @@ def checkpoint_arch_hints(obj: Any, metadata: dict[str, str] | None = None) -> d
     return hints
 
 
+def with_num_heads(hints: dict[str, Any], num_heads: Any, source: str | os.PathLike) -> dict[str, Any]:
+    """``hints`` with the attention-head count a caller gives (``--num-heads``, ``num_heads=``) for weights whose
+    file does not record it (a bare state dict: no shape reveals the heads). A count below 1, or one that differs
+    from what the file records (a custom ViT's config or export metadata, or the standard count of the recorded
+    ``vit_tiny``/``vit_small``/``vit_base``), is a :class:`CheckpointError`: it would build another model that
+    loads the same weights "strictly" and gives other features."""
+    from .models.vit import VIT_CONFIGS
+
+    if num_heads is None:
+        return hints
+    n = int(num_heads)
+    if n < 1:
+        raise CheckpointError(f"num_heads must be at least 1, got {num_heads}")
+    recorded = hints.get("num_heads")
+    arch = str(hints.get("arch", "")).replace("deit", "vit")
+    if recorded is None and arch in VIT_CONFIGS:
+        recorded = VIT_CONFIGS[arch][2]
+    if recorded is not None and int(recorded) != n:
+        raise CheckpointError(f"{source} records {recorded} attention heads ({hints.get('arch') or 'its config'}); "
+                              f"--num-heads {n} contradicts it (the option is for a bare state dict that records "
+                              "none): leave it out")
+    return {**hints, "num_heads": n}
+
+
 def _vit_kwargs(info: dict[str, Any]) -> dict[str, Any]:
     kw: dict[str, Any] = {}
     if info.get("img_size"):
@@ -514,9 +539,7 @@ def load_backbone(path: str | os.PathLike, arch: str | None = None, patch_size: 
     obj = safe_load(path)
     meta = read_safetensors_metadata(path)
     sd = extract_backbone_state_dict(obj, checkpoint_key)
-    hints = checkpoint_arch_hints(obj, meta)
-    if "num_heads" in kw:
-        hints["num_heads"] = kw["num_heads"]
+    hints = with_num_heads(checkpoint_arch_hints(obj, meta), kw.get("num_heads"), path)
     info = resolve_arch(sd, hints, arch, patch_size)
     build_kw = {**build_kwargs(info), **kw}
     try:

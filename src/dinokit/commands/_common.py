@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import can_create_in
+from ..data import IMAGE_EXTENSIONS
 from ..errors import CheckpointError, ConfigError, DataError
 from ..trainer import resolve_device
 
 __all__ = ["add_model_arguments", "add_precision_argument", "add_whiten_dim_argument", "check_output_dir",
            "check_output_file", "check_positive", "check_whiten_dim", "eval_dataset", "format_table", "last_blocks",
-           "jsonable", "load_model", "model_info", "pct", "require_labels", "resolve_device", "write_json"]
+           "jsonable", "load_model", "model_info", "pct", "refuse_overwriting_inputs", "require_labels",
+           "resolve_device", "write_json"]
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -200,14 +202,61 @@ def _folder_to_create_in(start: Path, path: Path, option: str) -> Path:
     return base
 
 
-def check_output_file(path: str | Path, option: str = "--out") -> Path:
+def _local_path(spec: Any) -> Path | None:
+    """The existing file or folder an input option names; a data spec such as ``fashion-mnist:DIR`` names DIR."""
+    if not spec:
+        return None
+    p = Path(str(spec)).expanduser()
+    if p.exists():
+        return p
+    head, sep, rest = str(spec).partition(":")
+    return _local_path(rest) if sep and rest and "/" not in head else None
+
+
+def refuse_overwriting_inputs(path: str | Path, option: str, files: dict[str, Any] | None = None,
+                              image_folders: dict[str, Any] | None = None,
+                              roots: dict[str, Any] | None = None) -> None:
+    """Refuse an output file that would replace an input: one of ``files`` (``{option: path}``, e.g. the
+    weights), an image inside one of ``image_folders`` (class folders: only their images are read), or any file
+    inside one of ``roots`` (data sets whose images *and* ground-truth files are read). A new file, or one that is
+    no input, is fine."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        return
+    out = path.resolve()
+
+    def inside(spec: Any) -> Path | None:
+        folder = _local_path(spec)
+        return folder if folder is not None and folder.is_dir() and folder.resolve() in out.parents else None
+
+    for name, spec in (files or {}).items():
+        src = _local_path(spec)
+        if src is not None and src.is_file() and src.resolve() == out:
+            raise ConfigError(f"{option} {path} is the {name} file: writing it would replace that input; give "
+                              f"another {option}")
+    for name, spec in (image_folders or {}).items():
+        folder = inside(spec)
+        if folder is not None and out.name.lower().endswith(IMAGE_EXTENSIONS):
+            raise ConfigError(f"{option} {path} is an image of the {name} folder {folder}: writing it would replace "
+                              f"that input; give another {option}")
+    for name, spec in (roots or {}).items():
+        folder = inside(spec)
+        if folder is not None:
+            raise ConfigError(f"{option} {path} is a file of the {name} data set {folder}: writing it would "
+                              f"replace that input; give another {option}")
+
+
+def check_output_file(path: str | Path, option: str = "--out", **inputs: dict[str, Any]) -> Path:
     """Refuse, before any work, an output file that cannot be written: an existing folder, a parent that is a
-    file, or a folder without write permission (the nearest existing ancestor, which ``mkdir -p`` would use)."""
+    file, or a folder without write permission (the nearest existing ancestor, which ``mkdir -p`` would use);
+    ``inputs`` (``files=``, ``image_folders=``, ``roots=``): an output that would replace an input
+    (:func:`refuse_overwriting_inputs`)."""
     import os
 
     path = Path(path).expanduser()
     if path.is_dir():
         raise ConfigError(f"{option} {path} is a folder; give a file name")
+    refuse_overwriting_inputs(path, option, **inputs)
     base = _folder_to_create_in(path.parent, path, option)
     writable = os.access(path, os.W_OK) if path.exists() else can_create_in(base)
     if not writable:

@@ -63,13 +63,16 @@ def run(args: argparse.Namespace) -> int:
                           f"is smaller than one {model.patch_size}-pixel patch")
     size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
     used: set[str] = set()
+    # an input image inside --out named like an output (OUT/a-img.png for OUT/a.png) must not be replaced
+    inputs_here = {p.name for p in images if p.parent.resolve() == out.resolve()} if out.is_dir() else set()
     for path in images:
         img = load_image(path)
         x, shown = prepare_image(img, size, model.patch_size)
         maps = attention_maps(model, x)
         masks = threshold_masks(maps, args.threshold) if args.threshold > 0 else None
         prefix, n = path.stem, 0
-        while prefix in used:  # two images with the same name (a/x.png, b/x.png, x_1.png): keep all
+        # two images with the same name (a/x.png, b/x.png, x_1.png): keep all; never write over an input
+        while prefix in used or any(name.startswith(f"{prefix}-") for name in inputs_here):
             n += 1
             prefix = f"{path.stem}_{n}"
         used.add(prefix)

@@ -73,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
     if args.distractors is not None and args.distractors < 0:
         raise ConfigError("--distractors must be >= 0")
     check_whiten_dim(args)
-    output = check_output_file(args.output or "copydetect_results.json", "--output")
+    output = check_output_file(args.output or "copydetect_results.json", "--output", files={"--weights": args.weights},
+                               roots={"--root": root, "--whiten": args.whiten,
+                                      "--distractors-dir": args.distractors_dir})
     whiten_dir = None
     if args.whiten is not None:
         whiten_dir = Path(args.whiten) if args.whiten else root / "whitening"

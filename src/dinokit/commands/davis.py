@@ -83,6 +83,17 @@ def _write_official_csvs(out: Path, split: str, res: dict) -> None:
             w.writerow([name, f"{m['J-Mean']:.6f}", f"{m['F-Mean']:.6f}"])
 
 
+def _refuse_out_in_the_inputs(out: Path, root: Path, resolution: str, videos: list[str]) -> None:
+    """The segmentations go to OUT/<video>/<frame>.png: an OUT that is the ground truth's (or the frames') folder
+    would replace the annotations and then score them against themselves."""
+    for sub in ("Annotations", "JPEGImages"):
+        inputs = root / sub / resolution
+        for v in videos:
+            if (out / v).is_dir() and (out / v).resolve() == (inputs / v).resolve():
+                raise ConfigError(f"--out {out} is the data set's {sub}/{resolution} folder: the segmentations would "
+                                  f"replace its files (and be scored against themselves); give another --out")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..eval.davis import DAVIS_STD, IMAGENET_STD, evaluate_davis, list_videos, segment_davis
 
@@ -94,8 +105,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--bound-th must be a finite number >= 0, got {args.bound_th}")
     out = check_output_dir(args.out)
     if args.output:
-        check_output_file(args.output, "--output")
+        check_output_file(args.output, "--output", files={"--weights": args.weights},
+                          roots={"--davis-root": args.davis_root})
     videos = list_videos(args.davis_root, args.split, args.videos, args.resolution)
+    _refuse_out_in_the_inputs(out, Path(args.davis_root), args.resolution, videos)
     progress = not args.no_progress
     settings = {"n_last_frames": args.n_last_frames, "size_mask_neighborhood": args.size_mask_neighborhood,
                 "topk": args.topk, "temperature": args.temperature, "short_side": args.short_side,

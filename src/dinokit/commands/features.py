@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_positive("--n-last-blocks", args.n_last_blocks)
     check_positive("--batch-size", args.batch_size)
-    out = check_output_file(args.out)
+    out = check_output_file(args.out, files={"--weights": args.weights}, image_folders={"--data": args.data})
     model = load_model(args)
     image_size = eval_image_size(args.image_size, model)
     ds = eval_dataset(args.data, image_size, args.split, args.resize_size)

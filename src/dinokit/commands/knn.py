@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         check_positive("--k", k)
     check_positive("--temperature", args.temperature)
     if args.output:
-        check_output_file(args.output, "--output")
+        check_output_file(args.output, "--output", files={"--weights": args.weights},
+                          image_folders={"--train-data": args.train_data, "--val-data": args.val_data})
     check_positive("--batch-size", args.batch_size)
     model = load_model(args, need_patches=args.features != "cls")
     image_size = eval_image_size(args.image_size, model)

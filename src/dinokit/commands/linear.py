@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("epochs", "batch_size", "n_last_blocks", "val_freq"):
         check_positive("--" + name.replace("_", "-"), getattr(args, name))
     if args.output:
-        check_output_file(args.output, "--output")
+        check_output_file(args.output, "--output", files={"--weights": args.weights},
+                          image_folders={"--train-data": args.train_data, "--val-data": args.val_data})
     for lr in args.lr:
         check_positive("--lr", lr)
     model = load_model(args)

@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     if args.imsize < 1:
         raise ConfigError("--imsize must be positive")
     check_whiten_dim(args)
-    output = check_output_file(args.output or f"retrieval_{args.dataset}.json", "--output")
+    output = check_output_file(args.output or f"retrieval_{args.dataset}.json", "--output",
+                               files={"--weights": args.weights}, roots={"--root": root, "--whiten": args.whiten})
     whiten_dir = None
     if args.whiten is not None:
         whiten_dir = Path(args.whiten) if args.whiten else root / "whitening"

@@ -183,6 +183,23 @@ def train_linear_on_features(train_feats: torch.Tensor, train_labels: torch.Tens
     return _run_epochs(sweep, batches, val_feats, val_labels, epochs, val_freq, progress)
 
 
+class _FlagUnreadable(torch.utils.data.Dataset):
+    """``(image, label, readable)``: ``readable`` is False when the file at the index could not be read and the
+    data set served the next one instead (:class:`dinokit.data.ImageFolderDataset`), so that its row can be
+    dropped from the batch (the augmented linear probe leaves unreadable images out, as the cached one does)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        image, label = self.base[i]
+        ok = bool(self.base.readable()[i]) if hasattr(self.base, "readable") else True
+        return image, label, ok
+
+
 def train_transform(image_size: int = 224):
     """Reference train augmentation: RandomResizedCrop(image_size) (torchvision defaults: scale (0.08, 1),
     bilinear), RandomHorizontalFlip, ToTensor, Normalize(ImageNet)."""
@@ -236,21 +253,27 @@ def linear_probe(model: nn.Module, train_spec, val_spec, lrs: Sequence[float] = 
     else:
         from .knn import frozen_features
 
-        aug_ds = build_dataset(train_spec, transform=train_transform(image_size), split="train")
+        aug_ds = build_dataset(train_spec, transform=train_transform(image_size), split="train",
+                               unreadable="leave_out")
         dim = val_feats.shape[1]
         sweep = LinearSweep(dim, num_labels, lrs, batch_size, epochs, weight_decay, seed, device)
         g = torch.Generator().manual_seed(seed + 1)
-        loader = torch.utils.data.DataLoader(aug_ds, batch_size=batch_size, shuffle=True, generator=g,
-                                             num_workers=num_workers, drop_last=False)
+        loader = torch.utils.data.DataLoader(_FlagUnreadable(aug_ds), batch_size=batch_size, shuffle=True,
+                                             generator=g, num_workers=num_workers, drop_last=False)
 
         def batches(epoch):  # the augmented data set lists the same files as train_ds: same labels
-            for images, labels in loader:
+            for images, labels, ok in loader:
+                if not bool(ok.all()):  # an unreadable file's row (another image in its place) is left out
+                    images, labels = images[ok], labels[ok]
+                    if not len(labels):
+                        continue
                 with torch.no_grad(), eval_autocast(precision, device):
                     feats = frozen_features(model, images.to(device), n_last_blocks, avgpool_patchtokens)
                 yield feats.float().reshape(len(feats), -1), labels.long().to(device)
 
         results = _run_epochs(sweep, batches, val_feats.to(device), val_labels.to(device), epochs, val_freq,
                               progress)
+        (train_labels,) = drop_unreadable(aug_ds, "train", train_labels)  # after a full pass: the images used
     best = max(results, key=lambda r: r["best"]["top1"])
     return {"mode": "augment" if augment else "cached-features", "results": results, "best": best,
             "feature_dim": int(dim), "num_labels": num_labels, "n_train": len(train_labels), "n_val": len(val_labels),

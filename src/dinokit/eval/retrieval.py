@@ -270,7 +270,20 @@ def load_ground_truth(path: str | Path) -> dict:
             if not all(isinstance(v, int) and 0 <= v < n_db for v in vals):
                 raise DataError(f"{path}: gnd[{i}][{key!r}] must be database indices in [0, {n_db})")
             g[key] = list(vals)
+        bbx = g.get("bbx")
+        if bbx is not None and not _valid_box(bbx):
+            raise DataError(f"{path}: gnd[{i}]['bbx'] must be a box [x1, y1, x2, y2] of finite numbers with x1 < x2 "
+                            f"and y1 < y2, got {bbx!r}")
     return data
+
+
+def _valid_box(bbx) -> bool:
+    if not isinstance(bbx, (list, tuple)) or len(bbx) != 4:
+        return False
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbx):
+        return False
+    x1, y1, x2, y2 = (int(round(v)) for v in bbx)  # as the crop rounds them
+    return x1 < x2 and y1 < y2
 
 
 def convert_ground_truth(src: str | Path, dst: str | Path) -> Path:
@@ -600,6 +613,9 @@ def evaluate_revisited(model: nn.Module, root: str | Path, dataset: str = "roxfo
     db = extract_descriptors(model, db_paths, thumbnail_loader(imsize), desc="database", **kw)
     if query_crop:
         bbxs = [g.get("bbx") for g in gt["gnd"]]
+        if None in bbxs:
+            raise DataError(f"--query-crop: the ground truth of {dataset} has no box ('bbx') for query "
+                            f"{bbxs.index(None)} ({q_paths[bbxs.index(None)].name})")
         q = torch.cat([extract_descriptors(model, [p], thumbnail_loader(imsize, b), **kw)
                        for p, b in zip(q_paths, bbxs)])
     else:
