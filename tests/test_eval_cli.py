@@ -670,3 +670,26 @@ def test_num_heads_contradicting_the_file_is_refused(setup, tmp_path, capsys):
     with pytest.raises(CheckpointError, match="records 6 attention heads"):
         with_num_heads(hints, 12, small)
     assert with_num_heads(hints, 6, small)["num_heads"] == 6 and with_num_heads({}, 5, "x") == {"num_heads": 5}
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_feature_extraction_starts_its_loader_workers_once(setup, monkeypatch, progress):
+    """``tqdm.auto``'s asyncio wrapper called ``iter()`` on the DataLoader in its constructor, and the loop
+    called it again: every extraction with workers started two sets of workers, the first of which decoded its
+    prefetch batches for nothing (and warned about each unreadable image a second time)."""
+    from dinokit.augmentation import eval_transform
+    from dinokit.data import build_dataset
+    from dinokit.eval.knn import extract_features
+
+    _, train, _, _, backbone = setup
+    iterators = []
+    original = torch.utils.data.DataLoader.__iter__
+
+    def counting(self):
+        iterators.append(self.num_workers)
+        return original(self)
+
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", counting)
+    ds = build_dataset(str(train), transform=eval_transform(32))
+    feats, labels = extract_features(backbone, ds, batch_size=5, num_workers=1, progress=progress)
+    assert iterators == [1] and feats.shape == (12, 32) and labels.tolist() == ds.labels.tolist()

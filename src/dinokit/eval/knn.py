@@ -300,7 +300,7 @@ def extract_outputs(model: nn.Module, data, fn: Callable[[nn.Module, torch.Tenso
     order, with the model in eval mode, no gradients, in ``precision`` (:func:`eval_autocast`; default fp32).
     Returns the outputs stacked on CPU (preallocated once, float32) and the labels (int64). The model's
     train/eval mode is restored afterwards."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # not tqdm.auto: its asyncio wrapper calls iter() on a DataLoader once more (workers twice)
 
     device = torch.device(device)
     loader = _loader(data, batch_size, num_workers)

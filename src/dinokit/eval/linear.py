@@ -133,7 +133,7 @@ def _summarise(sweep: LinearSweep, history: list[list[dict]]) -> list[dict[str, 
 def _run_epochs(sweep: LinearSweep, batches, val_feats, val_labels, epochs: int, val_freq: int,
                 progress: bool) -> list[dict[str, Any]]:
     """Drive ``sweep`` for ``epochs``: ``batches(epoch)`` yields ``(features, labels)`` training batches."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     history: list[list[dict]] = []
     bar = tqdm(range(epochs), desc="linear", disable=not progress, leave=False, dynamic_ncols=True)
