@@ -100,6 +100,22 @@ def test_positives_and_layout(tmp_path):
         load_copy_detection(tmp_path)
 
 
+def test_distractor_and_whitening_folders_given_by_path_are_no_query_blocks(tmp_path):
+    """Explicit ``--distractors-dir``/``--whiten`` folders under ROOT under other names were scanned as query
+    blocks too (no positives: n/a rows, and the distractors counted as queries)."""
+    import shutil
+
+    root = make_copydays(tmp_path / "cd", n=3, n_distractors=2, n_whitening=2)
+    shutil.move(root / "distractors", root / "dis")
+    (root / "extra").mkdir()
+    shutil.move(root / "whitening", root / "extra" / "wtn")
+    plain = load_copy_detection(root, distractors_dir=root / "dis")
+    assert "dis" not in plain.blocks and "extra/wtn" in plain.blocks  # not said to be the whitening set
+    data = load_copy_detection(root, distractors_dir=root / "dis", exclude=(root / "extra",))
+    assert "dis" not in data.blocks and not any(b.startswith("extra") for b in data.blocks)
+    assert len(data.distractors) == 2 and set(data.blocks) == set(plain.blocks) - {"extra/wtn"}
+
+
 def test_block_ap_holidays_trapezoid_and_top20_truncation():
     ranking = np.array([[5, 0, 7], [1, 2, 3]])
     aps = block_ap(ranking, [[0], [9], []])

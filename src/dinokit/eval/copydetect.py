@@ -86,10 +86,12 @@ def find_positives(query_name: str, original_names: list[str], block: str, prefi
 
 def load_copy_detection(root: str | Path, distractors_dir: str | Path | None = None,
                         n_distractors: int | None = None, blocks: list[str] | None = None,
-                        prefix_len: int = 4) -> CopyDetectionData:
+                        prefix_len: int = 4, exclude: tuple = ()) -> CopyDetectionData:
     """Scan a Copydays-style folder (see module docstring). ``distractors_dir`` defaults to
     ``ROOT/distractors`` (if present); ``n_distractors`` keeps the first N (sorted) of them (``None``: all);
-    ``blocks`` restricts the query blocks (relative folder names such as ``strong`` or ``jpegqual/50``)."""
+    ``blocks`` restricts the query blocks (relative folder names such as ``strong`` or ``jpegqual/50``). Folders
+    other than ``original`` are query blocks except ``distractors``/``whitening``, the ``distractors_dir`` and
+    the ``exclude`` folders (e.g. a whitening folder given by path) wherever they are, and what they hold."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"copy-detection root {root} does not exist")
@@ -113,9 +115,11 @@ def load_copy_detection(root: str | Path, distractors_dir: str | Path | None = N
             raise DataError(f"asked for {n_distractors} distractors but {ddir} does not exist")
 
     found_blocks: dict[str, list[Path]] = {"original": originals}
+    not_queries = {Path(p).resolve() for p in (distractors_dir, *exclude) if p is not None and Path(p).is_dir()}
     for d in sorted(p for p in root.rglob("*") if p.is_dir()):
         rel = d.relative_to(root).as_posix()
-        if rel.split("/")[0] in RESERVED_DIRS:
+        if rel.split("/")[0] in RESERVED_DIRS or any(s == d.resolve() or s in d.resolve().parents
+                                                     for s in not_queries):
             continue
         imgs = _images_in(d)
         if imgs:
@@ -165,7 +169,8 @@ def evaluate_copy_detection(model: nn.Module, root: str | Path, imsize: int = 32
     the run with a one-line :class:`~dinokit.errors.DataError` naming it (a database image cannot be left out
     without changing the positives' indices).
     """
-    data = load_copy_detection(root, distractors_dir, n_distractors, blocks)
+    data = load_copy_detection(root, distractors_dir, n_distractors, blocks,
+                               exclude=(whiten_dir,) if whiten_dir is not None else ())
     check_imsize(model, imsize)
     loader = square_loader(imsize)
     kw = dict(descriptor=descriptor, batch_size=batch_size, device=device, num_workers=num_workers,
