@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "linear": "linear",
     "features": "features",
     "attention": "attention",
+    "attention-video": "attention_video",
     "export": "export",
     "report": "report",
     "shard": "shard",

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,13 +49,18 @@ _MASK_COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (2
                  (220, 190, 255)]
 
 
-def _lut() -> np.ndarray:
+@functools.lru_cache(maxsize=8)
+def _lut(name: str = "viridis") -> np.ndarray:
     try:
         import matplotlib
 
-        cmap = matplotlib.colormaps["viridis"]
+        cmap = matplotlib.colormaps[name]
         return (np.asarray(cmap(np.linspace(0, 1, 256)))[:, :3] * 255).round().astype(np.uint8)
-    except Exception:  # matplotlib missing or broken: same colours from the built-in anchors
+    except KeyError:
+        raise ConfigError(f"unknown colour map {name!r} (matplotlib's names: viridis, inferno, magma, ...)") from None
+    except Exception:  # matplotlib missing or broken: viridis from the built-in anchors
+        if name != "viridis":
+            raise ConfigError(f"colour map {name!r} needs matplotlib") from None
         x = np.linspace(0, 1, 256) * (len(_VIRIDIS_ANCHORS) - 1)
         lo = np.floor(x).astype(int).clip(0, len(_VIRIDIS_ANCHORS) - 2)
         t = (x - lo)[:, None]
@@ -62,14 +68,15 @@ def _lut() -> np.ndarray:
         return rgb.round().astype(np.uint8)
 
 
-def colormap(values: np.ndarray, normalize: bool = True) -> np.ndarray:
-    """``[H, W]`` floats -> ``[H, W, 3]`` uint8 viridis colours (min-max normalised when ``normalize``)."""
+def colormap(values: np.ndarray, normalize: bool = True, name: str = "viridis") -> np.ndarray:
+    """``[H, W]`` floats -> ``[H, W, 3]`` uint8 colours of matplotlib's map ``name`` (256 levels; min-max
+    normalised when ``normalize``, as ``plt.imsave`` does)."""
     v = np.asarray(values, dtype=np.float64)
     if normalize:
         lo, hi = float(v.min()), float(v.max())
         v = (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
     idx = np.clip(np.rint(v * 255), 0, 255).astype(np.int64)
-    return _lut()[idx]
+    return _lut(name)[idx]
 
 
 def prepare_image(image: Image.Image, image_size: int | Sequence[int] | None, patch_size: int

@@ -1,0 +1,190 @@
+"""Self-attention videos: the last block's CLS attention, frame by frame (the reference's
+``video_generation.py``, used for the videos of the DINO paper's project page).
+
+* Input: a video file (decoded with OpenCV) or a folder of frames (its image files, sorted by name).
+* Each frame is prepared as :func:`dinokit.eval.attention.prepare_image` prepares an image (optional resize,
+  ImageNet normalisation, crop at the bottom/right to a multiple of the patch size; the reference resizes with
+  ``T.Resize`` on the tensor and crops the same way).
+* Its map is the **mean over heads** of the last block's attention from the CLS query to every patch
+  (``get_last_selfattention(x)[0, :, 0, 1:]``), upsampled ×p (nearest) and drawn min-max normalised in a colour
+  map (the reference: ``plt.imsave(..., cmap="inferno")``, which normalises each frame to its own range).
+* Output: ``OUT/attention/attn-<frame>.png`` per frame (``--no-frames``: none), ``OUT/attention.npy`` (the
+  maps, ``[frames, H/p, W/p]`` float32) and ``OUT/video.mp4`` (or ``.avi``) at the input's frame rate (a folder
+  of frames: ``fps``, default 30 as the reference). ``overlay`` blends the map over the frame instead.
+
+Unlike the reference, frames are streamed (decoded, computed in batches of same-sized frames and written one at
+a time: memory does not grow with the video's length) and frames are not written to disk first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ..data import IMAGE_EXTENSIONS, load_image
+from ..errors import ConfigError, DataError
+from .attention import _upsample, colormap, prepare_image
+
+__all__ = ["open_frames", "mean_attention", "attention_frame", "write_attention_video", "VIDEO_FORMATS"]
+
+#: output container -> OpenCV FourCC (the reference's choices)
+VIDEO_FORMATS = {"mp4": "mp4v", "avi": "XVID"}
+
+
+def open_frames(source: str | Path) -> tuple[Iterator[tuple[str, Image.Image]], float | None, int | None]:
+    """``(frames, fps, count)`` of a video file or a folder of frames. ``frames`` yields ``(name, RGB image)``
+    (``frame-00000``, ... for a video; the file stem for a folder); ``fps`` is the video's (``None`` for a
+    folder or when the container does not say); ``count`` the number of frames when known. A file OpenCV cannot
+    decode, or a folder without images, is a :class:`DataError`."""
+    src = Path(source).expanduser()
+    if not src.exists():
+        raise DataError(f"video or frame folder not found: {src}")
+    if src.is_dir():
+        files = sorted(p for p in src.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {src}")
+        return ((p.stem, load_image(p)) for p in files), None, len(files)
+    import cv2
+
+    cap = cv2.VideoCapture(str(src))
+    ok, first = cap.read() if cap.isOpened() else (False, None)
+    if not ok:
+        cap.release()
+        raise DataError(f"cannot decode {src} as a video (OpenCV {cv2.__version__} reads no frame from it); give "
+                        "a video file (mp4, avi, mov, ...) or a folder of frames")
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+
+    def frames() -> Iterator[tuple[str, Image.Image]]:
+        frame, i = first, 0
+        try:
+            while frame is not None:
+                yield f"frame-{i:05d}", Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+                ok, frame = cap.read()
+                frame, i = (frame if ok else None), i + 1
+        finally:
+            cap.release()
+
+    return frames(), (fps if math.isfinite(fps) and fps > 0 else None), (count if count > 0 else None)
+
+
+@torch.no_grad()
+def mean_attention(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``[B, H/p, W/p]``: the mean over heads of the last block's CLS -> patch attention of a batch of
+    normalised images ``x [B, 3, H, W]`` (``H, W`` multiples of the patch size), float32 on CPU."""
+    if not hasattr(model, "get_last_selfattention"):
+        raise ConfigError(f"attention videos need a ViT, not {type(model).__name__}")
+    p = int(model.patch_size)
+    device = next(model.parameters()).device
+    attn = model.get_last_selfattention(x.to(device).float())  # [B, heads, 1 + N, 1 + N]
+    return attn[:, :, 0, 1:].mean(dim=1).reshape(len(x), x.shape[-2] // p, x.shape[-1] // p).float().cpu()
+
+
+def attention_frame(mean_map: torch.Tensor | np.ndarray, image: Image.Image, colour_map: str = "inferno",
+                    overlay: bool = False, alpha: float = 0.5) -> np.ndarray:
+    """``[H, W, 3]`` uint8: ``mean_map [h, w]`` upsampled to ``image``'s size (nearest), min-max normalised in
+    ``colour_map``; with ``overlay`` blended over ``image`` (weight ``alpha`` for the map)."""
+    heat = colormap(_upsample(np.asarray(mean_map, dtype=np.float64), image.size), name=colour_map)
+    if not overlay:
+        return heat
+    mixed = (1 - alpha) * np.asarray(image, dtype=np.float64) + alpha * heat.astype(np.float64)
+    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+
+
+def _batches(frames: Iterator[tuple[str, Image.Image]], image_size, patch_size: int, batch_size: int):
+    """Lists of ``(name, tensor, shown image)`` of at most ``batch_size`` frames of one size."""
+    batch: list[tuple[str, torch.Tensor, Image.Image]] = []
+    for name, img in frames:
+        try:
+            x, shown = prepare_image(img, image_size, patch_size)
+        except ConfigError as e:
+            raise ConfigError(f"frame {name}: {e}") from None
+        if batch and (len(batch) == batch_size or batch[0][1].shape != x.shape):
+            yield batch
+            batch = []
+        batch.append((name, x, shown))
+    if batch:
+        yield batch
+
+
+def write_attention_video(model: nn.Module, source: str | Path, out_dir: str | Path,
+                          image_size: int | Sequence[int] | None = None, fps: float | None = None,
+                          video_format: str = "mp4", colour_map: str = "inferno", overlay: bool = False,
+                          save_frames: bool = True, batch_size: int = 8, max_frames: int | None = None,
+                          progress: bool = False) -> dict:
+    """Write the attention video of ``source`` (see the module docstring); returns ``{"video", "frames",
+    "fps", "size", "maps", "frame_dir"}`` (``size`` = ``(width, height)`` of the video). Every frame must have
+    the first frame's size after preparation (a video's do; frames of a folder may not: then give
+    ``image_size`` as ``(H, W)``); a frame of another size is a :class:`DataError` naming it. A run that fails
+    or is interrupted leaves no partial video (the frame images written so far stay)."""
+    import cv2
+    from tqdm import tqdm
+
+    if video_format not in VIDEO_FORMATS:
+        raise ConfigError(f"video format must be one of {', '.join(VIDEO_FORMATS)}, got {video_format!r}")
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        raise ConfigError(f"fps must be a finite number > 0, got {fps}")
+    if batch_size < 1 or (max_frames is not None and max_frames < 1):
+        raise ConfigError("batch_size and max_frames must be at least 1")
+    colormap(np.zeros((1, 1)), name=colour_map)  # an unknown colour map fails before any work
+    frames, video_fps, count = open_frames(source)
+    fps = fps or video_fps or 30.0
+    if max_frames is not None:
+        frames = (f for i, f in zip(range(max_frames), frames))
+        count = min(count, max_frames) if count else max_frames
+    out = Path(out_dir)
+    frame_dir = out / "attention"
+    video_path = out / f"video.{video_format}"
+    writer, size, maps, n = None, None, [], 0
+    bar = tqdm(total=count, desc="attention video", unit="frame", disable=not progress, dynamic_ncols=True)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in _batches(frames, image_size, int(model.patch_size), batch_size):
+            means = mean_attention(model, torch.stack([x for _, x, _ in batch]))
+            for (name, _, shown), m in zip(batch, means):
+                if size is None:
+                    size = shown.size
+                    out.mkdir(parents=True, exist_ok=True)
+                    if save_frames:
+                        frame_dir.mkdir(exist_ok=True)
+                    writer = cv2.VideoWriter(str(video_path), cv2.VideoWriter_fourcc(*VIDEO_FORMATS[video_format]),
+                                             float(fps), size)
+                    if not writer.isOpened():
+                        raise DataError(f"OpenCV cannot write {video_path} ({video_format}, {size[0]}x{size[1]} "
+                                        f"at {fps:g} fps)")
+                elif shown.size != size:
+                    raise DataError(f"frame {name} is {shown.size[1]}x{shown.size[0]} px (HxW) after preparation, "
+                                    f"the first frame {size[1]}x{size[0]}: a video needs one size; give "
+                                    "--image-size H W")
+                rgb = attention_frame(m.numpy(), shown, colour_map, overlay)
+                if save_frames:
+                    Image.fromarray(rgb).save(frame_dir / f"attn-{name}.png")
+                writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+                maps.append(m)
+                n += 1
+                bar.update(1)
+    except BaseException as e:
+        if writer is not None:  # an unfinished video is not left behind as if it were the result
+            writer.release()
+            writer = None
+            video_path.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise DataError(f"cannot write to {out}: {e.strerror or e}") from None
+        raise
+    finally:
+        model.train(was_training)
+        bar.close()
+        if writer is not None:
+            writer.release()
+    if n == 0:
+        raise DataError(f"no frame read from {source}")
+    np.save(out / "attention.npy", torch.stack(maps).numpy().astype(np.float32))
+    return {"video": video_path, "frames": n, "fps": float(fps), "size": size, "maps": out / "attention.npy",
+            "frame_dir": frame_dir if save_frames else None}
