@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -173,6 +174,50 @@ def test_time_budget_is_planned_even_when_the_epochs_option_gives_fewer_iteratio
     assert t.plan.total_iters >= Trainer.CALIBRATION_ITERS
     t.fit()
     assert t.planned_from_budget and t.iteration == t.plan.total_iters > 3
+
+
+def _train_records(out):
+    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r.get("type") == "train"]
+
+
+def test_the_timed_iterations_of_a_budget_sit_at_the_start_of_the_schedules(folder, tmp_path):
+    """With --epochs 1 (3 iterations) the provisional schedules were --epochs long: lr, weight decay and teacher
+    momentum ran their whole cosine inside the 8 timed iterations, then jumped back when the budget's plan came.
+    Now they rise (wd, momentum) monotonically over the whole run, from their start values."""
+    out = tmp_path / "b"
+    t = Trainer(tiny(folder, out, "--time-budget-minutes", "0.03", "--epochs", "1", "--warmup-epochs", "0"))
+    t.fit()
+    rec = _train_records(out)
+    assert t.planned_from_budget and len(rec) == t.iteration > Trainer.CALIBRATION_ITERS
+    wd, momentum = [r["wd"] for r in rec], [r["momentum"] for r in rec]
+    calib = Trainer.CALIBRATION_ITERS
+    # the timed iterations: at the start values (they used to reach 0.386 and 0.9998), rising slowly
+    assert all(b >= a for a, b in zip(wd[:calib], wd[1:calib])) and max(wd[:calib]) < 0.04 + 0.36 * 0.01
+    assert max(momentum[:calib]) < 0.996 + 0.004 * 0.01
+    assert wd[-1] > 0.4 - 0.36 * 0.1 and momentum[-1] > 0.9995  # the budget's plan ends the schedules
+
+
+def test_a_budgeted_run_resumed_before_its_plan_still_trains_for_the_budget(folder, tmp_path):
+    """Killed during the timed iterations, the run resumed with the provisional --epochs plan (8 iterations) and
+    ended there with the budget unused; a budget added when resuming a finished run was ignored the same way."""
+    out = tmp_path / "k"
+    args = ["--data", str(folder), "--output-dir", str(out), *TINY_VIT, "--batch-size-per-gpu", "4", "--epochs", "2",
+            "--time-budget-minutes", "0.04", "--save-every-steps", "1"]
+    r = _run_cli(*args, env={**os.environ, "DINOKIT_FAULT": "kill_after_iteration:5", "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == 4  # killed before saving 5
+    r = _run_cli(*args, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    ck = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert "time budget 0.04 min" in r.stderr and ck["plan"]["from_budget"]
+    assert ck["iteration"] == ck["plan"]["total_iters"] > 2 * 3
+    done = tmp_path / "d"
+    t = Trainer(tiny(folder, done, "--epochs", "1"))
+    t.fit()
+    assert t.iteration == 3
+    t = Trainer(tiny(folder, done, "--epochs", "1", "--time-budget-minutes", "0.03"))
+    t.fit()
+    assert t.planned_from_budget and t.iteration == t.plan.total_iters > 3 + Trainer.CALIBRATION_ITERS
 
 
 def _run_cli(*args, **kw):

@@ -604,12 +604,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.global_batch = cfg.batch_size_per_gpu * self.world
         self.base_lr = cfg.lr * self.global_batch / 256.0
-        epochs = cfg.epochs
-        if cfg.time_budget_minutes > 0:  # provisional: the budget's plan comes after the timed iterations, which
-            # must all fit (a few iterations per epoch used to end the run at --epochs before any plan was made)
-            epochs = max(epochs, math.ceil(self.CALIBRATION_ITERS / self.sampler.batches_per_epoch))
-        self.plan = Plan(self.sampler.batches_per_epoch, epochs, epochs * self.sampler.batches_per_epoch)
-        self._build_schedules()
+        self._provisional_plan(0)
 
         self.epoch = 0  # next epoch to run
         self.iteration = 0  # iterations done
@@ -680,6 +675,23 @@ class Trainer:
                 self._log_console(f"removed {p.name}, an incomplete checkpoint write of a killed run")
         except OSError as e:
             raise ConfigError(f"output directory {self.out} is not writable: {e.strerror or e}") from None
+
+    #: a time-budgeted run's schedules until its plan is made: this many iterations at least, so that the timed
+    #: iterations sit at the very start of the schedules (as in the planned run), whatever --epochs says
+    PROVISIONAL_ITERS = 100_000
+
+    def _provisional_plan(self, iteration: int) -> None:
+        """The plan from ``--epochs``; with a time budget, until the budget's plan is made after the timed
+        iterations, one at least :attr:`PROVISIONAL_ITERS` beyond ``iteration``. (It used to be ``--epochs``: with
+        few iterations in those epochs the whole lr/wd/momentum schedule ran inside the timing iterations, and a
+        run resumed before its plan, or resumed with a budget added, ended at ``--epochs`` with the budget
+        unused.)"""
+        bpe = self.sampler.batches_per_epoch
+        epochs = self.cfg.epochs
+        if self.cfg.time_budget_minutes > 0:
+            epochs = max(epochs, math.ceil((iteration + self.PROVISIONAL_ITERS) / bpe))
+        self.plan = Plan(bpe, epochs, epochs * bpe)
+        self._build_schedules()
 
     def _build_schedules(self) -> None:
         cfg, plan = self.cfg, self.plan
@@ -843,6 +855,8 @@ class Trainer:
             self.plan = Plan(plan["niter_per_ep"], plan["epochs"], plan["total_iters"])
             self.planned_from_budget = True
             self._build_schedules()
+        elif self.cfg.time_budget_minutes > 0:  # killed before the budget's plan, or a budget added on resume
+            self._provisional_plan(self.iteration)
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
         self._log_console(f"resumed from {path} at epoch {self.epoch}, iteration {self.iteration}")
