@@ -449,10 +449,12 @@ def test_notes_name_options_that_are_ignored_or_risky_in_their_combination():
         "momentum_teacher_end 0.99 is below momentum_teacher 0.996: the teacher's EMA momentum will decrease":
             dict(momentum_teacher_end=0.99),
         "teacher_temp 0.2 is above 0.07, which the paper found unstable": dict(teacher_temp=0.2),
+        "freeze_last_layer 5 > epochs 2: the head's last layer is never trained": dict(freeze_last_layer=5, epochs=2),
     }
     for note, kw in cases.items():
         assert TrainConfig(**kw).notes() == [note]
     for kw in (dict(arch="vit_custom", embed_dim=96, num_heads=4), dict(arch="timm:vit_tiny_patch16_224",
                patch_size=8), dict(gpu_augment=True, fast_augment=True),
-               dict(centering="sinkhorn_knopp", sinkhorn_iterations=5), dict(keep_last=2), dict(teacher_temp=0.07)):
+               dict(centering="sinkhorn_knopp", sinkhorn_iterations=5), dict(keep_last=2), dict(teacher_temp=0.07),
+               dict(epochs=1), dict(freeze_last_layer=5, epochs=2, time_budget_minutes=1)):
         assert TrainConfig(**kw).notes() == [], kw

@@ -150,3 +150,70 @@ def test_torchvision_vits_are_refused_for_crop_sizes_they_cannot_take():
         build_student_teacher(TrainConfig(arch="vit_b_16", **small).validate())
     student, _, dim = build_student_teacher(TrainConfig(arch="vit_b_16", local_crops_number=0, **small).validate())
     assert dim == 768
+
+
+def test_crops_too_small_for_a_cnn_are_refused_before_the_run(tmp_path):
+    """alexnet/squeezenet at 32/16 px crops, and a BatchNorm CNN whose one local crop of a batch of 1 reaches a
+    1x1 map, ended in a traceback at the first step with the output directory already written."""
+    from dinokit.errors import ConfigError
+    from dinokit.trainer import build_student_teacher
+
+    small = dict(out_dim=16, head_hidden_dim=32, head_bottleneck_dim=8)
+    with pytest.raises(ConfigError, match=r"alexnet cannot take global_crop_size 32: .*Output size is too small "
+                                          r"\(use larger crops\)"):
+        build_student_teacher(TrainConfig(arch="alexnet", global_crop_size=32, local_crop_size=16, **small))
+    with pytest.raises(ConfigError, match=r"squeezenet1_0 cannot take local_crop_size 16"):
+        build_student_teacher(TrainConfig(arch="squeezenet1_0", global_crop_size=64, local_crop_size=16, **small))
+    one = dict(arch="resnet18", global_crop_size=32, local_crop_size=16, local_crops_number=1, batch_size_per_gpu=1)
+    with pytest.raises(ConfigError, match=r"resnet18's BatchNorm 'layer3.0.bn1' would see one value per channel: "
+                                          r"the local_crops \(16 px\) reach it at 1x1 and a batch of 1 gives 1 "
+                                          r"image\(s\) per step"):
+        build_student_teacher(TrainConfig(**one, **small))
+    # each remedy the message names works; a SyncBatchNorm over 2 GPU processes pools their batches
+    for fix in (dict(batch_size_per_gpu=2), dict(local_crops_number=2), dict(local_crop_size=48)):
+        student, _, _ = build_student_teacher(TrainConfig(**{**one, **fix}, **small))
+        b = {**one, **fix}
+        crops = [torch.randn(b["batch_size_per_gpu"], 3, 32, 32)] * 2 + \
+            [torch.randn(b["batch_size_per_gpu"], 3, b["local_crop_size"], b["local_crop_size"])] * \
+            b["local_crops_number"]
+        assert student(crops).shape == (b["batch_size_per_gpu"] * (2 + b["local_crops_number"]), 16)
+    build_student_teacher(TrainConfig(**one, **small), bn_ranks=2)
+    # the CLI: one line, exit 2, no output directory
+    import subprocess
+    import sys
+
+    from .helpers import make_image_folder
+
+    data = make_image_folder(tmp_path / "imgs", n_per_class=2)
+    r = subprocess.run([sys.executable, "-m", "dinokit", "train", "--data", str(data), "--output-dir",
+                        str(tmp_path / "out"), "--arch", "alexnet", "--global-crop-size", "32", "--local-crop-size",
+                        "16", "--out-dim", "16", "--num-workers", "0", "--epochs", "1", "--batch-size", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "alexnet cannot take" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_probe_leaves_the_backbone_as_it_was():
+    from dinokit.trainer import _check_backbone_takes_the_crops
+
+    m = build_backbone("resnet18").train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    _check_backbone_takes_the_crops(TrainConfig(arch="resnet18", global_crop_size=64, local_crop_size=32), m)
+    assert m.training and all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert not any(hasattr(x, "dinokit_name") for x in m.modules()) and not m.layer1[0].bn1._forward_pre_hooks
+
+
+def test_grad_checkpointing_on_a_model_without_it_is_named(tmp_path):
+    from dinokit.cli import build_parser
+    from dinokit.commands.train import config_from_args
+    from dinokit.trainer import Trainer
+
+    from .helpers import make_image_folder
+
+    data = make_image_folder(tmp_path / "imgs", n_per_class=2)
+    cfg = config_from_args(build_parser("train").parse_args(
+        ["train", "--data", str(data), "--output-dir", str(tmp_path / "o"), "--arch", "resnet18", "--global-crop-size",
+         "64", "--local-crop-size", "32", "--local-crops-number", "2", "--batch-size", "2", "--out-dim", "16",
+         "--num-workers", "0", "--grad-checkpointing", "--device", "cpu"]))
+    with pytest.warns(UserWarning, match="grad_checkpointing ignored: resnet18 has no activation checkpointing"):
+        Trainer(cfg)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -174,6 +175,31 @@ def test_time_budget_is_planned_even_when_the_epochs_option_gives_fewer_iteratio
     assert t.plan.total_iters >= Trainer.CALIBRATION_ITERS
     t.fit()
     assert t.planned_from_budget and t.iteration == t.plan.total_iters > 3
+
+
+def test_config_yaml_names_what_auto_resolved_and_survives_a_failed_resume(folder, tmp_path):
+    """config.yaml recorded ``precision: auto`` without saying what ran, and a resume that failed at its first
+    step (new options, NaN) replaced it, so the run directory described a run that never trained."""
+    from dinokit.config import load_yaml
+
+    out = tmp_path / "c"
+    t = Trainer(tiny(folder, out, "--epochs", "1", "--precision", "auto"))
+    text = (out / "config.yaml").read_text()
+    assert text.startswith("# dinokit ") and "# resolved: device cpu, precision fp32 (auto), world size 1, " \
+        "0 loader workers" in text
+    assert load_yaml(out / "config.yaml") == {k: (list(v) if isinstance(v, tuple) else v)
+                                              for k, v in dataclasses.asdict(t.cfg).items()}
+    t.fit()
+    before = (out / "config.yaml").read_bytes()
+    bad = Trainer(tiny(folder, out, "--epochs", "2", "--lr", "1e30", "--clip-grad", "0", "--warmup-epochs", "0"))
+    assert (out / "config.yaml").read_bytes() == before  # not yet: nothing saved by this invocation
+    with torch.no_grad():
+        bad.student.head.mlp[0].weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError):
+        bad.fit()
+    assert (out / "config.yaml").read_bytes() == before
+    Trainer(tiny(folder, out, "--epochs", "2", "--precision", "auto")).fit()  # a resume that trains: its options
+    assert load_yaml(out / "config.yaml")["epochs"] == 2 and not list(out.glob(".config.yaml*"))
 
 
 def _train_records(out):

@@ -265,6 +265,9 @@ class TrainConfig:
         if self.momentum_teacher_end < self.momentum_teacher:
             out.append(f"momentum_teacher_end {self.momentum_teacher_end} is below momentum_teacher "
                        f"{self.momentum_teacher}: the teacher's EMA momentum will decrease")
+        if self.freeze_last_layer > self.epochs > 0 and self.time_budget_minutes <= 0:
+            out.append(f"freeze_last_layer {self.freeze_last_layer} > epochs {self.epochs}: the head's last layer "
+                       "is never trained")
         if self.teacher_temp > 0.07:
             out.append(f"teacher_temp {self.teacher_temp} is above 0.07, which the paper found unstable")
         return out

@@ -209,9 +209,62 @@ def _check_crops_fit_patches(cfg: TrainConfig, backbone: nn.Module) -> None:
             raise ConfigError(f"{name} {size} is not divisible by the patch size {patch} of {cfg.arch}")
 
 
-def build_student_teacher(cfg: TrainConfig) -> tuple[MultiCropWrapper, MultiCropWrapper, int]:
+def _check_backbone_takes_the_crops(cfg: TrainConfig, backbone: nn.Module, bn_ranks: int = 1) -> None:
+    """Torchvision's and timm's backbones (dinokit's ViTs are checked by ``TrainConfig.validate``): one image of
+    each crop size through the backbone (eval mode, no gradients), so that a crop too small for a CNN's
+    downsampling is a :class:`ConfigError` now rather than a traceback at the first step; and every BatchNorm
+    must see more than one value per channel in training: a local-crop group of ``local_crops_number`` x batch
+    images reaching a 1x1 map with a batch of 1 cannot be normalised (``bn_ranks``: processes whose statistics a
+    SyncBatchNorm pools)."""
+    from .models.vit import VisionTransformer
+
+    if isinstance(backbone, VisionTransformer):
+        return
+    positions: dict[str, int] = {}
+
+    def record(module, inputs):
+        x = inputs[0]
+        n = int(math.prod(x.shape[2:])) if x.ndim > 2 else 1
+        positions[module.dinokit_name] = min(positions.get(module.dinokit_name, n), n)
+
+    hooks = []
+    for name, m in backbone.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.dinokit_name = name
+            hooks.append(m.register_forward_pre_hook(record))
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        groups = {"global_crop_size": 2, "local_crop_size": cfg.local_crops_number}
+        for option, size in cfg.crop_sizes():
+            positions.clear()
+            try:
+                with torch.no_grad():
+                    backbone(torch.zeros(1, 3, size, size))
+            except (RuntimeError, ValueError, AssertionError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConfigError(f"{cfg.arch} cannot take {option} {size}: {first} (use larger crops)") from None
+            images = groups.get(option, 1) * cfg.batch_size_per_gpu * bn_ranks
+            small = [(name, n) for name, n in positions.items() if images * n <= 1]
+            if small:
+                raise ConfigError(
+                    f"{cfg.arch}'s BatchNorm {small[0][0]!r} would see one value per channel: the "
+                    f"{option.replace('_size', '')}s ({size} px) reach it at 1x1 and a batch of "
+                    f"{cfg.batch_size_per_gpu} gives {images} image(s) per step; training BatchNorm needs more "
+                    "than one (raise --batch-size-per-gpu, --local-crops-number or the crop size)")
+    finally:
+        for h in hooks:
+            h.remove()
+        for _, m in backbone.named_modules():
+            if hasattr(m, "dinokit_name"):
+                del m.dinokit_name
+        backbone.train(was_training)
+
+
+def build_student_teacher(cfg: TrainConfig, bn_ranks: int = 1) -> tuple[MultiCropWrapper, MultiCropWrapper, int]:
     """Student (drop path ``cfg.drop_path_rate``) and teacher (no drop path) built separately, as the reference
-    does, then the teacher loaded from the student and frozen. Returns ``(student, teacher, embed_dim)``."""
+    does, then the teacher loaded from the student and frozen. Returns ``(student, teacher, embed_dim)``. A
+    backbone that cannot take the crops is a :class:`ConfigError` (``_check_backbone_takes_the_crops``)."""
     try:
         s_backbone = build_backbone(cfg.arch, patch_size=cfg.patch_size, drop_path_rate=cfg.drop_path_rate,
                                     **_backbone_kwargs(cfg))
@@ -220,6 +273,7 @@ def build_student_teacher(cfg: TrainConfig) -> tuple[MultiCropWrapper, MultiCrop
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
     _check_crops_fit_patches(cfg, s_backbone)
+    _check_backbone_takes_the_crops(cfg, s_backbone, bn_ranks)
     embed_dim = s_backbone.num_features
     head_kw = dict(use_bn=cfg.use_bn_in_head, nlayers=cfg.head_nlayers, hidden_dim=cfg.head_hidden_dim,
                    bottleneck_dim=cfg.head_bottleneck_dim)
@@ -561,11 +615,15 @@ class Trainer:
         _random.seed(cfg.seed)
 
         self.dataset, self.sampler, self.loader, self.device_augment = build_train_data(cfg, self.rank, self.world)
-        self.student, self.teacher, self.embed_dim = build_student_teacher(cfg)
+        sync_bn = self.world > 1 and self.device.type == "cuda" and not cfg.fsdp  # SyncBatchNorm pools the ranks
+        self.student, self.teacher, self.embed_dim = build_student_teacher(cfg, self.world if sync_bn else 1)
         self.student.to(self.device)
         self.teacher.to(self.device)
         if cfg.grad_checkpointing and hasattr(self.student.backbone, "set_grad_checkpointing"):
             self.student.backbone.set_grad_checkpointing(True)
+        elif cfg.grad_checkpointing:
+            self._warn(f"grad_checkpointing ignored: {cfg.arch} has no activation checkpointing (dinokit's ViTs and "
+                       "timm's models have it)")
         self.student_ddp: nn.Module = self.student
         self.teacher_fwd: nn.Module = self.teacher
         self.fsdp = bool(cfg.fsdp) and self.world > 1
@@ -621,9 +679,13 @@ class Trainer:
         self._resume()
         self._check_same_resume_point()
         self._tb = None
+        # a resumed run's config.yaml is replaced only once this invocation has saved a checkpoint: a resume
+        # that fails at once (other options, a NaN at the first step) leaves the file of the run it resumed
+        self._config_pending = self.iteration > 0 or self.epoch > 0
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            if not self._config_pending:
+                self._write_config()
             self._init_tensorboard()
 
     # -- set-up -------------------------------------------------------------------------------------------
@@ -894,6 +956,9 @@ class Trainer:
             kept = f"the previous checkpoint {prev} is intact" if prev.exists() else "no checkpoint was written yet"
             raise DinokitError(f"could not write a checkpoint to {self.out} ({e.strerror or e}); training stopped, "
                                f"{kept}") from None
+        if self._config_pending:
+            self._config_pending = False
+            self._write_config()
         if self.cfg.report:
             try:
                 from .report import write_report
@@ -902,6 +967,28 @@ class Trainer:
                     write_report(self.out)
             except Exception as e:  # a report must never kill training
                 warnings.warn(f"dinokit: report not written: {e}", stacklevel=2)
+
+    def _write_config(self) -> None:
+        """``OUT/config.yaml``: the options as given (defaults filled in: ``--config OUT/config.yaml`` repeats
+        the run), after a comment naming what ``auto`` resolved to; written atomically."""
+        from . import __version__
+
+        cfg = self.cfg
+        resolved = [f"device {self.device}", f"precision {self.precision}" + (" (auto)" if cfg.precision == "auto"
+                                                                               else ""),
+                    f"world size {self.world}",
+                    f"{count_noun(getattr(self.loader, 'num_workers', 0), 'loader worker')}"
+                    + (" (auto)" if cfg.num_workers < 0 else "")]
+        text = (f"# dinokit {__version__} train, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}: the options as given "
+                f"(defaults filled in)\n# resolved: {', '.join(resolved)}\n"
+                + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        path = self.out / "config.yaml"
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise DinokitError(f"could not write {path} ({e.strerror or e})") from None
 
     # -- logging ------------------------------------------------------------------------------------------
     DATA_BOUND_FRAC = 0.25  # an epoch spending more of its time waiting for data than this gets a hint
