@@ -662,3 +662,12 @@ def test_explicit_bf16_on_a_cpu_that_emulates_it_is_named(folder, tmp_path, monk
         auto = Trainer(tiny(folder, tmp_path / "out2", "--precision", "auto"))
     assert auto.precision == ("bf16" if native else "fp32")
     assert not [w for w in record if "without native bf16" in str(w.message)]
+
+
+def test_an_output_directory_that_is_a_file_is_named_as_such(folder, tmp_path):
+    from dinokit.errors import ConfigError
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match=f"output directory {tmp_path / 'f'} is a file, not a folder"):
+        Trainer(tiny(folder, tmp_path / "f"))
+    assert (tmp_path / "f").read_text() == "x"

@@ -127,7 +127,8 @@ class TrainConfig:
                         choices=("auto", "fp32", "bf16", "fp16"))
     use_fp16: bool | None = _f(None, "Reference flag: true = precision fp16, false = precision fp32. Together with "
                                "a precision other than auto it must agree with it (else an error).")
-    compile: bool = _f(False, "torch.compile the student and teacher.")
+    compile: bool = _f(False, "torch.compile the student and teacher (same maths; with drop path the compiled "
+                               "random draws differ from eager ones, so a run is not bitwise the eager run).")
     grad_checkpointing: bool = _f(False, "Activation checkpointing in the student ViT (less memory, ~30% slower).")
     fsdp: bool = _f(False, "Shard the student and teacher with FSDP2 (fully_shard per ViT block) instead of DDP "
                     "when world > 1: parameters, gradients and optimiser state split over the ranks. No BatchNorm.")

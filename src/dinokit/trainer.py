@@ -728,6 +728,8 @@ class Trainer:
     def _check_output_dir(self) -> None:
         if not self.main:
             return
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"output directory {self.out} is a file, not a folder")
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             probe_write(self.out)
@@ -1204,7 +1206,8 @@ class Trainer:
         self.knn_history.append(result)
         if self.main:
             self.log(result)
-            self._log_console(f"k-NN top-1 {result['knn_top1']:.2f}% at {result['train_minutes']:.1f} min")
+            self._log_console(f"k-NN top-1 {result['knn_top1']:.2f}% at "
+                              f"{_minutes_or_seconds(60 * result['train_minutes'])} of training")
         return result if self.main else None
 
     # -- main loop ----------------------------------------------------------------------------------------
