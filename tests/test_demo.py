@@ -147,3 +147,59 @@ def test_final_loss_skips_a_resumed_epochs_placeholder_record(tmp_path):
     cfg = apply_overrides(TrainConfig(), {})
     stats = training_stats(tmp_path, {"iteration": 3, "train_seconds": 6.0}, cfg)
     assert stats["final_loss"] == pytest.approx(2.5)
+
+
+def test_demo_errors_on_bad_data_and_checkpoints_are_one_line(tiny_run, tmp_path, capsys):
+    """Bad --data, a truncated or foreign checkpoint and a CNN run ended in tracebacks (only FileNotFoundError
+    and ValueError were caught)."""
+    import shutil
+
+    out, data = tiny_run
+    cases = [
+        ([str(out), "fashion-mnist:" + str(tmp_path / "nope")], "does not exist"),
+        ([str(out), str(tmp_path / "nope")], "does not exist"),
+    ]
+    truncated = tmp_path / "trunc"
+    truncated.mkdir()
+    shutil.copy(out / "config.yaml", truncated)
+    (truncated / "checkpoint.pth").write_bytes((out / "checkpoint.pth").read_bytes()[:5000])
+    cases.append(([str(truncated), f"fashion-mnist:{data}"], "checkpoint.pth"))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    torch.save({"weights": torch.zeros(2)}, foreign / "checkpoint.pth")
+    cases.append(([str(foreign), f"fashion-mnist:{data}"], "is not a dinokit training checkpoint (no 'teacher'"))
+    for (run, spec), msg in cases:
+        rc = main(["--run-dir", run, "--data", spec, "--no-report", "--no-random-init"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and msg in err and err.startswith("dinokit.demo: error: "), err
+
+
+def test_demo_refuses_a_cnn_run_in_one_line(tmp_path, capsys):
+    from dinokit.demo import load_teacher_backbone
+    from dinokit.errors import ConfigError
+
+    data = make_fashion_like(tmp_path / "fm", n_train=16, n_test=8)
+    out = tmp_path / "cnn"
+    cfg = config_from_args(build_parser("train").parse_args(
+        ["train", "--data", f"fashion-mnist:{data}", "--output-dir", str(out), "--arch", "resnet18",
+         "--global-crop-size", "32", "--local-crop-size", "32", "--local-crops-number", "0", "--batch-size", "8",
+         "--epochs", "1", "--out-dim", "16", "--num-workers", "0", "--precision", "fp32", "--device", "cpu"]))
+    Trainer(cfg).fit()
+    with pytest.raises(ConfigError, match="needs a ViT run; .* trained resnet18: use dinokit knn"):
+        load_teacher_backbone(out)
+    assert main(["--run-dir", str(out), "--data", f"fashion-mnist:{data}", "--no-report"]) == 2
+    assert "needs a ViT run" in capsys.readouterr().err
+
+
+def test_the_summary_names_the_real_split_sizes_and_missing_figures(tiny_run, capsys):
+    out, data = tiny_run
+    res = evaluate_run(out, f"fashion-mnist:{data}", random_init=False, write=False)
+    assert res["knn_protocol"]["split"] == "train (96) -> test (48)"
+    text = format_summary({**res, "data_wait_fraction": float("nan"), "images_per_second": float("nan")})
+    assert "train (96) -> test (48)" in text and "nan" not in text and "n/a images/s, data wait n/a" in text
+    assert "0.0 min" not in text  # a few seconds of training read as seconds
+    full = _summary_input(True)
+    assert "train (60k) -> test (10k)" in format_summary(full) and "10.0 min" in format_summary(full)
+    from dinokit.demo import _thousands
+
+    assert (_thousands(60000), _thousands(10000), _thousands(1500), _thousands(96)) == ("60k", "10k", "1500", "96")

@@ -291,7 +291,12 @@ def test_the_results_section_summarises_the_run_from_its_log(run_dir):
     lo, hi = sorted(r["images_per_s"] for r in epochs)
     assert lo * 0.999 <= s["images / s"] <= hi * 1.001  # time-weighted over the epochs
     assert s["last epoch's loss"] == round(epochs[-1]["loss"], 4)
-    assert s["online k-NN top-1 (last)"] == s["online k-NN top-1 (best)"] == "55.00% at 0.0 min"
+    knn = [r for r in log if r.get("type") == "knn"]
+    from dinokit.trainer import format_duration
+
+    assert s["online k-NN top-1 (last)"] == s["online k-NN top-1 (best)"] == \
+        f"55.00% at {format_duration(60 * knn[-1]['train_minutes'])}"
+    assert s["online k-NN top-1 (last)"].endswith(" s")  # a short run: seconds, not "0.0 min"
     page = write_report(run_dir, n_images=1, projection_points=8).read_text()
     assert "epochs done" in page and "online k-NN top-1 (best)" in page and "No results.json" not in page
     assert _run_summary([]) == {} and _run_summary([{"type": "epoch"}, {}]) == {}

@@ -37,6 +37,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .errors import DinokitError
+
 __all__ = ["HEADLINE_FEATURE", "FEATURES", "evaluate_run", "extract_token_features", "feature_views",
            "knn_features", "raw_pixel_features", "load_teacher_backbone", "random_init_backbone", "knn_curve",
            "training_stats", "format_summary", "main"]
@@ -73,12 +75,23 @@ def load_teacher_backbone(run_dir: str | Path, key: str = "teacher"):
     path = run_dir / "checkpoint.pth"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: train first (dinokit train ... --output-dir {run_dir})")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    from .errors import CheckpointError, ConfigError
+    from .weights import safe_load
+
+    ckpt = safe_load(path)  # a corrupt or foreign file: one CheckpointError naming it
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get(key), dict):
+        raise CheckpointError(f"{path} is not a dinokit training checkpoint (no {key!r} network)")
     cfg = _config_from_run(run_dir, ckpt)
     student, teacher, _ = build_student_teacher(cfg)
-    state = {k[len("backbone."):]: v for k, v in ckpt[key].items() if k.startswith("backbone.")}
     backbone = teacher.backbone if key == "teacher" else student.backbone
-    backbone.load_state_dict(state, strict=True)
+    if not hasattr(backbone, "get_intermediate_layers"):
+        raise ConfigError(f"the demo's evaluation (CLS and patch-token features) needs a ViT run; {run_dir} trained "
+                          f"{cfg.arch}: use dinokit knn --weights {path} instead")
+    state = {k[len("backbone."):]: v for k, v in ckpt[key].items() if k.startswith("backbone.")}
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit the run's config ({str(e).splitlines()[0]})") from None
     return backbone.eval(), cfg, ckpt
 
 
@@ -289,7 +302,8 @@ def evaluate_run(run_dir: str | Path, data: str, k: int = 20, T: float = 0.07, b
     res["knn_curve"] = knn_curve(run_dir)
     res["knn_protocol"] = {"k": k, "T": T, "n_train": len(train_y), "n_test": len(test_y),
                            "split": f"train[:-{val_split}] -> train[-{val_split}:]" if val_split else
-                           "train (60k) -> test (10k)", "image_size": size, "precision": "fp32",
+                           f"train ({_thousands(len(train_y))}) -> test ({_thousands(len(test_y))})",
+                           "image_size": size, "precision": "fp32",
                            "checkpoint_key": "teacher"}
     res["eval_seconds"] = {"features": extract_s, "knn": knn_s, "total": time.perf_counter() - t_start}
     res["config"] = {k_: getattr(cfg, k_) for k_ in (
@@ -313,6 +327,11 @@ def _cpu_count() -> int:
         return os.cpu_count() or 0
 
 
+def _thousands(n: int) -> str:
+    """``60000`` -> ``"60k"``; other counts as they are."""
+    return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
+
+
 def format_summary(res: dict[str, Any]) -> str:
     """The console table: k-NN top-1 per feature for the trained teacher and the random init, raw pixels, and
     the training figures."""
@@ -334,11 +353,18 @@ def format_summary(res: dict[str, Any]) -> str:
     for key, label in raw:
         if key in res:  # a property of the pixels: no random-init column
             lines.append(f"{label:<{w}}{pct(res[key], 10)}{pct(None, 13)}")
-    lines.append(f"training: {res['train_minutes']:.1f} min, {res['epochs']:.2f} epochs ({res['iterations']} "
-                 f"iterations), {res['images_per_second']:.0f} images/s, data wait "
-                 f"{100 * res['data_wait_fraction']:.1f}%")
+    from .trainer import format_duration
+
+    def number(v, fmt: str, scale: float = 1.0) -> str:  # n/a for a figure the run's files do not give
+        ok = isinstance(v, (int, float)) and math.isfinite(v)
+        return format(scale * v, fmt) if ok else "n/a"
+
+    wait = res.get("data_wait_fraction")
+    lines.append(f"training: {format_duration(60 * res['train_minutes'])}, {res['epochs']:.2f} epochs "
+                 f"({res['iterations']} iterations), {number(res.get('images_per_second'), '.0f')} images/s, "
+                 f"data wait {number(wait, '.1f', 100)}" + ("%" if number(wait, '.1f') != "n/a" else ""))
     if res.get("knn_curve"):
-        pts = ", ".join(f"{p['train_minutes']:.1f} min {p['knn_top1']:.1f}%" for p in res["knn_curve"])
+        pts = ", ".join(f"{format_duration(60 * p['train_minutes'])} {p['knn_top1']:.1f}%" for p in res["knn_curve"])
         lines.append(f"online k-NN (CLS, subset): {pts}")
     if "knn_top1_raw_pixels" in res:
         diff = res["knn_top1"] - res["knn_top1_raw_pixels"]
@@ -370,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = evaluate_run(args.run_dir, args.data, k=args.k, T=args.T, batch_size=args.batch_size,
                            random_init=not args.no_random_init, val_split=args.val_split)
+    except DinokitError as e:  # bad data, a corrupt or foreign checkpoint, a run that is not a ViT
+        print(f"dinokit.demo: error: {e}", file=sys.stderr)
+        return e.exit_code
     except (FileNotFoundError, ValueError) as e:
         print(f"dinokit.demo: error: {e}", file=sys.stderr)
         return 1

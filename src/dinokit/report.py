@@ -303,7 +303,9 @@ def _run_summary(log: list[dict[str, Any]]) -> dict[str, Any]:
             out["last epoch's loss"] = round(loss, 4)
     if knn:
         def at(r):
-            return f"{_num(r, 'knn_top1'):.2f}% at {_num(r, 'train_minutes') or 0.0:.1f} min"
+            from .trainer import format_duration
+
+            return f"{_num(r, 'knn_top1'):.2f}% at {format_duration(60 * (_num(r, 'train_minutes') or 0.0))}"
 
         out["online k-NN top-1 (last)"] = at(knn[-1])
         out["online k-NN top-1 (best)"] = at(max(knn, key=lambda r: _num(r, "knn_top1")))

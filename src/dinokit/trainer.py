@@ -59,8 +59,8 @@ from .shards import is_shard_spec
 from .teacher import ema_update
 from .wrapper import MultiCropWrapper
 
-__all__ = ["Trainer", "train", "count_noun", "resolve_device", "resolve_precision", "build_student_teacher",
-           "NonFiniteLossError", "Stopped"]
+__all__ = ["Trainer", "train", "count_noun", "format_duration", "resolve_device", "resolve_precision",
+           "build_student_teacher", "NonFiniteLossError", "Stopped"]
 
 
 class NonFiniteLossError(DinokitError):
@@ -547,8 +547,11 @@ def _saved_config(ckpt: dict) -> dict:
     return ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
 
 
-def _minutes_or_seconds(seconds: float) -> str:
-    """``"42 s"`` under a minute (a short budget's re-plans read "0.0 min" otherwise), ``"3.5 min"`` above."""
+def format_duration(seconds: float) -> str:
+    """``"0.4 s"`` under 10 seconds, ``"42 s"`` under a minute (short runs read "0.0 min" otherwise), ``"3.5 min"``
+    above: the console's, the report's and the demo's durations."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
 
@@ -1163,7 +1166,7 @@ class Trainer:
                          for f in fracs if f * budget > elapsed]
         self._log_console(f"time budget {self.cfg.time_budget_minutes:g} min: {sec_per_iter * 1000:.0f} ms per "
                           f"iteration -> {total} iterations ({total / self.plan.niter_per_ep:.2f} epochs)"
-                          + (f", re-planned at {_minutes_or_seconds(elapsed)}" if again else ""))
+                          + (f", re-planned at {format_duration(elapsed)}" if again else ""))
 
     # -- online k-NN -------------------------------------------------------------------------------------
     #: under torch.distributed, how often (iterations) the ranks agree whether a timed k-NN is due
@@ -1207,7 +1210,7 @@ class Trainer:
         if self.main:
             self.log(result)
             self._log_console(f"k-NN top-1 {result['knn_top1']:.2f}% at "
-                              f"{_minutes_or_seconds(60 * result['train_minutes'])} of training")
+                              f"{format_duration(60 * result['train_minutes'])} of training")
         return result if self.main else None
 
     # -- main loop ----------------------------------------------------------------------------------------

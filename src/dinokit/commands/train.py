@@ -83,13 +83,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..trainer import count_noun, train
+    from ..trainer import count_noun, format_duration, train
 
     cfg = config_from_args(args)
     summary = train(cfg)
     if summary["rank"] != 0:
         return 0
     print(f"done: {count_noun(summary['epochs'], 'epoch')}, {count_noun(summary['iterations'], 'iteration')}, "
-          f"{summary['train_minutes']:.1f} min, {summary['images_per_second']:.1f} img/s; checkpoint: "
+          f"{format_duration(60 * summary['train_minutes'])}, {summary['images_per_second']:.1f} img/s; checkpoint: "
           f"{Path(cfg.output_dir) / 'checkpoint.pth'}")
     return 0
