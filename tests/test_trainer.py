@@ -129,7 +129,7 @@ def test_non_finite_loss_stops_with_message_and_skip_policy(folder, tmp_path):
     t = Trainer(tiny(folder, out, "--lr", "1e30", "--warmup-epochs", "0", "--clip-grad", "0"))
     with torch.no_grad():
         t.student.head.mlp[0].weight.fill_(float("nan"))
-    with pytest.raises(NonFiniteLossError, match="epoch 0, iteration 0; training stopped, no checkpoint had been "
+    with pytest.raises(NonFiniteLossError, match="epoch 0, iteration 1; training stopped, no checkpoint had been "
                                                  "written yet"):
         t.fit()
     t.save()
@@ -571,10 +571,10 @@ def test_writing_a_periodic_checkpoint_is_not_counted_as_data_wait(folder, tmp_p
 
 
 def test_short_durations_in_messages_are_seconds():
-    from dinokit.trainer import _minutes_or_seconds
+    from dinokit.trainer import format_duration
 
-    assert _minutes_or_seconds(2.4) == "2 s" and _minutes_or_seconds(59.4) == "59 s"
-    assert _minutes_or_seconds(90) == "1.5 min"
+    assert format_duration(0.22) == "0.2 s" and format_duration(2.4) == "2.4 s" and format_duration(59.4) == "59 s"
+    assert format_duration(90) == "1.5 min"
 
 
 def test_the_collapse_warning_is_given_once_per_run(folder, tmp_path):
@@ -671,3 +671,51 @@ def test_an_output_directory_that_is_a_file_is_named_as_such(folder, tmp_path):
     with pytest.raises(ConfigError, match=f"output directory {tmp_path / 'f'} is a file, not a folder"):
         Trainer(tiny(folder, tmp_path / "f"))
     assert (tmp_path / "f").read_text() == "x"
+
+
+def test_records_after_the_checkpoint_are_set_aside_on_resume_and_the_log_is_json(folder, tmp_path):
+    """A run stopped on a NaN after its last checkpoint left its records (lr 2.8e10 ...) in log.jsonl and
+    TensorBoard, and the resumed run logged those iterations again: two records per iteration, a spike in the
+    report's curves. With --nan-policy skip the log held ``NaN``, which is not JSON."""
+    out = tmp_path / "r"
+    Trainer(tiny(folder, out, "--epochs", "1")).fit()  # 3 iterations, checkpoint at 3
+    bad = Trainer(tiny(folder, out, "--epochs", "3", "--lr", "1e30", "--clip-grad", "0", "--warmup-epochs", "0",
+                       "--nan-policy", "skip"))
+    with torch.no_grad():
+        bad.student.head.mlp[0].weight.fill_(float("nan"))
+    with pytest.raises(KeyboardInterrupt):  # stopped after 2 skipped iterations, before any checkpoint
+        orig = bad.train_step
+
+        def step(crops):
+            if bad.iteration == 5:
+                raise KeyboardInterrupt
+            return orig(crops)
+
+        bad.train_step = step
+        bad.fit()
+    lines = (out / "log.jsonl").read_text().splitlines()
+
+    def strict(line):
+        return json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+
+    recs = [strict(x) for x in lines]
+    assert [r["iteration"] for r in recs if r["type"] == "train"] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in recs if r["type"] == "train"][3:] == [None, None]  # skipped: NaN -> null
+    t = Trainer(tiny(folder, out, "--epochs", "2"))
+    recs = [strict(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in recs if r["type"] == "train"] == [1, 2, 3]
+    aside = [strict(x) for x in (out / "log.superseded.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in aside] == [4, 5]
+    t.fit()
+    recs = [strict(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in recs if r["type"] == "train"] == list(range(1, 7))
+    assert [r["epoch"] for r in recs if r["type"] == "epoch"] == [0, 1]
+    assert all(r["lr"] < 1 for r in recs if r["type"] == "train")
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    lr = {e.step: e.value for e in acc.Scalars("train/lr")}
+    assert sorted(lr) == list(range(1, 7)) and max(lr.values()) < 1  # the 1e30 steps purged

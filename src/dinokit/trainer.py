@@ -547,6 +547,17 @@ def _saved_config(ckpt: dict) -> dict:
     return ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as ``None`` (``json.dumps`` writes ``NaN``, which is not JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def format_duration(seconds: float) -> str:
     """``"0.4 s"`` under 10 seconds, ``"42 s"`` under a minute (short runs read "0.0 min" otherwise), ``"3.5 min"``
     above: the console's, the report's and the demo's durations."""
@@ -681,6 +692,8 @@ class Trainer:
         self._check_output_dir()
         self._resume()
         self._check_same_resume_point()
+        if self.main and (self.iteration or self.epoch):
+            self._set_aside_log_records_after_the_checkpoint()
         self._tb = None
         # a resumed run's config.yaml is replaced only once this invocation has saved a checkpoint: a resume
         # that fails at once (other options, a NaN at the first step) leaves the file of the run it resumed
@@ -786,7 +799,51 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
         except Exception:
             return
-        self._tb = SummaryWriter(log_dir=str(self.out / "tensorboard"))
+        # a resumed run redoes the iterations after its checkpoint: TensorBoard hides the killed run's events
+        # from there on (purge_step), as log.jsonl sets its records aside
+        self._tb = SummaryWriter(log_dir=str(self.out / "tensorboard"),
+                                 purge_step=self.iteration + 1 if self.iteration else None)
+
+    def _set_aside_log_records_after_the_checkpoint(self) -> None:
+        """``log.jsonl`` as of the checkpoint this run resumed from: the records of iterations it will redo (a run
+        killed or stopped on a non-finite loss after its last checkpoint), of the epoch it will close again, and
+        of online k-NN results the checkpoint does not hold move to ``log.superseded.jsonl`` (nothing is deleted),
+        so the log, the report and the demo's curves describe one run without repeats."""
+        path = self.out / "log.jsonl"
+        if not path.is_file():
+            return
+        knn_kept = {(h.get("epoch"), h.get("iteration")) for h in self.knn_history}
+
+        def current(rec: dict) -> bool:
+            it, kind = rec.get("iteration"), rec.get("type", "train")
+            if not isinstance(it, int):
+                return True
+            if kind == "epoch":
+                return isinstance(rec.get("epoch"), int) and rec["epoch"] < self.epoch
+            if kind == "knn":
+                return (rec.get("epoch"), it) in knn_kept or it < self.iteration
+            return it <= self.iteration
+
+        try:
+            lines = path.read_text().splitlines()
+            keep, old = [], []
+            for line in lines:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    rec = None  # a line cut by a kill mid-write: set aside
+                (keep if isinstance(rec, dict) and current(rec) else old).append(line)
+            if not old:
+                return
+            with open(self.out / "log.superseded.jsonl", "a") as f:
+                f.write("".join(f"{line}\n" for line in old))
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(f"{line}\n" for line in keep))
+            os.replace(tmp, path)
+        except OSError as e:
+            raise DinokitError(f"could not rewrite {path} ({e.strerror or e}); the checkpoint is intact") from None
+        self._log_console(f"{count_noun(len(old), 'log record')} after the checkpoint (iterations to redo) moved to "
+                          "log.superseded.jsonl")
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def _model_states(self) -> tuple[dict, dict, dict]:
@@ -1042,7 +1099,7 @@ class Trainer:
             return
         try:
             with open(self.out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(_json_safe(record)) + "\n")  # NaN/inf as null: JSON, not Python's NaN
         except OSError as e:
             raise DinokitError(f"could not write {self.out / 'log.jsonl'} ({e.strerror or e}); training stopped, "
                                f"the last checkpoint in {self.out} is intact") from None
@@ -1108,7 +1165,7 @@ class Trainer:
             kept = (f"the last good checkpoint in {self.out} is kept" if (self.out / "checkpoint.pth").exists()
                     else "no checkpoint had been written yet")
             raise NonFiniteLossError(
-                f"loss is {loss_value} at epoch {epoch}, iteration {it}; training stopped, {kept}. Try a lower "
+                f"loss is {loss_value} at epoch {epoch}, iteration {it + 1}; training stopped, {kept}. Try a lower "
                 f"--lr, --precision fp32, a smaller --clip-grad, a higher --freeze-last-layer, or --nan-policy skip")
 
         self.optimizer.zero_grad(set_to_none=True)
