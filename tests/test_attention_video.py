@@ -171,3 +171,81 @@ def test_bad_input_is_one_line_and_writes_nothing(setup, tmp_path, capsys):
     _fails(["--weights", str(ckpt), "--out", str(own), "--input", str(own / "video.mp4")], capsys,
            "the --input video itself")
     assert (own / "video.mp4").read_bytes() == video.read_bytes()
+
+
+def _digest(folder):
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_or_interrupted_run_leaves_the_previous_results_and_a_new_one_replaces_them(setup, tmp_path,
+                                                                                            capsys, monkeypatch):
+    """A failed run deleted the previous video but left its JSON and maps; a shorter rerun left the older frame
+    images beside the new ones."""
+    _, _, ckpt, _, folder, _ = setup
+    out = tmp_path / "out"
+    base = ["--weights", str(ckpt), "--out", str(out), *COMMON]
+    assert main(["attention-video", *base, "--input", str(folder)]) == 0
+    before = _digest(out)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.new("RGB", (64, 48)).save(mixed / "a.png")
+    Image.new("RGB", (48, 64)).save(mixed / "b.png")
+    assert main(["attention-video", *base, "--input", str(mixed)]) == 2
+    import dinokit.eval.attention_video as av
+
+    calls = [0]
+    real = av.attention_frame
+
+    def interrupted(*a, **k):  # Ctrl-C at the third frame
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(av, "attention_frame", interrupted)
+    assert main(["attention-video", *base, "--input", str(folder)]) == 130  # "interrupted"
+    monkeypatch.undo()
+    assert _digest(out) == before and not [p for p in out.iterdir() if p.name.startswith(".")]
+    capsys.readouterr()
+    assert main(["attention-video", *base, "--input", str(folder), "--max-frames", "2"]) == 0
+    assert sorted(p.name for p in (out / "attention").iterdir()) == ["attn-000.png", "attn-001.png"]
+    assert np.load(out / "attention.npy").shape[0] == 2
+    assert main(["attention-video", *base, "--input", str(folder), "--no-frames"]) == 0
+    assert not (out / "attention").exists() and json.loads((out / "attention_video.json").read_text())["frames"] == 7
+
+
+def test_hard_links_odd_sizes_and_frames_sharing_a_name(setup, tmp_path, capsys):
+    import os
+
+    _, _, _, frames, _, video = setup
+    # a hard link of the input named video.mp4 in --out: refused (os.replace would keep the input, but the link
+    # the user made to it would become the attention video)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    os.link(video, linked / "video.mp4")
+    torch.manual_seed(0)
+    p7 = build_backbone("vit_custom", patch_size=7, embed_dim=28, depth=1, num_heads=2, img_size=28).eval()
+    weights = tmp_path / "p7.pth"
+    torch.save(p7.state_dict(), weights)
+    common = ["--weights", str(weights), "--num-heads", "2", *COMMON]
+    _fails([*common, "--input", str(linked / "video.mp4"), "--out", str(linked)], capsys, "the --input video itself")
+    # frames of 70 x 49 px (patch 7): the video is 70 x 48, and says so
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    for i, f in enumerate(frames[:3]):
+        Image.fromarray(f[:49, :70]).save(odd / f"f{i}.png")
+    Image.fromarray(frames[3][:49, :70]).save(odd / "f1.jpg")  # f1.png and f1.jpg: both frames kept
+    out = tmp_path / "out"
+    assert main(["attention-video", *common, "--input", str(odd), "--out", str(out)]) == 0
+    assert "4 frames, 70x48 px (WxH) (frames 70x49: video sizes are even)" in capsys.readouterr().out
+    rec = json.loads((out / "attention_video.json").read_text())
+    assert (rec["width"], rec["height"], rec["frame_width"], rec["frame_height"]) == (70, 48, 70, 49)
+    cap = cv2.VideoCapture(str(out / "video.mp4"))
+    assert (cap.get(cv2.CAP_PROP_FRAME_WIDTH), cap.get(cv2.CAP_PROP_FRAME_HEIGHT)) == (70, 48)
+    assert sorted(p.name for p in (out / "attention").iterdir()) == ["attn-f0.png", "attn-f1.jpg.png",
+                                                                     "attn-f1.png.png", "attn-f2.png"]
+    assert Image.open(out / "attention" / "attn-f0.png").size == (70, 49) and np.load(out / "attention.npy").shape == (
+        4, 7, 10)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from ._common import add_model_arguments, check_output_dir, check_positive, load_model, model_info
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_dir(args.out)
     source = Path(args.input).expanduser()
     video = out / f"video.{args.video_format}"
-    if source.is_file() and video.exists() and video.resolve() == source.resolve():
+    if source.is_file() and video.is_file() and os.path.samefile(video, source):  # links too
         raise ConfigError(f"--out {out} would write {video}, the --input video itself; give another --out")
     model = load_model(args, need_patches=True)
     if not hasattr(model, "get_last_selfattention"):
@@ -73,11 +74,16 @@ def run(args: argparse.Namespace) -> int:
                                 colour_map=args.colormap, overlay=args.overlay, save_frames=not args.no_frames,
                                 batch_size=args.batch_size, max_frames=args.max_frames,
                                 progress=not args.no_progress)
-    w, h = res["size"]
+    (w, h), (fw, fh) = res["size"], res["frame_size"]
     record = {"input": str(source), "video": str(res["video"]), "frames": res["frames"], "fps": res["fps"],
-              "width": w, "height": h, "patch_size": int(model.patch_size), "image_size": args.image_size,
-              "colormap": args.colormap, "overlay": args.overlay, "model": model_info(args, model)}
-    (out / "attention_video.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"{source}: {res['frames']} frames, {w}x{h} px (WxH) at {res['fps']:g} fps -> {res['video']}"
+              "width": w, "height": h, "frame_width": fw, "frame_height": fh, "patch_size": int(model.patch_size),
+              "image_size": args.image_size, "colormap": args.colormap, "overlay": args.overlay,
+              "model": model_info(args, model)}
+    path = out / "attention_video.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+    even = f" (frames {fw}x{fh}: video sizes are even)" if (fw, fh) != (w, h) else ""
+    print(f"{source}: {res['frames']} frames, {w}x{h} px (WxH){even} at {res['fps']:g} fps -> {res['video']}"
           + (f", frames in {res['frame_dir']}/" if res["frame_dir"] else ""))
     return 0

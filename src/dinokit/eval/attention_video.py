@@ -19,6 +19,9 @@ a time: memory does not grow with the video's length) and frames are not written
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -49,7 +52,9 @@ def open_frames(source: str | Path) -> tuple[Iterator[tuple[str, Image.Image]], 
         files = sorted(p for p in src.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
             raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {src}")
-        return ((p.stem, load_image(p)) for p in files), None, len(files)
+        stems = [p.stem for p in files]
+        names = [p.stem if stems.count(p.stem) == 1 else p.name for p in files]  # f1.png and f1.jpg: both kept
+        return ((name, load_image(p)) for name, p in zip(names, files)), None, len(files)
     import cv2
 
     cap = cv2.VideoCapture(str(src))
@@ -121,8 +126,11 @@ def write_attention_video(model: nn.Module, source: str | Path, out_dir: str | P
     """Write the attention video of ``source`` (see the module docstring); returns ``{"video", "frames",
     "fps", "size", "maps", "frame_dir"}`` (``size`` = ``(width, height)`` of the video). Every frame must have
     the first frame's size after preparation (a video's do; frames of a folder may not: then give
-    ``image_size`` as ``(H, W)``); a frame of another size is a :class:`DataError` naming it. A run that fails
-    or is interrupted leaves no partial video (the frame images written so far stay)."""
+    ``image_size`` as ``(H, W)``); a frame of another size is a :class:`DataError` naming it. The video's width
+    and height are the frames' rounded down to even numbers (the codecs' requirement; ``frame_size`` is the
+    frames'). Everything is staged in a hidden folder of ``out_dir`` and moved into place at the end: a run
+    that fails or is interrupted leaves ``out_dir``'s previous results as they were, a finished one replaces
+    them (frame images included)."""
     import cv2
     from tqdm import tqdm
 
@@ -139,9 +147,16 @@ def write_attention_video(model: nn.Module, source: str | Path, out_dir: str | P
         frames = (f for i, f in zip(range(max_frames), frames))
         count = min(count, max_frames) if count else max_frames
     out = Path(out_dir)
-    frame_dir = out / "attention"
-    video_path = out / f"video.{video_format}"
-    writer, size, maps, n = None, None, [], 0
+    frame_dir, video_path, maps_path = out / "attention", out / f"video.{video_format}", out / "attention.npy"
+    for p in (video_path, maps_path):
+        if p.is_dir():
+            raise ConfigError(f"{p} is a folder; the attention video writes a file there")
+    if frame_dir.exists() and not frame_dir.is_dir():
+        raise ConfigError(f"{frame_dir} is a file; the attention video writes its frame images in that folder")
+    # everything is written into a staging folder inside OUT and moved into place at the end: a run that fails
+    # or is interrupted leaves the previous results as they were, and a successful one replaces all of them
+    stage: Path | None = None
+    writer, size, video_size, maps, n = None, None, None, [], 0
     bar = tqdm(total=count, desc="attention video", unit="frame", disable=not progress, dynamic_ncols=True)
     was_training = model.training
     model.eval()
@@ -151,40 +166,51 @@ def write_attention_video(model: nn.Module, source: str | Path, out_dir: str | P
             for (name, _, shown), m in zip(batch, means):
                 if size is None:
                     size = shown.size
+                    video_size = (size[0] - size[0] % 2, size[1] - size[1] % 2)  # the codecs take even sizes
+                    if min(video_size) < 2:
+                        raise DataError(f"frames of {size[1]}x{size[0]} px (HxW) are too small for a video")
                     out.mkdir(parents=True, exist_ok=True)
+                    stage = Path(tempfile.mkdtemp(prefix=".attention_video.", dir=out))
                     if save_frames:
-                        frame_dir.mkdir(exist_ok=True)
-                    writer = cv2.VideoWriter(str(video_path), cv2.VideoWriter_fourcc(*VIDEO_FORMATS[video_format]),
-                                             float(fps), size)
+                        (stage / "attention").mkdir()
+                    writer = cv2.VideoWriter(str(stage / video_path.name),
+                                             cv2.VideoWriter_fourcc(*VIDEO_FORMATS[video_format]), float(fps),
+                                             video_size)
                     if not writer.isOpened():
-                        raise DataError(f"OpenCV cannot write {video_path} ({video_format}, {size[0]}x{size[1]} "
-                                        f"at {fps:g} fps)")
+                        raise DataError(f"OpenCV cannot write a {video_format} video of {video_size[0]}x"
+                                        f"{video_size[1]} px at {fps:g} fps")
                 elif shown.size != size:
                     raise DataError(f"frame {name} is {shown.size[1]}x{shown.size[0]} px (HxW) after preparation, "
                                     f"the first frame {size[1]}x{size[0]}: a video needs one size; give "
                                     "--image-size H W")
                 rgb = attention_frame(m.numpy(), shown, colour_map, overlay)
                 if save_frames:
-                    Image.fromarray(rgb).save(frame_dir / f"attn-{name}.png")
-                writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-                maps.append(m)
+                    Image.fromarray(rgb).save(stage / "attention" / f"attn-{name}.png")
+                writer.write(np.ascontiguousarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)[:video_size[1],
+                                                                                    :video_size[0]]))
+                maps.append(m.clone())  # its own small block: a view would keep the batch's buffer (and the heap
+                # fragmented between the large attention buffers: memory grew with the video at batch size 1)
                 n += 1
                 bar.update(1)
-    except BaseException as e:
-        if writer is not None:  # an unfinished video is not left behind as if it were the result
-            writer.release()
-            writer = None
-            video_path.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise DataError(f"cannot write to {out}: {e.strerror or e}") from None
-        raise
+        if n == 0:
+            raise DataError(f"no frame read from {source}")
+        writer.release()
+        writer = None
+        np.save(stage / maps_path.name, torch.stack(maps).numpy().astype(np.float32))
+        os.replace(stage / video_path.name, video_path)
+        os.replace(stage / maps_path.name, maps_path)
+        if frame_dir.is_dir():
+            shutil.rmtree(frame_dir)  # the previous run's frames: this run's results replace them all
+        if save_frames:
+            os.replace(stage / "attention", frame_dir)
+    except OSError as e:
+        raise DataError(f"cannot write to {out}: {e.strerror or e}") from None
     finally:
         model.train(was_training)
         bar.close()
         if writer is not None:
             writer.release()
-    if n == 0:
-        raise DataError(f"no frame read from {source}")
-    np.save(out / "attention.npy", torch.stack(maps).numpy().astype(np.float32))
-    return {"video": video_path, "frames": n, "fps": float(fps), "size": size, "maps": out / "attention.npy",
-            "frame_dir": frame_dir if save_frames else None}
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+    return {"video": video_path, "frames": n, "fps": float(fps), "size": video_size, "frame_size": size,
+            "maps": maps_path, "frame_dir": frame_dir if save_frames else None}
