@@ -211,7 +211,7 @@ def test_cli_copydetect_whitening_and_output_options_are_checked_first(tmp_path,
                        (["--whiten", "--whiten-dim", "100"], "--whiten-dim 100 is larger than the 72-dimensional"),
                        (["--output", str(tmp_path / "folder")], "is a folder"),
                        (["--output", str(tmp_path / "w.pth")], "is the --weights file"),
-                       (["--output", str(next((root / "original").iterdir()))], "is a file of the --root data set")):
+                       (["--output", str(next((root / "original").iterdir()))], "is an image of the --root data set")):
         assert main(["copydetect", *common, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and msg in err, (extra, err)

@@ -693,3 +693,37 @@ def test_feature_extraction_starts_its_loader_workers_once(setup, monkeypatch, p
     ds = build_dataset(str(train), transform=eval_transform(32))
     feats, labels = extract_features(backbone, ds, batch_size=5, num_workers=1, progress=progress)
     assert iterators == [1] and feats.shape == (12, 32) and labels.tolist() == ds.labels.tolist()
+
+
+def test_output_protection_covers_hard_links_and_idx_files_but_not_earlier_results(setup, tmp_path, capsys):
+    """A hard link to the weights passed the check and write_json wrote through it; Fashion-MNIST's IDX files were
+    not protected; and a result file written into a data set's root by an earlier run was refused."""
+    import os
+    import shutil
+
+    from dinokit.commands._common import refuse_overwriting_inputs, write_json
+    from dinokit.errors import ConfigError
+
+    tmp, train, val, ckpt, _ = setup
+    weights = tmp_path / "w.pth"
+    shutil.copy(ckpt, weights)
+    os.link(weights, tmp_path / "out.json")
+    before = weights.read_bytes()
+    assert main(["knn", "--weights", str(weights), "--train-data", str(train), "--val-data", str(val), "--output",
+                 str(tmp_path / "out.json"), "--num-workers", "0", *COMMON]) == 2
+    assert "is the --weights file" in capsys.readouterr().err and weights.read_bytes() == before
+    write_json(tmp_path / "out.json", {"a": 1})  # atomic: the link's name now holds the JSON, the weights stay
+    assert weights.read_bytes() == before and json.loads((tmp_path / "out.json").read_text()) == {"a": 1}
+    fm = make_fashion_like(tmp_path / "fm", n_train=8, n_test=4)
+    idx = next(fm.glob("*-ubyte.gz"))
+    with pytest.raises(ConfigError, match="is a file of the --train-data folder"):
+        refuse_overwriting_inputs(idx, "--output", image_folders={"--train-data": f"fashion-mnist:{fm}"})
+    root = tmp_path / "places"
+    (root / "ImageSets" / "2017").mkdir(parents=True)
+    (root / "ImageSets" / "2017" / "val.txt").write_text("v\n")
+    (root / "retrieval_folder.json").write_text("{}")  # an earlier run's result
+    (root / "positives.json").write_text("{}")
+    refuse_overwriting_inputs(root / "retrieval_folder.json", "--output", roots={"--root": root})
+    for name in ("positives.json", "ImageSets/2017/val.txt"):
+        with pytest.raises(ConfigError, match="is a file of the --root data set"):
+            refuse_overwriting_inputs(root / name, "--output", roots={"--root": root})

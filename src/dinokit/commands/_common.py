@@ -213,37 +213,46 @@ def _local_path(spec: Any) -> Path | None:
     return _local_path(rest) if sep and rest and "/" not in head else None
 
 
+#: files of a data folder that the evaluations read besides images: Fashion-MNIST's IDX files, revisitop's and
+#: place recognition's ground truth, DAVIS's image-set lists
+_DATA_FILE_PATTERNS = ("*-ubyte", "*-ubyte.gz", "gnd_*.json", "gnd_*.pkl", "positives.json", "ground_truth.csv",
+                       "ImageSets/*")
+
+
+def _is_data_file(path: Path, folder: Path) -> bool:
+    rel = path.relative_to(folder)
+    return path.name.lower().endswith(IMAGE_EXTENSIONS) or any(
+        path.match(p) if "/" not in p else rel.as_posix().startswith(p[:-1]) for p in _DATA_FILE_PATTERNS)
+
+
 def refuse_overwriting_inputs(path: str | Path, option: str, files: dict[str, Any] | None = None,
                               image_folders: dict[str, Any] | None = None,
                               roots: dict[str, Any] | None = None) -> None:
     """Refuse an output file that would replace an input: one of ``files`` (``{option: path}``, e.g. the
-    weights), an image inside one of ``image_folders`` (class folders: only their images are read), or any file
-    inside one of ``roots`` (data sets whose images *and* ground-truth files are read). A new file, or one that is
-    no input, is fine."""
+    weights; the same file through any link), or a file the evaluations read inside one of ``image_folders``
+    (class folders, ``fashion-mnist:DIR``) or ``roots`` (retrieval, copy-detection, DAVIS data sets): an image, an
+    IDX file or a ground-truth file. A new file, or one that is no input (a result file written there before),
+    is fine."""
+    import os
+
     path = Path(path).expanduser()
     if not path.is_file():
         return
     out = path.resolve()
-
-    def inside(spec: Any) -> Path | None:
-        folder = _local_path(spec)
-        return folder if folder is not None and folder.is_dir() and folder.resolve() in out.parents else None
-
     for name, spec in (files or {}).items():
         src = _local_path(spec)
-        if src is not None and src.is_file() and src.resolve() == out:
+        if src is not None and src.is_file() and os.path.samefile(src, path):  # hard links too
             raise ConfigError(f"{option} {path} is the {name} file: writing it would replace that input; give "
                               f"another {option}")
-    for name, spec in (image_folders or {}).items():
-        folder = inside(spec)
-        if folder is not None and out.name.lower().endswith(IMAGE_EXTENSIONS):
-            raise ConfigError(f"{option} {path} is an image of the {name} folder {folder}: writing it would replace "
-                              f"that input; give another {option}")
-    for name, spec in (roots or {}).items():
-        folder = inside(spec)
-        if folder is not None:
-            raise ConfigError(f"{option} {path} is a file of the {name} data set {folder}: writing it would "
-                              f"replace that input; give another {option}")
+    for kind, folders in (("folder", image_folders), ("data set", roots)):
+        for name, spec in (folders or {}).items():
+            folder = _local_path(spec)
+            if folder is None or not folder.is_dir() or folder.resolve() not in out.parents:
+                continue
+            if _is_data_file(out, folder.resolve()):
+                what = "an image" if out.name.lower().endswith(IMAGE_EXTENSIONS) else "a file"
+                raise ConfigError(f"{option} {path} is {what} of the {name} {kind} {folder}: writing it would "
+                                  f"replace that input; give another {option}")
 
 
 def check_output_file(path: str | Path, option: str = "--out", **inputs: dict[str, Any]) -> Path:
@@ -275,10 +284,14 @@ def check_output_dir(path: str | Path, option: str = "--out") -> Path:
 
 
 def write_json(path: str | Path, payload: dict) -> Path:
+    import os
+
     path = Path(path)
-    try:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:  # written beside and renamed: a hard link to the path keeps its file, a crash leaves the old result
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(jsonable(payload), indent=2) + "\n")
+        tmp.write_text(json.dumps(jsonable(payload), indent=2) + "\n")
+        os.replace(tmp, path)
     except OSError as e:
         raise DataError(f"cannot write {path}: {e.strerror or e}") from None
     return path
