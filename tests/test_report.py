@@ -300,3 +300,39 @@ def test_the_results_section_summarises_the_run_from_its_log(run_dir):
     page = write_report(run_dir, n_images=1, projection_points=8).read_text()
     assert "epochs done" in page and "online k-NN top-1 (best)" in page and "No results.json" not in page
     assert _run_summary([]) == {} and _run_summary([{"type": "epoch"}, {}]) == {}
+
+
+def _has_line_colour(src: str) -> bool:
+    """Whether a curve PNG shows matplotlib's first line colour (C0, #1f77b4) anywhere."""
+    import io
+
+    import numpy as np
+
+    img = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB")).astype(int)
+    return bool((np.abs(img - np.array([31, 119, 180])).sum(axis=-1) < 40).any())
+
+
+def test_single_point_curves_are_drawn_and_a_run_without_an_epoch_is_described(tmp_path):
+    """A run with one logged iteration showed blank axes (a line through one point draws nothing), and a run
+    stopped on a non-finite loss in its first epoch read "No log records" above curves of its records."""
+    from dinokit.report import _curves
+
+    one = [{"type": "train", "epoch": 0, "iteration": 1, "loss": 3.0, "lr": 1e-4, "wd": 0.04, "momentum": 0.996,
+            "teacher_temp": 0.04}]
+    pics, _ = _curves(one)
+    assert len(pics) == 5 and all(_has_line_colour(src) for _, src in pics)
+    log = one + [{**one[0], "iteration": 2, "loss": None}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    page = write_report(tmp_path).read_text()
+    assert "No epoch completed: the log holds 2 iteration record(s), the last at iteration 2 with a non-finite " \
+           "loss" in page and "No log records" not in page
+
+
+def test_a_results_file_from_an_earlier_checkpoint_is_flagged(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "results.json").write_text(json.dumps({"knn_top1": 55.0, "iterations": 2}))
+    page = write_report(run, n_images=1, projection_points=8).read_text()
+    assert "results.json was computed at iteration 2; the run's log goes to iteration 6" in page
+    (run / "results.json").write_text(json.dumps({"knn_top1": 55.0, "iterations": 6}))
+    assert "results.json was computed at" not in write_report(run, n_images=1, projection_points=8).read_text()

@@ -110,7 +110,7 @@ def _curves(log: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], list[str]
         if not x:
             continue
         fig, ax = plt.subplots(figsize=(4.2, 2.8))
-        ax.plot(x, y, lw=1.2)
+        ax.plot(x, y, lw=1.2, marker="o" if len(x) < 3 else None, ms=4)  # one or two points: drawn, not blank
         ax.set_xlabel("iteration")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -363,15 +363,26 @@ def write_report(run_dir: str | Path, n_images: int = 8, projection_points: int 
 
     summary = _run_summary(log)
     body["results"] = _table(summary) if summary else ""
+    steps = [r for r in log if r.get("type") == "train" and _num(r, "iteration") is not None]
+    if not summary and steps:  # e.g. a run stopped on a non-finite loss in its first epoch
+        body["results"] = (f"<p class='note'>No epoch completed: the log holds {len(steps)} iteration record(s), "
+                           f"the last at iteration {int(_num(steps[-1], 'iteration'))}"
+                           + (" with a non-finite loss" if steps[-1].get("loss") is None else "") + ".</p>")
     results_path = run_dir / "results.json"
     if results_path.exists():
         try:
             res = json.loads(results_path.read_text())
-            body["results"] += ("<h3>results.json</h3>"
-                                + _table({k: v for k, v in res.items() if not isinstance(v, (list, dict))}))
+            body["results"] += "<h3>results.json</h3>"
+            done = max([int(_num(r, "iteration")) for r in log if _num(r, "iteration") is not None],
+                       default=None)
+            if isinstance(res.get("iterations"), int) and done is not None and res["iterations"] != done:
+                body["results"] += (f"<p class='note'>results.json was computed at iteration {res['iterations']}; "
+                                    f"the run's log goes to iteration {done}: evaluate the run again (python -m "
+                                    "dinokit.demo) for current numbers.</p>")
+            body["results"] += _table({k: v for k, v in res.items() if not isinstance(v, (list, dict))})
         except (OSError, ValueError, AttributeError) as e:  # cut by a crash, not text, not a JSON object
             body["results"] += f"<p class='note'>results.json is unreadable ({type(e).__name__}).</p>"
-    elif not summary:
+    elif not body["results"]:
         body["results"] = ("<p class='note'>No log records and no results.json (the demo writes k-NN results "
                            "there).</p>")
 
