@@ -203,3 +203,10 @@ def test_the_summary_names_the_real_split_sizes_and_missing_figures(tiny_run, ca
     from dinokit.demo import _thousands
 
     assert (_thousands(60000), _thousands(10000), _thousands(1500), _thousands(96)) == ("60k", "10k", "1500", "96")
+
+
+def test_a_k_above_the_train_set_is_named_and_recorded(tiny_run):
+    out, data = tiny_run
+    with pytest.warns(UserWarning, match="--k 1000 above the 96 train images: the vote uses all of them"):
+        res = evaluate_run(out, f"fashion-mnist:{data}", k=1000, random_init=False, raw_pixels=False, write=False)
+    assert (res["knn_protocol"]["k"], res["knn_protocol"]["k_used"]) == (1000, 96)

@@ -272,6 +272,11 @@ def evaluate_run(run_dir: str | Path, data: str, k: int = 20, T: float = 0.07, b
     if val_split:
         test_x, test_y = train_x[-val_split:], train_y[-val_split:]
         train_x, train_y = train_x[:-val_split], train_y[:-val_split]
+    if k > len(train_y):
+        import warnings
+
+        warnings.warn(f"dinokit: --k {k} above the {len(train_y)} train images: the vote uses all of them",
+                      stacklevel=2)
     size = cfg.global_crop_size
     mean, std = _normalisation(cfg)
     args = (train_x, train_y, test_x, test_y, size, mean, std, k, T, batch_size)
@@ -300,7 +305,8 @@ def evaluate_run(run_dir: str | Path, data: str, k: int = 20, T: float = 0.07, b
             k, T)["px"]["top1"]
     res.update(training_stats(run_dir, ckpt, cfg))
     res["knn_curve"] = knn_curve(run_dir)
-    res["knn_protocol"] = {"k": k, "T": T, "n_train": len(train_y), "n_test": len(test_y),
+    res["knn_protocol"] = {"k": k, "k_used": min(k, len(train_y)), "T": T, "n_train": len(train_y),
+                           "n_test": len(test_y),
                            "split": f"train[:-{val_split}] -> train[-{val_split}:]" if val_split else
                            f"train ({_thousands(len(train_y))}) -> test ({_thousands(len(test_y))})",
                            "image_size": size, "precision": "fp32",
