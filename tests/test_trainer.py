@@ -719,3 +719,51 @@ def test_records_after_the_checkpoint_are_set_aside_on_resume_and_the_log_is_jso
     acc.Reload()
     lr = {e.step: e.value for e in acc.Scalars("train/lr")}
     assert sorted(lr) == list(range(1, 7)) and max(lr.values()) < 1  # the 1e30 steps purged
+
+
+def _tb_scalars(out, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+
+
+def test_a_restart_before_any_checkpoint_and_records_at_the_checkpoint_step_leave_one_run(folder, tmp_path):
+    """A run killed before its first checkpoint left its records, and the fresh restart appended its own (two
+    records for iterations 1, 2; a NaN run's lr 1e28 in the report); a k-NN record set aside at the checkpoint's own
+    step stayed in TensorBoard (purged only from the step after)."""
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "k"
+    first = Trainer(tiny(folder, out, "--epochs", "2"))
+    orig = first.train_step
+
+    def step(crops):
+        if first.iteration == 2:
+            raise KeyboardInterrupt  # killed after 2 iterations, before the epoch's checkpoint
+        return orig(crops)
+
+    first.train_step = step
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    first._tb.flush()
+    assert not (out / "checkpoint.pth").exists() and len((out / "log.jsonl").read_text().splitlines()) == 2
+    Trainer(tiny(folder, out, "--epochs", "1")).fit()
+    recs = _train_records(out)
+    assert [r["iteration"] for r in recs] == [1, 2, 3]
+    assert len((out / "log.superseded.jsonl").read_text().splitlines()) == 2
+    lr = _tb_scalars(out, "train/lr")
+    assert [s for s, _ in lr] == [1, 2, 3] and [v for _, v in lr] == pytest.approx([r["lr"] for r in recs])
+    # a k-NN record of a killed run at the checkpoint's step (3), absent from the checkpoint's history
+    from torch.utils.tensorboard import SummaryWriter
+
+    knn = {"type": "knn", "epoch": 1, "iteration": 3, "knn_top1": 12.5, "train_minutes": 0.01}
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(knn) + "\n")
+    w = SummaryWriter(str(out / "tensorboard"))
+    w.add_scalar("knn/knn_top1", 12.5, 3)
+    w.close()
+    Trainer(tiny(folder, out, "--epochs", "2")).fit()
+    assert _tb_scalars(out, "knn/knn_top1") == []  # as in log.jsonl
+    assert [r["iteration"] for r in _train_records(out)] == list(range(1, 7))
+    assert [s for s, _ in _tb_scalars(out, "train/loss")] == list(range(1, 7))  # step 3 purged and written again

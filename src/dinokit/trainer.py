@@ -692,7 +692,8 @@ class Trainer:
         self._check_output_dir()
         self._resume()
         self._check_same_resume_point()
-        if self.main and (self.iteration or self.epoch):
+        self._tb_replay: list[dict] = []  # kept records at the checkpoint's step, written again after the purge
+        if self.main:  # also a fresh start over the log of a run that saved no checkpoint
             self._set_aside_log_records_after_the_checkpoint()
         self._tb = None
         # a resumed run's config.yaml is replaced only once this invocation has saved a checkpoint: a resume
@@ -799,10 +800,20 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
         except Exception:
             return
-        # a resumed run redoes the iterations after its checkpoint: TensorBoard hides the killed run's events
-        # from there on (purge_step), as log.jsonl sets its records aside
-        self._tb = SummaryWriter(log_dir=str(self.out / "tensorboard"),
-                                 purge_step=self.iteration + 1 if self.iteration else None)
+        # a resumed run redoes the iterations after its checkpoint: TensorBoard hides the earlier events from the
+        # checkpoint's step on (purge_step) and gets that step's kept records again, so it shows what log.jsonl holds
+        folder = self.out / "tensorboard"
+        earlier = folder.is_dir() and any(folder.glob("events.out.tfevents.*"))
+        self._tb = SummaryWriter(log_dir=str(folder), purge_step=self.iteration if earlier else None)
+        for record in self._tb_replay:
+            self._tb_write(record)
+        self._tb_replay = []
+
+    def _tb_write(self, record: dict[str, Any]) -> None:
+        kind = record.get("type", "train")
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "iteration"):
+                self._tb.add_scalar(f"{kind}/{k}", v, record.get("iteration", 0))
 
     def _set_aside_log_records_after_the_checkpoint(self) -> None:
         """``log.jsonl`` as of the checkpoint this run resumed from: the records of iterations it will redo (a run
@@ -833,6 +844,7 @@ class Trainer:
                 except ValueError:
                     rec = None  # a line cut by a kill mid-write: set aside
                 (keep if isinstance(rec, dict) and current(rec) else old).append(line)
+            self._tb_replay = [r for r in map(json.loads, keep) if r.get("iteration") == self.iteration]
             if not old:
                 return
             with open(self.out / "log.superseded.jsonl", "a") as f:
@@ -842,8 +854,8 @@ class Trainer:
             os.replace(tmp, path)
         except OSError as e:
             raise DinokitError(f"could not rewrite {path} ({e.strerror or e}); the checkpoint is intact") from None
-        self._log_console(f"{count_noun(len(old), 'log record')} after the checkpoint (iterations to redo) moved to "
-                          "log.superseded.jsonl")
+        what = "after the checkpoint (iterations to redo)" if self.iteration else "of a run that saved no checkpoint"
+        self._log_console(f"{count_noun(len(old), 'log record')} {what} moved to log.superseded.jsonl")
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def _model_states(self) -> tuple[dict, dict, dict]:
@@ -1104,10 +1116,7 @@ class Trainer:
             raise DinokitError(f"could not write {self.out / 'log.jsonl'} ({e.strerror or e}); training stopped, "
                                f"the last checkpoint in {self.out} is intact") from None
         if self._tb is not None:
-            kind = record.get("type", "train")
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("epoch", "iteration"):
-                    self._tb.add_scalar(f"{kind}/{k}", v, record.get("iteration", 0))
+            self._tb_write(record)
 
     # -- the step -----------------------------------------------------------------------------------------
     def _to_device(self, batch):
