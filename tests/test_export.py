@@ -192,6 +192,10 @@ def test_export_num_heads_option_records_the_count_of_a_bare_custom_vit(tmp_path
     torch.save(vit.state_dict(), tmp_path / "bare.pth")
     with pytest.warns(UserWarning, match="cannot be read from the weights"):
         export_backbone(tmp_path / "bare.pth", tmp_path / "guess.safetensors")
+    with safe_open(str(tmp_path / "guess.safetensors"), "pt") as f:
+        assert "num_heads" not in f.metadata()  # a guess is not written as if the file recorded it
+    with pytest.warns(UserWarning, match="cannot be read from the weights"):  # so loading the export says so again
+        load_backbone(tmp_path / "guess.safetensors")
     assert main(["export", "--checkpoint", str(tmp_path / "bare.pth"), "--out", str(tmp_path / "b.safetensors"),
                  "--num-heads", "2"]) == 0
     with safe_open(str(tmp_path / "b.safetensors"), "pt") as f:

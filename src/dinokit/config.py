@@ -129,7 +129,8 @@ class TrainConfig:
                                "a precision other than auto it must agree with it (else an error).")
     compile: bool = _f(False, "torch.compile the student and teacher (same maths; with drop path the compiled "
                                "random draws differ from eager ones, so a run is not bitwise the eager run).")
-    grad_checkpointing: bool = _f(False, "Activation checkpointing in the student ViT (less memory, ~30% slower).")
+    grad_checkpointing: bool = _f(False, "Activation checkpointing in the student ViT (less memory, ~27% more time "
+                                         "per step).")
     fsdp: bool = _f(False, "Shard the student and teacher with FSDP2 (fully_shard per ViT block) instead of DDP "
                     "when world > 1: parameters, gradients and optimiser state split over the ranks. No BatchNorm.")
     loss_chunk_pairs: bool = _f(True, "Evaluate the loss crop by crop with a hand-written backward: the same values "

@@ -111,6 +111,8 @@ def export_backbone(checkpoint_path: str | os.PathLike, out_path: str | os.PathL
             meta[key] = str(info[key])
     if "pos_embed" not in tensors:  # a CNN (e.g. timm:resnet18) has no image size: timm's constructor refuses one
         meta.pop("img_size", None)
+    if info.get("num_heads") is not None and "num_heads" not in hints and info["arch"] == "vit_custom":
+        meta.pop("num_heads")  # guessed for a bare state dict (warned): not written as if the file recorded it
     name = timm_name_for(info)
     if name:
         meta["timm_name"] = name

@@ -44,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="revisited Oxford/Paris, or a query/database folder for place recognition")
     parser.add_argument("--root", "--data-path", dest="root", required=True, metavar="DIR", help="dataset folder")
     parser.add_argument("--imsize", type=int, default=224,
-                        help="thumbnail size: longer side <= imsize, aspect kept (reference: 224 for ROxford, "
-                             "512 with --multiscale for RParis)")
+                        help="thumbnail size: longer side <= imsize, aspect kept (default: 224, the reference's "
+                             "for ROxford; 512 with --multiscale for RParis)")
     parser.add_argument("--multiscale", action="store_true",
                         help="average descriptors at scales 1, 1/sqrt(2), 1/2 (reference utils.multi_scale)")
     parser.add_argument("--descriptor", choices=["cls", "gem", "cls+gem"], default="cls",
