@@ -49,6 +49,9 @@ def test_brace_expansion_and_specs(shards):
         resolve_shards(f"{shards}/sh/{{000000..000009}}.tar")
     with pytest.raises(DataError, match=r"\*.tar does not exist; wildcards are not expanded: name the shards as"):
         resolve_shards(f"{shards}/sh/*.tar")
+    for url in ("http://host/{000000..000003}.tar", "pipe:curl -s x/000000.tar", "s3://bucket/000000.tar"):
+        with pytest.raises(DataError, match=r"shard URLs are not read: dinokit trains from local tar shards"):
+            resolve_shards(url)
 
 
 def test_shard_writes_webdataset_tars_with_an_index(shards):

@@ -132,6 +132,10 @@ def resolve_shards(spec: str | os.PathLike) -> tuple[list[Path], list[int], dict
     """Shard paths, their sample counts (from ``index.json`` where it lists them, else by reading the tar
     headers) and the index metadata (classes, ...) of the first shard's directory."""
     s = os.fspath(spec).strip()
+    scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*):", s)
+    if scheme and len(scheme.group(1)) > 1 and not Path(s).exists():  # http:, s3:, pipe: (not a drive letter)
+        raise DataError(f"{scheme.group(1)}: shard URLs are not read: dinokit trains from local tar shards (copy "
+                        f"them to a local or mounted folder and pass 'DIR/{{000000..NNNNNN}}.tar')")
     p = Path(s).expanduser()
     if p.is_dir():
         index = _read_index(p)
