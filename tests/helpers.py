@@ -75,3 +75,20 @@ def reference_module():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def fit_until_interrupted(trainer, iteration: int) -> None:
+    """``trainer.fit()`` with a KeyboardInterrupt raised when ``iteration`` steps are done (a crash before the next
+    step: what was not checkpointed is lost)."""
+    import pytest
+
+    real_step = trainer.train_step
+
+    def step(crops):
+        if trainer.iteration == iteration:
+            raise KeyboardInterrupt
+        return real_step(crops)
+
+    trainer.train_step = step
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()

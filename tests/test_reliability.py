@@ -39,7 +39,7 @@ from .fault_injection import (
     temp_files,
     train_args,
 )
-from .helpers import TINY_VIT, make_image_folder
+from .helpers import TINY_VIT, fit_until_interrupted, make_image_folder
 
 # ---------------------------------------------------------------------------------------------------------
 # shared set-up: 12 images, batch 4 -> 3 iterations per epoch, 3 epochs = 9 iterations
@@ -158,17 +158,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(data
 def test_unusable_checkpoints_are_named_and_the_newest_intact_one_is_used_keep_last(data, reference, tmp_path):
     out = tmp_path / "run"
     argv = train_args(data, out, "--save-every-steps", "2", "--keep-last", "2")
-    t = Trainer(cfg_for(argv))
-    real_step = t.train_step
-
-    def crash_in_epoch_2(crops):
-        if t.iteration == 7:
-            raise KeyboardInterrupt
-        return real_step(crops)
-
-    t.train_step = crash_in_epoch_2
-    with pytest.raises(KeyboardInterrupt):
-        t.fit()
+    fit_until_interrupted(Trainer(cfg_for(argv)), 7)  # a crash in epoch 2
     assert sorted(p.name for p in out.glob("*.pth")) == ["checkpoint.pth", "checkpoint0000.pth",
                                                          "checkpoint0001.pth"]
     # newest: truncated; next: a pickle that would run code; oldest: intact (iteration 3)

@@ -16,7 +16,7 @@ from dinokit.config import TrainConfig
 from dinokit.errors import CheckpointError, ConfigError
 from dinokit.trainer import NonFiniteLossError, Trainer
 
-from .helpers import TINY_VIT, make_fashion_like, make_image_folder
+from .helpers import TINY_VIT, fit_until_interrupted, make_fashion_like, make_image_folder
 
 
 def cfg_for(argv):
@@ -71,17 +71,7 @@ def test_resume_is_exact(folder, tmp_path):
     Trainer(tiny(folder, full, "--epochs", "3")).fit()
     # interrupted run: crash during iteration 5 (mid-epoch 1), then start again with the same command
     part = tmp_path / "part"
-    t = Trainer(tiny(folder, part, "--epochs", "3", "--save-every-steps", "1"))
-    real_step = t.train_step
-
-    def crashing_step(crops):
-        if t.iteration == 4:
-            raise KeyboardInterrupt
-        return real_step(crops)
-
-    t.train_step = crashing_step
-    with pytest.raises(KeyboardInterrupt):
-        t.fit()
+    fit_until_interrupted(Trainer(tiny(folder, part, "--epochs", "3", "--save-every-steps", "1")), 4)
     assert _state(part)["iteration"] == 4 and _state(part)["step_in_epoch"] == 1
     resumed = Trainer(tiny(folder, part, "--epochs", "3", "--save-every-steps", "1"))
     assert resumed.iteration == 4 and resumed.epoch == 1
@@ -683,16 +673,7 @@ def test_records_after_the_checkpoint_are_set_aside_on_resume_and_the_log_is_jso
                        "--nan-policy", "skip"))
     with torch.no_grad():
         bad.student.head.mlp[0].weight.fill_(float("nan"))
-    with pytest.raises(KeyboardInterrupt):  # stopped after 2 skipped iterations, before any checkpoint
-        orig = bad.train_step
-
-        def step(crops):
-            if bad.iteration == 5:
-                raise KeyboardInterrupt
-            return orig(crops)
-
-        bad.train_step = step
-        bad.fit()
+    fit_until_interrupted(bad, 5)  # stopped after 2 skipped iterations, before any checkpoint
     lines = (out / "log.jsonl").read_text().splitlines()
 
     def strict(line):
@@ -736,16 +717,7 @@ def test_a_restart_before_any_checkpoint_and_records_at_the_checkpoint_step_leav
     pytest.importorskip("tensorboard")
     out = tmp_path / "k"
     first = Trainer(tiny(folder, out, "--epochs", "2"))
-    orig = first.train_step
-
-    def step(crops):
-        if first.iteration == 2:
-            raise KeyboardInterrupt  # killed after 2 iterations, before the epoch's checkpoint
-        return orig(crops)
-
-    first.train_step = step
-    with pytest.raises(KeyboardInterrupt):
-        first.fit()
+    fit_until_interrupted(first, 2)  # killed after 2 iterations, before the epoch's checkpoint
     first._tb.flush()
     assert not (out / "checkpoint.pth").exists() and len((out / "log.jsonl").read_text().splitlines()) == 2
     Trainer(tiny(folder, out, "--epochs", "1")).fit()
