@@ -378,3 +378,30 @@ def test_auto_workers_resume_a_shard_epoch_with_the_count_it_began_with(shards, 
     assert whole["iteration"] == cut["iteration"] == 6
     for net in ("student", "teacher"):  # bitwise: the loader's own generator leaves the global RNG (drop path) alone
         assert all(torch.equal(whole[net][k], cut[net][k]) for k in whole[net]), net
+
+
+def test_shard_never_replaces_a_users_index_nor_writes_into_its_input(tmp_path, capsys):
+    """An index.json of the user's in --out was replaced (and the folder then read as shards), and --out inside
+    --data was accepted (the shards became a class folder of the images they came from)."""
+    data = make_image_folder(tmp_path / "imgs", n_per_class=2)
+    mine = tmp_path / "o" / "index.json"
+    mine.parent.mkdir()
+    mine.write_text('{"annotations": "mine"}')
+    for out, msg in ((tmp_path / "o", "index.json exists and would be replaced"), (data, "is inside --data"),
+                     (data / "shards", "is inside --data")):
+        assert main(["shard", "--data", str(data), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and msg in err, err
+    assert mine.read_text() == '{"annotations": "mine"}' and not (data / "shards").exists()
+    assert not list(data.rglob("*.tar"))
+
+
+def test_a_folder_named_like_the_fashion_mnist_keyword_is_not_silently_replaced(tmp_path, monkeypatch):
+    from dinokit.data import build_dataset
+
+    make_image_folder(tmp_path / "fashion-mnist", n_per_class=1)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="names both the installed Fashion-MNIST and the folder .*write "
+                                        "./fashion-mnist for the folder"):
+        build_dataset("fashion-mnist")
+    assert len(build_dataset("./fashion-mnist")) == 2

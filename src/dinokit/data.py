@@ -424,6 +424,9 @@ def build_dataset(spec: str | os.PathLike, transform: Callable | None = None, sp
     if not s:
         raise DataError("empty data spec: pass a folder of images, fashion-mnist or fashion-mnist:<dir>")
     head, sep, rest = s.partition(":")
+    if not sep and head.lower().replace("_", "-") in ("fashion-mnist", "fashionmnist") and Path(s).exists():
+        raise DataError(f"--data {s} names both the installed Fashion-MNIST and the folder {Path(s).resolve()}: "
+                        f"write ./{s} for the folder, or fashion-mnist:DIR for the IDX files in DIR")
     if head.lower().replace("_", "-") in ("fashion-mnist", "fashionmnist"):
         if split not in _FMNIST_FILES:
             raise ConfigError(f"unknown Fashion-MNIST split {split!r} (expected 'train' or 'test')")

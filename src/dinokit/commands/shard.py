@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from ..errors import ConfigError
 
@@ -45,6 +46,13 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_dir(args.out, "--out")
     if out.exists() and any(out.glob("*.tar")):
         raise ConfigError(f"{out} already holds .tar files; use an empty --out directory")
+    if (out / INDEX_NAME).exists():  # a file of the user's (dinokit's index comes with its .tar files)
+        raise ConfigError(f"{out / INDEX_NAME} exists and would be replaced by the shards' index; use an empty --out "
+                          "directory")
+    data = Path(args.data).expanduser()
+    if data.is_dir() and (out.resolve() == data.resolve() or data.resolve() in out.resolve().parents):
+        raise ConfigError(f"--out {out} is inside --data {data}: the shards would become part of the images they "
+                          "were made from (a class folder of their own next time); give a folder outside it")
     t0 = time.perf_counter()
     tty = sys.stderr.isatty()
 
