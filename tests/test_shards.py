@@ -405,3 +405,32 @@ def test_a_folder_named_like_the_fashion_mnist_keyword_is_not_silently_replaced(
                                         "./fashion-mnist for the folder"):
         build_dataset("fashion-mnist")
     assert len(build_dataset("./fashion-mnist")) == 2
+
+
+def test_a_failed_or_interrupted_shard_run_leaves_nothing_and_can_be_run_again(tmp_path, monkeypatch, capsys):
+    """All files unreadable left an empty index.json; Ctrl-C left partial .tar files, and the same command was then
+    refused ("already holds .tar files")."""
+    import dinokit.shards as S
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "zero.jpg").write_bytes(b"")
+    (bad / "text.png").write_text("hi")
+    assert main(["shard", "--data", str(bad), "--out", str(tmp_path / "o1")]) == 2
+    assert "none of the images" in capsys.readouterr().err and not (tmp_path / "o1").exists()
+    data = make_image_folder(tmp_path / "imgs", n_per_class=3)
+    out = tmp_path / "o2"
+    real, calls = S._encode, [0]
+
+    def interrupted(path):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise KeyboardInterrupt
+        return real(path)
+
+    monkeypatch.setattr(S, "_encode", interrupted)
+    assert main(["shard", "--data", str(data), "--out", str(out), "--maxcount", "2"]) == 130
+    assert not out.exists()
+    monkeypatch.undo()
+    assert main(["shard", "--data", str(data), "--out", str(out), "--maxcount", "2"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["000000.tar", "000001.tar", "000002.tar", "index.json"]

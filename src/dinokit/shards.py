@@ -270,27 +270,39 @@ def write_shards(data: str | os.PathLike, out: str | os.PathLike, maxcount: int 
     skipped: list[str] = []
     meta = {"source": str(root), "classes": ds.classes, "has_labels": ds.has_labels, "shuffled": shuffle,
             "seed": seed}
-    with ShardWriter(out, maxcount=maxcount, maxsize=maxsize, meta=meta) as writer:
-        written = 0
-        for k, i in enumerate(order):
-            path, label = ds.samples[i]
-            try:
-                ext, blob = _encode(path)
-            except DataError as e:
-                warnings.warn(f"dinokit: skipping unreadable image {path} ({e})", UserWarning, stacklevel=2)
-                skipped.append(path)
-                continue
-            info: dict[str, Any] = {"path": os.path.relpath(path, root)}
-            if label >= 0:
-                info.update(label=int(label), **{"class": ds.classes[label]})
-            writer.write(f"{written:09d}", {ext: blob, "json": json.dumps(info).encode()})
-            written += 1
-            if progress is not None:
-                progress(k + 1, len(order))
-        writer.meta["skipped"] = len(skipped)
-    if written == 0:
-        raise DataError(f"none of the images under {data} could be read")
-    return json.loads((Path(out).expanduser() / INDEX_NAME).read_text())
+    folder = Path(out).expanduser()
+    created = not folder.exists()
+    writer = ShardWriter(out, maxcount=maxcount, maxsize=maxsize, meta=meta)
+    indexed = False
+    try:
+        with writer:
+            written = 0
+            for k, i in enumerate(order):
+                path, label = ds.samples[i]
+                try:
+                    ext, blob = _encode(path)
+                except DataError as e:
+                    warnings.warn(f"dinokit: skipping unreadable image {path} ({e})", UserWarning, stacklevel=2)
+                    skipped.append(path)
+                    continue
+                info: dict[str, Any] = {"path": os.path.relpath(path, root)}
+                if label >= 0:
+                    info.update(label=int(label), **{"class": ds.classes[label]})
+                writer.write(f"{written:09d}", {ext: blob, "json": json.dumps(info).encode()})
+                written += 1
+                if progress is not None:
+                    progress(k + 1, len(order))
+            writer.meta["skipped"] = len(skipped)
+        indexed = True  # close() wrote this run's index
+        if written == 0:
+            raise DataError(f"none of the images under {data} could be read")
+    except BaseException:  # an error or Ctrl-C: no partial shards (the same command then starts again)
+        for name in [s["name"] for s in writer.shards] + ([INDEX_NAME] if indexed else []):
+            (folder / name).unlink(missing_ok=True)
+        if created and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+    return json.loads((folder / INDEX_NAME).read_text())
 
 
 # ---------------------------------------------------------------------------------------------------------
