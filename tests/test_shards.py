@@ -45,6 +45,8 @@ def test_brace_expansion_and_specs(shards):
     assert expand_braces("{a,b}/{1..2}.tar") == ["a/1.tar", "a/2.tar", "b/1.tar", "b/2.tar"]
     assert is_shard_spec("x/{000000..000009}.tar") and is_shard_spec(shards / "sh")
     assert not is_shard_spec(shards / "imgs") and not is_shard_spec("fashion-mnist:/data")
+    (shards / "photos.tar").mkdir(exist_ok=True)  # an image folder named like a tar is a folder
+    assert not is_shard_spec(shards / "photos.tar")
     with pytest.raises(DataError, match=r"000004.tar does not exist \(and 5 more\)"):
         resolve_shards(f"{shards}/sh/{{000000..000009}}.tar")
     with pytest.raises(DataError, match=r"\*.tar does not exist; wildcards are not expanded: name the shards as"):

@@ -114,10 +114,10 @@ def is_shard_spec(spec: str | os.PathLike) -> bool:
     s = os.fspath(spec).strip()
     if not s:
         return False
-    if s.endswith(".tar"):
-        return True
     p = Path(s).expanduser()
-    return p.is_dir() and _read_index(p) is not None
+    if p.is_dir():  # a shard folder has dinokit's index; an image folder may be named like a tar ("imgs.tar")
+        return _read_index(p) is not None
+    return s.endswith(".tar")
 
 
 def _count_samples(path: Path) -> int:
