@@ -30,7 +30,8 @@ import torch
 from .errors import CheckpointError, ConfigError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "find_resume_checkpoint", "rng_state", "set_rng_state",
-           "rotate_checkpoints", "remove_stale_temp_files", "lock_output_dir", "probe_write", "can_create_in"]
+           "rotate_checkpoints", "remove_stale_temp_files", "lock_output_dir", "probe_write", "can_create_in",
+           "write_text_atomic"]
 
 _NUMBERED = re.compile(r"^checkpoint(\d+)\.pth$")
 _TEMP = re.compile(r"^\.checkpoint\d*\.pth\..+\.tmp$")  # save_checkpoint's mkstemp names
@@ -101,6 +102,15 @@ def chmod_like_new_file(path: str | Path) -> None:
         os.chmod(path, 0o666 & ~process_umask())
     except OSError:
         pass
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``.NAME.tmp`` beside ``path``, then rename it onto ``path``: a crash leaves the previous
+    file whole, and a hard link to ``path`` keeps its old content. ``OSError`` is the caller's to report."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:

@@ -228,10 +228,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         workers."""
         return max(len(self.skipped), int(self._bad_shared.sum()))
 
-    def readable(self) -> torch.Tensor:
+    def readable(self, index: int | None = None) -> torch.Tensor | bool:
         """``[N]`` bool: False for the files found unreadable so far (in this process or its DataLoader
-        workers), True for the others — after a full pass, exactly the readable files."""
-        return ~self._bad_shared
+        workers), True for the others — after a full pass, exactly the readable files; with ``index``, that
+        file's flag alone (a bool, without building the whole vector)."""
+        return ~self._bad_shared if index is None else not bool(self._bad_shared[index])
 
     def _mark_bad(self, index: int, err: Exception) -> None:
         path = self.samples[index][0]
@@ -424,10 +425,11 @@ def build_dataset(spec: str | os.PathLike, transform: Callable | None = None, sp
     if not s:
         raise DataError("empty data spec: pass a folder of images, fashion-mnist or fashion-mnist:<dir>")
     head, sep, rest = s.partition(":")
-    if not sep and head.lower().replace("_", "-") in ("fashion-mnist", "fashionmnist") and Path(s).exists():
+    fashion_mnist = head.lower().replace("_", "-") in ("fashion-mnist", "fashionmnist")
+    if fashion_mnist and not sep and Path(s).exists():
         raise DataError(f"--data {s} names both the installed Fashion-MNIST and the folder {Path(s).resolve()}: "
                         f"write ./{s} for the folder, or fashion-mnist:DIR for the IDX files in DIR")
-    if head.lower().replace("_", "-") in ("fashion-mnist", "fashionmnist"):
+    if fashion_mnist:
         if split not in _FMNIST_FILES:
             raise ConfigError(f"unknown Fashion-MNIST split {split!r} (expected 'train' or 'test')")
         if rest.strip():

@@ -27,7 +27,6 @@ then L2-normalised: 85.69%) is reported as well, since "normalised pixels" can m
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -318,9 +317,9 @@ def evaluate_run(run_dir: str | Path, data: str, k: int = 20, T: float = 0.07, b
     res["config"]["params_backbone_M"] = sum(p.numel() for p in backbone.parameters()) / 1e6
     res["machine"] = {"cpu_count": _cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
     if write:
-        from .commands._common import jsonable
+        from .commands._common import write_json
 
-        (run_dir / "results.json").write_text(json.dumps(jsonable(res), indent=2) + "\n")
+        write_json(run_dir / "results.json", res)
     return res
 
 
@@ -365,10 +364,10 @@ def format_summary(res: dict[str, Any]) -> str:
         ok = isinstance(v, (int, float)) and math.isfinite(v)
         return format(scale * v, fmt) if ok else "n/a"
 
-    wait = res.get("data_wait_fraction")
+    wait = number(res.get("data_wait_fraction"), ".1f", 100)
     lines.append(f"training: {format_duration(60 * res['train_minutes'])}, {res['epochs']:.2f} epochs "
                  f"({res['iterations']} iterations), {number(res.get('images_per_second'), '.0f')} images/s, "
-                 f"data wait {number(wait, '.1f', 100)}" + ("%" if number(wait, '.1f') != "n/a" else ""))
+                 f"data wait {wait}{'' if wait == 'n/a' else '%'}")
     if res.get("knn_curve"):
         pts = ", ".join(f"{format_duration(60 * p['train_minutes'])} {p['knn_top1']:.1f}%" for p in res["knn_curve"])
         lines.append(f"online k-NN (CLS, subset): {pts}")

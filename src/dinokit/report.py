@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import can_create_in
+from .checkpoint import can_create_in, write_text_atomic
 from .errors import CheckpointError, ConfigError, DataError, DinokitError
 
 __all__ = ["write_report", "read_log"]
@@ -443,10 +443,8 @@ pre{{background:#f5f5f5;padding:.8em;overflow:auto;font-size:.85em}} .note{{colo
 {sections}
 </body></html>
 """
-    tmp = out.with_suffix(".html.tmp")
     try:
-        tmp.write_text(page)
-        tmp.replace(out)
+        write_text_atomic(out, page)
     except OSError as e:
         raise DataError(f"cannot write {out}: {e.strerror or e}") from None
     return out

@@ -56,6 +56,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint import write_text_atomic
 from .errors import ConfigError, DataError
 
 __all__ = ["INDEX_NAME", "expand_braces", "is_shard_spec", "resolve_shards", "ShardWriter", "write_shards",
@@ -223,9 +224,7 @@ class ShardWriter:
         self._close_shard()
         index = {"format": FORMAT, "version": 1, "total": sum(s["count"] for s in self.shards), **self.meta,
                  "shards": self.shards}
-        tmp = self.out / f".{INDEX_NAME}.tmp"
-        tmp.write_text(json.dumps(index, indent=1) + "\n")
-        os.replace(tmp, self.out / INDEX_NAME)
+        write_text_atomic(self.out / INDEX_NAME, json.dumps(index, indent=1) + "\n")
         return index
 
     def __enter__(self) -> ShardWriter:

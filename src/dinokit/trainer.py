@@ -46,6 +46,7 @@ from .checkpoint import (
     rotate_checkpoints,
     save_checkpoint,
     set_rng_state,
+    write_text_atomic,
 )
 from .config import TrainConfig, config_to_dict
 from .dtypes import EMULATED_BF16, at_least_fp32, cpu_supports_bf16
@@ -220,18 +221,16 @@ def _check_backbone_takes_the_crops(cfg: TrainConfig, backbone: nn.Module, bn_ra
 
     if isinstance(backbone, VisionTransformer):
         return
-    positions: dict[str, int] = {}
+    positions: dict[str, int] = {}  # BatchNorm name -> values per channel that one image gives it
 
-    def record(module, inputs):
-        x = inputs[0]
-        n = int(math.prod(x.shape[2:])) if x.ndim > 2 else 1
-        positions[module.dinokit_name] = min(positions.get(module.dinokit_name, n), n)
+    def recorder(name: str):
+        def record(module, inputs):
+            n = int(math.prod(inputs[0].shape[2:]))  # 1 for a BatchNorm1d's [N, C]
+            positions[name] = min(positions.get(name, n), n)
+        return record
 
-    hooks = []
-    for name, m in backbone.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.dinokit_name = name
-            hooks.append(m.register_forward_pre_hook(record))
+    hooks = [m.register_forward_pre_hook(recorder(name)) for name, m in backbone.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     was_training = backbone.training
     backbone.eval()
     try:
@@ -255,9 +254,6 @@ def _check_backbone_takes_the_crops(cfg: TrainConfig, backbone: nn.Module, bn_ra
     finally:
         for h in hooks:
             h.remove()
-        for _, m in backbone.named_modules():
-            if hasattr(m, "dinokit_name"):
-                del m.dinokit_name
         backbone.train(was_training)
 
 
@@ -836,22 +832,23 @@ class Trainer:
             return it <= self.iteration
 
         try:
-            lines = path.read_text().splitlines()
             keep, old = [], []
-            for line in lines:
+            for line in path.read_text().splitlines():
                 try:
                     rec = json.loads(line)
                 except ValueError:
                     rec = None  # a line cut by a kill mid-write: set aside
-                (keep if isinstance(rec, dict) and current(rec) else old).append(line)
-            self._tb_replay = [r for r in map(json.loads, keep) if r.get("iteration") == self.iteration]
+                if isinstance(rec, dict) and current(rec):
+                    keep.append(line)
+                    if rec.get("iteration") == self.iteration:
+                        self._tb_replay.append(rec)
+                else:
+                    old.append(line)
             if not old:
                 return
             with open(self.out / "log.superseded.jsonl", "a") as f:
                 f.write("".join(f"{line}\n" for line in old))
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(f"{line}\n" for line in keep))
-            os.replace(tmp, path)
+            write_text_atomic(path, "".join(f"{line}\n" for line in keep))
         except OSError as e:
             raise DinokitError(f"could not rewrite {path} ({e.strerror or e}); the checkpoint is intact") from None
         what = "after the checkpoint (iterations to redo)" if self.iteration else "of a run that saved no checkpoint"
@@ -1057,10 +1054,8 @@ class Trainer:
                 f"(defaults filled in)\n# resolved: {', '.join(resolved)}\n"
                 + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         path = self.out / "config.yaml"
-        tmp = path.with_name(f".{path.name}.tmp")
         try:
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            write_text_atomic(path, text)
         except OSError as e:
             raise DinokitError(f"could not write {path} ({e.strerror or e})") from None
 

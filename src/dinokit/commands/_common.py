@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import can_create_in
+from ..checkpoint import can_create_in, write_text_atomic
 from ..data import IMAGE_EXTENSIONS
 from ..errors import CheckpointError, ConfigError, DataError
 from ..trainer import resolve_device
@@ -214,15 +214,15 @@ def _local_path(spec: Any) -> Path | None:
 
 
 #: files of a data folder that the evaluations read besides images: Fashion-MNIST's IDX files, revisitop's and
-#: place recognition's ground truth, DAVIS's image-set lists
-_DATA_FILE_PATTERNS = ("*-ubyte", "*-ubyte.gz", "gnd_*.json", "gnd_*.pkl", "positives.json", "ground_truth.csv",
-                       "ImageSets/*")
+#: place recognition's ground truth; and DAVIS's image-set lists, every file under ImageSets/
+_DATA_FILE_PATTERNS = ("*-ubyte", "*-ubyte.gz", "gnd_*.json", "gnd_*.pkl", "positives.json", "ground_truth.csv")
+_DATA_SUBFOLDERS = ("ImageSets",)
 
 
 def _is_data_file(path: Path, folder: Path) -> bool:
-    rel = path.relative_to(folder)
-    return path.name.lower().endswith(IMAGE_EXTENSIONS) or any(
-        path.match(p) if "/" not in p else rel.as_posix().startswith(p[:-1]) for p in _DATA_FILE_PATTERNS)
+    parts = path.relative_to(folder).parts
+    return (path.name.lower().endswith(IMAGE_EXTENSIONS) or any(path.match(p) for p in _DATA_FILE_PATTERNS)
+            or (len(parts) > 1 and parts[0] in _DATA_SUBFOLDERS))
 
 
 def refuse_overwriting_inputs(path: str | Path, option: str, files: dict[str, Any] | None = None,
@@ -284,14 +284,10 @@ def check_output_dir(path: str | Path, option: str = "--out") -> Path:
 
 
 def write_json(path: str | Path, payload: dict) -> Path:
-    import os
-
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:  # written beside and renamed: a hard link to the path keeps its file, a crash leaves the old result
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(jsonable(payload), indent=2) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(jsonable(payload), indent=2) + "\n")
     except OSError as e:
         raise DataError(f"cannot write {path}: {e.strerror or e}") from None
     return path

@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
-from ._common import add_model_arguments, check_output_dir, check_positive, load_model, model_info
+from ._common import add_model_arguments, check_output_dir, check_positive, load_model, model_info, write_json
 
 HELP = "make a video of a ViT's last-layer CLS self-attention over a video file or a folder of frames"
 DESCRIPTION = """Self-attention video (the DINO project page's videos; reference video_generation.py).
@@ -65,9 +64,7 @@ def run(args: argparse.Namespace) -> int:
     video = out / f"video.{args.video_format}"
     if source.is_file() and video.is_file() and os.path.samefile(video, source):  # links too
         raise ConfigError(f"--out {out} would write {video}, the --input video itself; give another --out")
-    model = load_model(args, need_patches=True)
-    if not hasattr(model, "get_last_selfattention"):
-        raise ConfigError(f"attention videos need a ViT with get_last_selfattention, not {type(model).__name__}")
+    model = load_model(args, need_patches=True)  # a ViT without get_last_selfattention: mean_attention says so
     size = None if args.image_size is None else (args.image_size[0] if len(args.image_size) == 1
                                                   else tuple(args.image_size))
     res = write_attention_video(model, source, out, image_size=size, fps=args.fps, video_format=args.video_format,
@@ -79,10 +76,7 @@ def run(args: argparse.Namespace) -> int:
               "width": w, "height": h, "frame_width": fw, "frame_height": fh, "patch_size": int(model.patch_size),
               "image_size": args.image_size, "colormap": args.colormap, "overlay": args.overlay,
               "model": model_info(args, model)}
-    path = out / "attention_video.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(out / "attention_video.json", record)
     even = f" (frames {fw}x{fh}: video sizes are even)" if (fw, fh) != (w, h) else ""
     print(f"{source}: {res['frames']} frames, {w}x{h} px (WxH){even} at {res['fps']:g} fps -> {res['video']}"
           + (f", frames in {res['frame_dir']}/" if res["frame_dir"] else ""))

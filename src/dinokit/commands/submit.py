@@ -108,10 +108,13 @@ def _absolute(option: str, value: str, missing: list[str]) -> str:
         return f"{head}:{_absolute(option, rest, missing)}" if rest else value
     path = Path(value).expanduser()
     if option == "--config" and not path.exists():
-        from ..config import builtin_configs
+        from ..config import resolve_config
 
-        if "/" not in value and Path(value).stem in builtin_configs():  # a built-in recipe: found where the job runs
+        try:
+            resolve_config(value)  # a built-in recipe by name: found where the job runs
             return value
+        except ConfigError:
+            pass
     if not ("{" in value and value.endswith(".tar")) and not path.exists():
         missing.append(f"{option} {path.absolute()}")
     return str(path.absolute())

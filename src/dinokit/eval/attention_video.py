@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -52,8 +53,8 @@ def open_frames(source: str | Path) -> tuple[Iterator[tuple[str, Image.Image]], 
         files = sorted(p for p in src.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
             raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {src}")
-        stems = [p.stem for p in files]
-        names = [p.stem if stems.count(p.stem) == 1 else p.name for p in files]  # f1.png and f1.jpg: both kept
+        stems = Counter(p.stem for p in files)
+        names = [p.stem if stems[p.stem] == 1 else p.name for p in files]  # f1.png and f1.jpg: both kept
         return ((name, load_image(p)) for name, p in zip(names, files)), None, len(files)
     import cv2
 

@@ -117,9 +117,8 @@ def load_copy_detection(root: str | Path, distractors_dir: str | Path | None = N
     found_blocks: dict[str, list[Path]] = {"original": originals}
     not_queries = {Path(p).resolve() for p in (distractors_dir, *exclude) if p is not None and Path(p).is_dir()}
     for d in sorted(p for p in root.rglob("*") if p.is_dir()):
-        rel = d.relative_to(root).as_posix()
-        if rel.split("/")[0] in RESERVED_DIRS or any(s == d.resolve() or s in d.resolve().parents
-                                                     for s in not_queries):
+        rel, real = d.relative_to(root).as_posix(), d.resolve()
+        if rel.split("/")[0] in RESERVED_DIRS or any(s == real or s in real.parents for s in not_queries):
             continue
         imgs = _images_in(d)
         if imgs:

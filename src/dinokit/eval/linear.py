@@ -196,7 +196,7 @@ class _FlagUnreadable(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         image, label = self.base[i]
-        ok = bool(self.base.readable()[i]) if hasattr(self.base, "readable") else True
+        ok = self.base.readable(i) if hasattr(self.base, "readable") else True
         return image, label, ok
 
 
