@@ -14,7 +14,7 @@ from dinokit.eval.knn import extract_features, frozen_features, knn_classifier, 
 
 def loop_knn(train, train_labels, test, test_labels, k, T, num_classes):
     """Straightforward per-image implementation: sorted neighbours, exp(s/T) votes, stable descending order of
-    classes (ties -> lower class index), top-5 over min(5, k, C) classes."""
+    classes (ties -> lower class index), top-5 over min(5, k, C) classes; a class without a vote is no hit."""
     top1 = top5 = 0
     k = min(k, len(train))
     for x, y in zip(test.tolist(), test_labels.tolist()):
@@ -24,8 +24,8 @@ def loop_knn(train, train_labels, test, test_labels, k, T, num_classes):
         for j in order:
             scores[int(train_labels[j])] += math.exp(sims[j] / T)
         ranked = sorted(range(num_classes), key=lambda c: (-scores[c], c))
-        top1 += ranked[0] == y
-        top5 += y in ranked[:min(5, k, num_classes)]
+        top1 += ranked[0] == y and scores[y] > 0
+        top5 += y in ranked[:min(5, k, num_classes)] and scores[y] > 0
     n = len(test_labels)
     return 100.0 * top1 / n, 100.0 * top5 / n
 
@@ -71,8 +71,8 @@ def test_hand_computed_three_points():
     assert knn_classifier(train, labels, test, torch.tensor([1]), 1, 1.0) == (0.0, 0.0)
     assert knn_classifier(train, labels, test, torch.tensor([1]), 3, 1.0) == (0.0, 100.0)
     assert knn_classifier(train, labels, test, torch.tensor([0]), 3, 1.0) == (100.0, 100.0)
-    # k=2: only class 0 votes; class 1 has 0 votes but fills the second top-5 slot (min(5, k=2, C=2) = 2)
-    assert knn_classifier(train, labels, test, torch.tensor([1]), 2, 1.0) == (0.0, 100.0)
+    # k=2: only class 0 votes; class 1 has no vote: no hit, although it fills the second of min(5, k=2, C=2) slots
+    assert knn_classifier(train, labels, test, torch.tensor([1]), 2, 1.0) == (0.0, 0.0)
     # a low temperature does not change the argmax here
     assert knn_classifier(train, labels, test, torch.tensor([0]), 3, 0.07) == (100.0, 100.0)
 
@@ -240,3 +240,14 @@ def test_knn_labels_as_lists_arrays_or_columns_and_a_too_small_num_classes():
         knn_classifier(xtr, ytr, xte, yte, 5, 0.07, num_classes=2)
     with pytest.raises(ValueError, match=r"one integer per row, shape \[N\]; got shape \(30, 2\)"):
         knn_classifier(xtr, torch.zeros(30, 2, dtype=torch.long), xte, yte, 5, 0.07)
+
+
+def test_a_class_without_votes_is_never_a_top5_hit():
+    """With at most 5 classes every target sat in the "top 5" (the tied zero-vote classes fill the slots), also a
+    test class the train set lacks: top-5 was 100% whatever the features."""
+    xtr, ytr, xte, yte = _data(40, 20, 8, 4, seed=5, noise=0.3)
+    yte = yte.clone()
+    yte[:5] = 4  # a class no train image has: never predicted, top-1 or top-5
+    top1, top5 = knn_classifier(xtr, ytr, xte, yte, 20, 0.07, num_classes=5)
+    assert (top1, top5) == pytest.approx(loop_knn(xtr, ytr, xte, yte, 20, 0.07, 5), abs=1e-9)
+    assert top5 <= 75.0 and top1 <= 75.0

@@ -20,6 +20,9 @@ Differences from the reference (same numbers where the reference runs at all):
 * ties between class scores are broken towards the lower class index, i.e. the reference's descending
   ``sort`` made stable; the reference's unstable sort leaves the order of equal scores unspecified (this
   matters only for classes with equal, typically zero, votes);
+* a class no neighbour voted for is never a hit, top-1 or top-5 (in the reference it could be one of the
+  "5 best" among the tied zeros: with at most 5 classes, or a test class absent from the train set, top-5 was
+  then 100% for any features);
 * ``k`` larger than the train set is clamped to its size;
 * NaN or inf features (a diverged model) are an error: the reference scores them (NaN similarities), and a
   comparison-based vote would rank every target first;
@@ -135,7 +138,9 @@ def knn_classify_multi(train_features: torch.Tensor, train_labels: torch.Tensor,
             # rank of the target under a stable descending sort (ties -> lower class index first)
             target_score = scores.gather(1, targets[:, None])
             ahead = (scores > target_score) | ((scores == target_score) & (classes[None] < targets[:, None]))
-            rank = ahead.sum(1)
+            # a class no neighbour voted for is not a prediction, whatever its rank among the tied zeros (the
+            # reference's unstable sort put such classes in the "top 5" when there were at most 5 classes)
+            rank = ahead.sum(1).masked_fill_(target_score[:, 0] <= 0, num_classes)
             top1[k] += int((rank == 0).sum())
             top5[k] += int((rank < min(5, kk, num_classes)).sum())
     denom = max(n_test, 1)
