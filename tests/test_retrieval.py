@@ -239,6 +239,18 @@ def test_place_recognition_recall(tmp_path, csv_gt):
     assert evaluate_place_recognition(RandomFeatures(), tmp_path / "p", imsize=64)["recall@k"]["1"] < 0.6
 
 
+def test_a_positive_named_twice_counts_once(tmp_path):
+    """A repeated ground-truth row (or a name listed twice) halved that query's AP: mAP 83.33 for a perfect
+    ranking."""
+    from dinokit.eval.retrieval import load_place_dataset
+
+    make_places(tmp_path / "p", csv_gt=True)
+    gt = tmp_path / "p" / "ground_truth.csv"
+    gt.write_text(gt.read_text() + "q0.jpg,sub/place0.jpg\n")
+    assert [len(p) for p in load_place_dataset(tmp_path / "p")[2]] == [1] * 5
+    assert evaluate_place_recognition(Thumb(), tmp_path / "p", imsize=64)["mAP"] == 1.0
+
+
 def test_place_recognition_errors(tmp_path):
     make_places(tmp_path / "p")
     (tmp_path / "p/positives.json").write_text(json.dumps({"q0.jpg": ["nope.jpg"]}))

@@ -371,7 +371,8 @@ def load_place_dataset(root: str | Path) -> tuple[list[Path], list[Path], list[l
         for d in dbs:
             if d not in didx:
                 raise DataError(f"{src.name}: database image {d!r} (positive of {q!r}) is not a file under {ddir}")
-            positives[qidx[q]].append(didx[d])
+            if didx[d] not in positives[qidx[q]]:  # a positive named twice counts once (AP divides by the count)
+                positives[qidx[q]].append(didx[d])
     return queries, database, positives
 
 
