@@ -483,3 +483,23 @@ def test_fashion_like_batch_from_tensor_dataset():
     crops = BatchMultiCrop(32, 16, 2)(batch, generator=torch.Generator().manual_seed(0))
     assert [tuple(c.shape) for c in crops] == [(8, 3, 32, 32)] * 2 + [(8, 3, 16, 16)] * 2
     assert math.isfinite(float(sum(c.sum() for c in crops)))
+
+
+def test_reference_chain_blur_and_solarize_probabilities():
+    """Defaults: exactly the reference's chains (blur 1.0 / 0.1 / 0.5, solarisation 0.2 on global crop 2 only);
+    other probabilities are honoured per crop (they were hard-coded)."""
+    from dinokit.augmentation import RandomGaussianBlur, RandomSolarize
+
+    def probs(aug, kind):
+        return [[t.p for t in c.transforms if isinstance(t, kind)] for c in (aug.global1, aug.global2, aug.local)]
+
+    aug = DINOAugmentation(global_crop_size=32, local_crop_size=16, local_crops_number=2)
+    assert probs(aug, RandomGaussianBlur) == [[1.0], [0.1], [0.5]] and probs(aug, RandomSolarize) == [[], [0.2], []]
+    other = DINOAugmentation(global_crop_size=32, local_crop_size=16, local_crops_number=2, blur=(0, 0, 0),
+                             solarize=(1.0, 0.0, 1.0))
+    assert probs(other, RandomGaussianBlur) == [[0.0]] * 3 and probs(other, RandomSolarize) == [[1.0], [], [1.0]]
+    img = Image.fromarray((np.arange(64 * 64 * 3) % 251).astype(np.uint8).reshape(64, 64, 3))
+    torch.manual_seed(0)
+    assert [tuple(c.shape) for c in other(img)] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
+    with pytest.raises(ValueError, match="blur"):
+        DINOAugmentation(blur=(0.5, 2.0, 0.1))

@@ -220,11 +220,15 @@ class DINOAugmentation:
     def __init__(self, global_crops_scale: Sequence[float] = (0.4, 1.0),
                  local_crops_scale: Sequence[float] = (0.05, 0.4), local_crops_number: int = 8,
                  global_crop_size: int = 224, local_crop_size: int = 96,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 blur: Sequence[float] = (1.0, 0.1, 0.5), solarize: Sequence[float] = (0.0, 0.2, 0.0)):
         (self.global_crops_scale, self.local_crops_scale, self.local_crops_number, self.global_crop_size,
          self.local_crop_size, self.mean, self.std) = _check_common(
             global_crops_scale, local_crops_scale, local_crops_number, global_crop_size, local_crop_size,
             mean, std)
+        # Gaussian-blur and solarisation probabilities of global crop 1, global crop 2 and the local crops
+        self.blur = _check_probs("blur", blur, 3)
+        self.solarize = _check_probs("solarize", solarize, 3)
         self.to_rgb = ToRGB()
 
         def flip_and_color_jitter():
@@ -240,12 +244,13 @@ class DINOAugmentation:
 
         tail = _to_normalized_tensor(self.mean, self.std)
         gsize, gscale = self.global_crop_size, self.global_crops_scale
-        self.global1 = T.Compose([rrc(gsize, gscale), *flip_and_color_jitter(), RandomGaussianBlur(1.0),
-                                  *tail])
-        self.global2 = T.Compose([rrc(gsize, gscale), *flip_and_color_jitter(), RandomGaussianBlur(0.1),
-                                  RandomSolarize(0.2), *tail])
-        self.local = T.Compose([rrc(self.local_crop_size, self.local_crops_scale), *flip_and_color_jitter(),
-                                RandomGaussianBlur(0.5), *tail])
+        # with the default probabilities exactly the reference's chains (no solarisation step where it has none)
+        blur, sol = self.blur, self.solarize
+        self.global1, self.global2, self.local = (
+            T.Compose([rrc(size, scale), *flip_and_color_jitter(), RandomGaussianBlur(blur[i]),
+                       *([RandomSolarize(sol[i])] if sol[i] else []), *tail])
+            for i, (size, scale) in enumerate([(gsize, gscale), (gsize, gscale),
+                                               (self.local_crop_size, self.local_crops_scale)]))
 
     @property
     def transforms(self) -> list:

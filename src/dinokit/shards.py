@@ -704,12 +704,13 @@ def build_shard_loader(cfg, rank: int, world: int):
                           f"({cfg.batch_size_per_gpu} x {world}); lower --batch-size-per-gpu")
     aug_kw = dict(global_crops_scale=cfg.global_crops_scale, local_crops_scale=cfg.local_crops_scale,
                   local_crops_number=cfg.local_crops_number, global_crop_size=cfg.global_crop_size,
-                  local_crop_size=cfg.local_crop_size)
+                  local_crop_size=cfg.local_crop_size, blur=tuple(cfg.blur_prob),
+                  solarize=(0.0, cfg.solarize_prob, 0.0))
     fast = getattr(cfg, "augment_impl", "fast") == "fast"
     if fast:  # as for folders: dinokit.fast_augment, with JPEG draft decoding from the shard's bytes
         from .fast_augment import FastMultiCrop
 
-        aug = FastMultiCrop(**aug_kw, blur=tuple(cfg.blur_prob), solarize=(0.0, cfg.solarize_prob, 0.0))
+        aug = FastMultiCrop(**aug_kw)
     else:
         from .augmentation import DINOAugmentation
 
