@@ -210,3 +210,26 @@ def test_a_k_above_the_train_set_is_named_and_recorded(tiny_run):
     with pytest.warns(UserWarning, match="--k 1000 above the 96 train images: the vote uses all of them"):
         res = evaluate_run(out, f"fashion-mnist:{data}", k=1000, random_init=False, raw_pixels=False, write=False)
     assert (res["knn_protocol"]["k"], res["knn_protocol"]["k_used"]) == (1000, 96)
+
+
+def test_an_unusable_checkpoint_pth_falls_back_to_the_newest_intact_numbered_one(tiny_run, tmp_path, capsys):
+    """The demo read only RUN/checkpoint.pth; the report and a resume take the newest intact numbered one."""
+    import shutil
+
+    out, data = tiny_run
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.yaml", "log.jsonl"):
+        shutil.copy(out / name, run)
+    good = (out / "checkpoint.pth").read_bytes()
+    (run / "checkpoint0000.pth").write_bytes(good[:4000])  # older and truncated too: not taken
+    (run / "checkpoint0001.pth").write_bytes(good)
+    (run / "checkpoint.pth").write_bytes(good[:5000])
+    assert main(["--run-dir", str(run), "--data", f"fashion-mnist:{data}", "--no-report", "--no-random-init"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("dinokit.demo: warning: ") and err.count("\n") == 1, err
+    assert "checkpoint.pth" in err and "evaluating checkpoint0001.pth, the newest intact checkpoint" in err
+    res = json.loads((run / "results.json").read_text())
+    assert res["knn_protocol"]["checkpoint"] == "checkpoint0001.pth"
+    reference = evaluate_run(out, f"fashion-mnist:{data}", random_init=False, raw_pixels=False, write=False)
+    assert res["knn_top1"] == reference["knn_top1"]  # the same weights: the same score

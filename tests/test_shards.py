@@ -436,3 +436,29 @@ def test_a_failed_or_interrupted_shard_run_leaves_nothing_and_can_be_run_again(t
     monkeypatch.undo()
     assert main(["shard", "--data", str(data), "--out", str(out), "--maxcount", "2"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["000000.tar", "000001.tar", "000002.tar", "index.json"]
+
+
+def test_a_shard_run_killed_with_sigterm_cleans_up_as_after_ctrl_c(tmp_path):
+    """``kill`` (SIGTERM) ended the process without Python's cleanup: the partial .tar files stayed and the same
+    command then refused the folder. Every command but train (which stops itself with a checkpoint) now turns
+    SIGTERM into the interruption its cleanup handles, and exits 143."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = make_image_folder(tmp_path / "imgs", n_per_class=4)
+    out = tmp_path / "out"
+    slow = ("import sys, time; import dinokit.shards as S; real = S._encode\n"
+            "def slow(path):\n    time.sleep(0.3); return real(path)\n"
+            "S._encode = slow\nfrom dinokit.cli import main\n"
+            f"sys.exit(main(['shard', '--data', {str(data)!r}, '--out', {str(out)!r}, '--maxcount', '2']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", slow], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(out.glob("*.tar")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert list(out.glob("*.tar")), "no shard was started"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "dinokit shard: terminated (SIGTERM)", err
+    assert not out.exists()

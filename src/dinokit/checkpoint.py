@@ -176,21 +176,23 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return obj
 
 
+def checkpoint_candidates(output_dir: str | Path) -> list[Path]:
+    """The checkpoints of a run, in the order a resume tries them: ``checkpoint.pth``, then the numbered
+    ``checkpointNNNN.pth``, newest first."""
+    out = Path(output_dir)
+    main = [out / "checkpoint.pth"] if (out / "checkpoint.pth").exists() else []
+    return main + sorted((p for p in out.glob("checkpoint*.pth") if _NUMBERED.match(p.name)),
+                         key=lambda p: int(_NUMBERED.match(p.name).group(1)), reverse=True)
+
+
 def find_resume_checkpoint(output_dir: str | Path) -> tuple[dict[str, Any] | None, Path | None]:
     """The newest loadable checkpoint in ``output_dir``: ``checkpoint.pth`` first, then numbered ones, newest
     first. Unusable files (truncated, corrupt, refused as unsafe) are reported (warning naming the file) and
     skipped. If there are checkpoints but none is usable, :class:`CheckpointError` names them: starting afresh
     would overwrite a file the user may still want, so they must move it away first."""
     out = Path(output_dir)
-    candidates = []
-    main = out / "checkpoint.pth"
-    if main.exists():
-        candidates.append(main)
-    numbered = sorted((p for p in out.glob("checkpoint*.pth") if _NUMBERED.match(p.name)),
-                      key=lambda p: int(_NUMBERED.match(p.name).group(1)), reverse=True)
-    candidates += numbered
     errors = []
-    for cand in candidates:
+    for cand in checkpoint_candidates(out):
         try:
             return load_checkpoint(cand), cand
         except CheckpointError as e:

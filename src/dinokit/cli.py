@@ -70,8 +70,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def _one_line_warnings(command: str):
-    """dinokit's own warnings (messages starting ``dinokit: ``) as one line ``dinokit <command>: warning: ...``
+def one_line_warnings(prog: str):
+    """dinokit's own warnings (messages starting ``dinokit: ``) as one line ``<prog>: warning: ...``
     instead of Python's ``file:line: UserWarning: ...`` plus a source line; other libraries' warnings unchanged.
     Only the formatting changes (``warnings.formatwarning``), so warnings stay filterable and recordable."""
     original = warnings.formatwarning
@@ -79,7 +79,7 @@ def _one_line_warnings(command: str):
     def fmt(message, category, filename, lineno, line=None):
         text = str(message)
         if text.startswith("dinokit: "):
-            return f"dinokit {command}: warning: {text[len('dinokit: '):]}\n"
+            return f"{prog}: warning: {text[len('dinokit: '):]}\n"
         return original(message, category, filename, lineno, line)
 
     warnings.formatwarning = fmt
@@ -87,6 +87,30 @@ def _one_line_warnings(command: str):
         yield
     finally:
         warnings.formatwarning = original
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a command other than ``train`` (which stops itself with a checkpoint): raised like Ctrl-C's
+    KeyboardInterrupt, so what the command cleans up on an interruption (partial shards, staged outputs,
+    temporary files) is cleaned up on ``kill`` too; the process then exits 143."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts(enabled: bool):
+    import signal
+
+    def handle(signum, frame):
+        raise Terminated()
+
+    try:
+        old = signal.signal(signal.SIGTERM, handle) if enabled else None
+    except ValueError:  # not the main thread (the CLI called from a thread): leave the signal alone
+        old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 def _message(e: BaseException) -> str:
@@ -129,12 +153,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        with _one_line_warnings(args.command):
+        with one_line_warnings(f"dinokit {args.command}"), _sigterm_interrupts(args.command != "train"):
             return int(args._run(args) or 0)
     except DinokitError as e:
         if not (getattr(e, "label", "") == "stopped" and os.environ.get("RANK", "0") != "0"):  # every rank stops
             print(f"dinokit {args.command}: {getattr(e, 'label', 'error')}: {_message(e)}", file=sys.stderr)
         return e.exit_code
+    except Terminated:
+        print(f"dinokit {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"dinokit {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -67,19 +67,35 @@ def _config_from_run(run_dir: Path, ckpt: dict | None = None):
 
 def load_teacher_backbone(run_dir: str | Path, key: str = "teacher"):
     """``(backbone, cfg, checkpoint)``: the ``key`` (teacher/student) backbone of ``RUN/checkpoint.pth``, loaded
-    with ``weights_only=True`` into the architecture of the run's config, in eval mode."""
-    from .trainer import build_student_teacher
+    with ``weights_only=True`` into the architecture of the run's config, in eval mode. When that file is
+    missing or unusable (truncated, foreign), the newest intact ``checkpointNNNN.pth``, as a resume would take,
+    with a warning naming both; the checkpoint's file name is in ``checkpoint["_path"]``."""
+    import warnings
 
-    run_dir = Path(run_dir)
-    path = run_dir / "checkpoint.pth"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: train first (dinokit train ... --output-dir {run_dir})")
+    from .checkpoint import checkpoint_candidates
     from .errors import CheckpointError, ConfigError
+    from .trainer import build_student_teacher
     from .weights import safe_load
 
-    ckpt = safe_load(path)  # a corrupt or foreign file: one CheckpointError naming it
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get(key), dict):
-        raise CheckpointError(f"{path} is not a dinokit training checkpoint (no {key!r} network)")
+    run_dir = Path(run_dir)
+    candidates = checkpoint_candidates(run_dir)
+    if not candidates:
+        raise FileNotFoundError(f"{run_dir / 'checkpoint.pth'} not found: train first (dinokit train ... "
+                                f"--output-dir {run_dir})")
+    first_error = None
+    for path in candidates:
+        try:
+            ckpt = safe_load(path)  # a corrupt or foreign file: one CheckpointError naming it
+            if not isinstance(ckpt, dict) or not isinstance(ckpt.get(key), dict):
+                raise CheckpointError(f"{path} is not a dinokit training checkpoint (no {key!r} network)")
+            break
+        except CheckpointError as e:
+            first_error = first_error or e
+    else:
+        raise first_error
+    if first_error is not None:
+        warnings.warn(f"dinokit: {first_error}; evaluating {path.name}, the newest intact checkpoint", stacklevel=2)
+    ckpt["_path"] = path.name
     cfg = _config_from_run(run_dir, ckpt)
     student, teacher, _ = build_student_teacher(cfg)
     backbone = teacher.backbone if key == "teacher" else student.backbone
@@ -309,7 +325,7 @@ def evaluate_run(run_dir: str | Path, data: str, k: int = 20, T: float = 0.07, b
                            "split": f"train[:-{val_split}] -> train[-{val_split}:]" if val_split else
                            f"train ({_thousands(len(train_y))}) -> test ({_thousands(len(test_y))})",
                            "image_size": size, "precision": "fp32",
-                           "checkpoint_key": "teacher"}
+                           "checkpoint_key": "teacher", "checkpoint": ckpt["_path"]}
     res["eval_seconds"] = {"features": extract_s, "knn": knn_s, "total": time.perf_counter() - t_start}
     res["config"] = {k_: getattr(cfg, k_) for k_ in (
         "arch", "patch_size", "embed_dim", "depth", "num_heads", "out_dim", "batch_size_per_gpu",
@@ -398,9 +414,12 @@ def main(argv: list[str] | None = None) -> int:
                                  ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1")):
         if not ok or not math.isfinite(value):
             p.error(f"{opt} must be {what}, got {value:g}")
+    from .cli import one_line_warnings
+
     try:
-        res = evaluate_run(args.run_dir, args.data, k=args.k, T=args.T, batch_size=args.batch_size,
-                           random_init=not args.no_random_init, val_split=args.val_split)
+        with one_line_warnings("dinokit.demo"):
+            res = evaluate_run(args.run_dir, args.data, k=args.k, T=args.T, batch_size=args.batch_size,
+                               random_init=not args.no_random_init, val_split=args.val_split)
     except DinokitError as e:  # bad data, a corrupt or foreign checkpoint, a run that is not a ViT
         print(f"dinokit.demo: error: {e}", file=sys.stderr)
         return e.exit_code
