@@ -739,3 +739,50 @@ def test_a_restart_before_any_checkpoint_and_records_at_the_checkpoint_step_leav
     assert _tb_scalars(out, "knn/knn_top1") == []  # as in log.jsonl
     assert [r["iteration"] for r in _train_records(out)] == list(range(1, 7))
     assert [s for s, _ in _tb_scalars(out, "train/loss")] == list(range(1, 7))  # step 3 purged and written again
+
+
+def test_train_records_are_means_over_the_steps_since_the_last_record(folder, tmp_path):
+    """With --log-every N the "train" record carried the last step's loss, KoLeo term and images/s; it is the mean
+    over the N steps (the schedules' values are the step's), and the epoch record's KoLeo term the epoch's mean."""
+    common = ("--precision", "fp32", "--num-workers", "0", "--set", "koleo_loss_weight=0.1")
+    Trainer(tiny(folder, tmp_path / "every", *common)).fit()
+    Trainer(tiny(folder, tmp_path / "third", *common, "--log-every", "2")).fit()
+    steps = _train_records(tmp_path / "every")
+    windows = _train_records(tmp_path / "third")
+    assert [r["iteration"] for r in windows] == [2, 4, 6] and all(r["steps"] == 2 for r in windows)
+    for r, pair in zip(windows, (steps[0:2], steps[2:4], steps[4:6])):
+        assert r["loss"] == pytest.approx(sum(s["loss"] for s in pair) / 2, rel=1e-6)
+        assert r["koleo"] == pytest.approx(sum(s["koleo"] for s in pair) / 2, rel=1e-6)
+        assert r["lr"] == pair[1]["lr"] and r["teacher_temp"] == pair[1]["teacher_temp"]
+        assert r["images_per_s"] > 0 and 0 <= r["data_wait_frac"] <= 1
+    epochs = [json.loads(x) for x in (tmp_path / "third" / "log.jsonl").read_text().splitlines()]
+    epochs = [r for r in epochs if r["type"] == "epoch"]
+    for r, three in zip(epochs, (steps[0:3], steps[3:6])):
+        assert r["koleo"] == pytest.approx(sum(s["koleo"] for s in three) / 3, rel=1e-6)
+        assert r["loss"] == pytest.approx(sum(s["loss"] for s in three) / 3, rel=1e-6)
+
+
+def test_a_budget_added_on_resume_that_is_already_spent_trains_nothing(folder, tmp_path, capsys):
+    """It ran the 8 timed iterations and one more before planning the 0 seconds left."""
+    out = tmp_path / "out"
+    Trainer(tiny(folder, out, "--epochs", "1")).fit()
+    summary = Trainer(tiny(folder, out, "--epochs", "1", "--time-budget-minutes", "1e-6")).fit()
+    assert summary["iterations"] == 3 and _state(out)["iteration"] == 3
+    assert "time budget 1e-06 min already spent" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_blur_and_solarize_options_reach_both_augmentation_chains(folder, tmp_path, impl):
+    """--blur-prob / --solarize-prob were ignored with --augment-impl reference (its chains were hard-coded)."""
+    from dinokit.augmentation import RandomGaussianBlur, RandomSolarize
+    from dinokit.trainer import build_train_data
+
+    cfg = tiny(folder, tmp_path / "out", "--augment-impl", impl, "--set", "blur_prob=[0.3,0.4,0.6]",
+               "solarize_prob=0.7")
+    aug = build_train_data(cfg, 0, 1)[2].dataset.transform
+    assert aug.blur == (0.3, 0.4, 0.6) and aug.solarize == (0.0, 0.7, 0.0)
+    if impl == "reference":
+        chains = [aug.global1, aug.global2, aug.local]
+        assert [[t.p for t in c.transforms if isinstance(t, RandomGaussianBlur)] for c in chains] == [[0.3], [0.4],
+                                                                                                       [0.6]]
+        assert [[t.p for t in c.transforms if isinstance(t, RandomSolarize)] for c in chains] == [[], [0.7], []]

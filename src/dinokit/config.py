@@ -142,8 +142,8 @@ class TrainConfig:
                                     "the slowest).")
     nan_policy: str = _f("stop", "On a non-finite loss: stop (keep the last good checkpoint) | skip the step.",
                          choices=("stop", "skip"))
-    log_every: int = _f(20, "Log a JSON line every N iterations (plus one per epoch); 0: only the per-epoch "
-                        "lines.")
+    log_every: int = _f(20, "Log a JSON line every N iterations (loss, images/s, data wait: means over those "
+                        "steps; plus one per epoch); 0: only the per-epoch lines.")
     knn_every: int = _f(0, "Online k-NN monitor every N epochs (0: off); needs knn_train/knn_val.")
     knn_every_minutes: float = _f(0.0, "Online k-NN monitor every M minutes of training (0: off).")
     knn_train: str = _f("", "Labelled data for the online k-NN bank (folder with class sub-folders or "

@@ -468,11 +468,12 @@ def build_train_data(cfg: TrainConfig, rank: int, world: int):
     else:
         aug_kw = dict(global_crops_scale=cfg.global_crops_scale, local_crops_scale=cfg.local_crops_scale,
                       local_crops_number=cfg.local_crops_number, global_crop_size=cfg.global_crop_size,
-                      local_crop_size=cfg.local_crop_size)
+                      local_crop_size=cfg.local_crop_size, blur=tuple(cfg.blur_prob),
+                      solarize=(0.0, cfg.solarize_prob, 0.0))
         if cfg.augment_impl == "fast":
             from .fast_augment import FastMultiCrop
 
-            aug = FastMultiCrop(**aug_kw, blur=tuple(cfg.blur_prob), solarize=(0.0, cfg.solarize_prob, 0.0))
+            aug = FastMultiCrop(**aug_kw)
         else:
             aug = DINOAugmentation(**aug_kw)
         dataset = AugmentedDataset(base, transform=aug)
@@ -683,7 +684,8 @@ class Trainer:
         # (budget fraction, iteration) of the re-plans still due in a time-budgeted run (see _plan_from_budget)
         self._replans: list[tuple[float, int]] = []
         self.knn_history: list[dict] = []
-        self._epoch_progress: tuple[float, int, dict] = (0.0, 0, {})  # this epoch's loss sum, count, last stats
+        # this epoch's sums of the finite steps' loss and KoLeo term, their count, and the last step's stats
+        self._epoch_progress: tuple[float, int, dict, float] = (0.0, 0, {}, 0.0)
         # the output directory is created and locked only now: bad data or options leave nothing behind
         self._check_output_dir()
         self._resume()
@@ -902,7 +904,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "knn_history": self.knn_history,
             "epoch_progress": {"loss": self._epoch_progress[0], "n": self._epoch_progress[1],
-                               "last": self._epoch_progress[2],
+                               "last": self._epoch_progress[2], "koleo": self._epoch_progress[3],
                                # the epoch record's collapse diagnostics, for a resume with no step left in it
                                "collapse": self._collapse_diagnostics() if self.step_in_epoch else None},
             "rng": rng_state(),
@@ -981,13 +983,23 @@ class Trainer:
         self.knn_history = list(ckpt.get("knn_history", []))
         progress = ckpt.get("epoch_progress")
         if progress:
-            self._epoch_progress = (float(progress["loss"]), int(progress["n"]), dict(progress["last"]))
+            last = dict(progress["last"])  # a checkpoint older than the KoLeo sum: the last step's value n times
+            self._epoch_progress = (float(progress["loss"]), int(progress["n"]), last,
+                                    float(progress.get("koleo", last.get("koleo", 0.0) * int(progress["n"]))))
             self._resumed_collapse = progress.get("collapse")
         plan = ckpt.get("plan")
         if plan and plan.get("from_budget"):
             self.plan = Plan(plan["niter_per_ep"], plan["epochs"], plan["total_iters"])
             self.planned_from_budget = True
             self._build_schedules()
+        elif self.cfg.time_budget_minutes > 0 and self.train_seconds >= self.cfg.time_budget_minutes * 60:
+            # a budget added on resume that the run has already spent: end here (closing the epoch in progress),
+            # not after the timed iterations and one more
+            self.plan = Plan(self.plan.niter_per_ep, self.epoch + (1 if self.step_in_epoch else 0), self.iteration)
+            self.planned_from_budget = True
+            self._build_schedules()
+            self._log_console(f"time budget {self.cfg.time_budget_minutes:g} min already spent "
+                              f"({format_duration(self.train_seconds)} trained): no iteration left")
         elif self.cfg.time_budget_minutes > 0:  # killed before the budget's plan, or a budget added on resume
             self._provisional_plan(self.iteration)
         if "rng" in ckpt:
@@ -1342,15 +1354,16 @@ class Trainer:
         self._stop_check_at, self._stop_check_since = 0, (self.iteration, time.perf_counter())  # world > 1
         need_plan = cfg.time_budget_minutes > 0 and not self.planned_from_budget
         since = (0, 0.0)
-        last = {}
+        last, window = {}, None
         # a run stopped on its last iteration resumes with that epoch still to close (step_in_epoch > 0)
         while self.iteration < self.plan.total_iters or self.step_in_epoch:
             epoch = self.epoch
             self.sampler.set_epoch(epoch, self.step_in_epoch)
             n_this_epoch = min(self.plan.niter_per_ep, self.plan.total_iters - epoch * self.plan.niter_per_ep)
-            sums = {"loss": 0.0, "loss_n": 0, "n": 0, "data_wait": 0.0, "step": 0.0}
+            sums = {"loss": 0.0, "koleo": 0.0, "loss_n": 0, "n": 0, "data_wait": 0.0, "step": 0.0}
             if self.step_in_epoch:  # resumed mid-epoch: the epoch's mean loss goes on from the checkpoint's sums
-                sums["loss"], sums["loss_n"], last = self._epoch_progress
+                sums["loss"], sums["loss_n"], last, sums["koleo"] = self._epoch_progress
+            window = window or dict.fromkeys(sums, 0)  # the same sums since the last "train" record
             bar = tqdm(total=n_this_epoch, initial=self.step_in_epoch, desc=f"epoch {epoch}", leave=False,
                        disable=not self.main or not sys.stderr.isatty(), dynamic_ncols=True)
             t_prev = time.perf_counter()
@@ -1365,17 +1378,19 @@ class Trainer:
                 self.iteration += 1
                 self.step_in_epoch += 1
                 self.train_seconds += step_s + wait_s
-                if math.isfinite(stats["loss"]):  # a skipped step (--nan-policy skip) has no loss to average
-                    sums["loss"] += stats["loss"]
-                    sums["loss_n"] += 1
-                sums["n"] += 1
-                sums["data_wait"] += wait_s
-                sums["step"] += step_s
+                for acc in (sums, window):
+                    if math.isfinite(stats["loss"]):  # a skipped step (--nan-policy skip) has no loss to average
+                        acc["loss"] += stats["loss"]
+                        acc["koleo"] += stats.get("koleo", 0.0)
+                        acc["loss_n"] += 1
+                    acc["n"] += 1
+                    acc["data_wait"] += wait_s
+                    acc["step"] += step_s
                 ips = self.global_batch / max(step_s + wait_s, 1e-9)
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{ips:.0f}")
                 last = stats
-                self._epoch_progress = (sums["loss"], sums["loss_n"], last)
+                self._epoch_progress = (sums["loss"], sums["loss_n"], last, sums["koleo"])
                 planned = False
                 if need_plan:
                     calib["n"] += 1
@@ -1395,9 +1410,11 @@ class Trainer:
                     n_this_epoch = min(self.plan.niter_per_ep, self.plan.total_iters - epoch * self.plan.niter_per_ep)
                     bar.total = n_this_epoch
                 if cfg.log_every and self.iteration % cfg.log_every == 0:
+                    # means over the steps since the last record (the schedules' values: this step's)
                     self.log({"type": "train", "epoch": epoch, "iteration": self.iteration,
-                              "images_per_s": ips, "data_wait_frac": wait_s / max(step_s + wait_s, 1e-9),
-                              **{k: v for k, v in stats.items() if k != "skipped"}})
+                              **{k: v for k, v in stats.items() if k != "skipped"}, "steps": window["n"],
+                              **_means(window, self.global_batch, "koleo" in stats)})
+                    window = dict.fromkeys(sums, 0)
                 fault_kill("kill_after_iteration", self.iteration)  # DINOKIT_FAULT, tests only
                 if cfg.save_every_steps and self.iteration % cfg.save_every_steps == 0:
                     self.save()
@@ -1419,18 +1436,14 @@ class Trainer:
                 raise DinokitError("the data loader ended early (fewer batches than planned)")
             self.epoch += 1
             self.step_in_epoch = 0
-            # throughput None when no step of the epoch ran in this process (stopped on its last iteration)
-            elapsed = max(sums["step"] + sums["data_wait"], 1e-9) if sums["n"] else None
+            # loss: the epoch's mean (from the checkpoint's sums when resumed mid-epoch); throughput over this
+            # process's steps of the epoch, None when none ran here (stopped on its last iteration)
             record = {"type": "epoch", "epoch": epoch, "iteration": self.iteration,
-                      "loss": sums["loss"] / sums["loss_n"] if sums["loss_n"] else None,
                       "lr": last.get("lr"), "wd": last.get("wd"),
                       "momentum": last.get("momentum"), "teacher_temp": last.get("teacher_temp"),
-                      "images_per_s": self.global_batch * sums["n"] / elapsed if elapsed else None,
-                      "data_wait_frac": sums["data_wait"] / elapsed if elapsed else None,
+                      **_means(sums, self.global_batch, "koleo" in last),
                       "train_minutes": self.train_seconds / 60, "skipped_steps": self.skipped_steps,
                       "skipped_images": _skipped_images(self.dataset)}
-            if "koleo" in last:  # the last step's KoLeo term (unweighted); "loss" includes its weighted value
-                record["koleo"] = last["koleo"]
             diagnostics = self._collapse_diagnostics(all_processes=True)
             if diagnostics:
                 record.update(diagnostics)
@@ -1458,6 +1471,18 @@ class Trainer:
         return {"rank": self.rank, "epochs": self.epoch, "iterations": self.iteration,
                 "train_minutes": self.train_seconds / 60,
                 "images_per_second": self.iteration * self.global_batch / max(self.train_seconds, 1e-9)}
+
+
+def _means(sums: dict, global_batch: int, koleo: bool) -> dict[str, float | None]:
+    """A log record's means over the steps ``sums`` adds up: loss (and the unweighted KoLeo term, which "loss"
+    includes weighted) over the finite steps, images/s and the fraction of time spent waiting for data."""
+    elapsed = sums["step"] + sums["data_wait"]
+    means = {"loss": sums["loss"] / sums["loss_n"] if sums["loss_n"] else None,
+             "images_per_s": global_batch * sums["n"] / max(elapsed, 1e-9) if sums["n"] else None,
+             "data_wait_frac": sums["data_wait"] / max(elapsed, 1e-9) if sums["n"] else None}
+    if koleo:
+        means["koleo"] = sums["koleo"] / sums["loss_n"] if sums["loss_n"] else None
+    return means
 
 
 def _state_mismatch(expected: dict, found: dict, limit: int = 3) -> str:
