@@ -458,3 +458,14 @@ def test_notes_name_options_that_are_ignored_or_risky_in_their_combination():
                dict(centering="sinkhorn_knopp", sinkhorn_iterations=5), dict(keep_last=2), dict(teacher_temp=0.07),
                dict(epochs=1), dict(freeze_last_layer=5, epochs=2, time_budget_minutes=1)):
         assert TrainConfig(**kw).notes() == [], kw
+
+
+def test_a_config_built_in_python_is_type_checked():
+    """TrainConfig(epochs="ten") reached the trainer and failed as "'<=' not supported between 'str' and 'int'"."""
+    for kwargs, msg in (({"epochs": "ten"}, "epochs must be an integer, got 'ten'"),
+                        ({"lr": True}, "lr must be a number, got True"),
+                        ({"global_crops_scale": (0.4, "a")}, r"global_crops_scale must be 2 numbers, got \(0.4, 'a'\)"),
+                        ({"norm_last_layer": "yes"}, "norm_last_layer must be")):
+        with pytest.raises(ConfigError, match=msg):
+            TrainConfig(output_dir="out", **kwargs).validate()
+    TrainConfig(output_dir="out", lr=1, global_crops_scale=[0.3, 1]).validate()  # an int is a number; lists do

@@ -259,3 +259,13 @@ def test_an_empty_batch_is_refused_before_the_centre_is_touched():
         loss(torch.randn(0, 7), torch.randn(0, 7), 0)
     assert torch.equal(loss.center, before)
     assert torch.isfinite(loss(torch.randn(8, 7), torch.randn(4, 7), 0))
+
+
+def test_misuse_is_named():
+    """An output of another width was torch's "size of tensor a (51) must match ..."; epoch -1 read the schedule's
+    last value through negative indexing."""
+    loss = DINOLoss(50, 4, 0.04, 0.07, 2, 5)
+    with pytest.raises(ValueError, match=r"out_dim K = 50 .*\(4, 51\)"):
+        loss(torch.randn(8, 51), torch.randn(4, 51), 0)
+    with pytest.raises(ValueError, match="epoch must be >= 0"):
+        loss.teacher_temp(-1)

@@ -38,3 +38,8 @@ def test_reference_endpoints_16x64_100_epochs():
 def test_warmup_longer_than_training_is_an_error():
     with pytest.raises(ValueError):
         cosine_scheduler(1, 0, 2, 3, warmup_epochs=5)
+
+
+def test_negative_lengths_are_named():
+    with pytest.raises(ValueError, match="must be >= 0, got 1, -2 and 0"):
+        cosine_scheduler(1.0, 0.0, 1, -2)

@@ -47,3 +47,11 @@ def test_ema_update_with_a_teacher_in_another_dtype():
     for t, e in zip(teacher.parameters(), expected):
         assert t.dtype == torch.float32
         torch.testing.assert_close(t.detach(), e.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_momentum_outside_zero_one_is_refused():
+    import pytest
+
+    student = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\], got 1.5"):
+        ema_update(student, build_teacher(student), 1.5)

@@ -212,3 +212,16 @@ def test_an_empty_batch_gives_empty_features():
     out = m(torch.zeros(0, 3, 16, 16, requires_grad=True))
     out.sum().backward()
     assert out.shape == (0, 24)
+
+
+def test_misuse_is_named_and_reference_constructor_arguments_work():
+    """An unbatched or channels-last tensor read as 'not divisible by the patch size' or an unpacking error; patch
+    size 0 was a ZeroDivisionError; the reference's img_size=[224] a TypeError."""
+    vit = build_backbone("vit_custom", patch_size=8, embed_dim=32, depth=1, num_heads=2, img_size=32)
+    for bad in (torch.randn(3, 32, 32), torch.randn(2, 32, 32, 3)):
+        with pytest.raises(ValueError, match=r"expected images \[B, 3, H, W\] .*got a tensor of shape"):
+            vit(bad)
+    with pytest.raises(ValueError, match="patch_size must be >= 1"):
+        build_backbone("vit_tiny", patch_size=0)
+    ported = build_backbone("vit_custom", patch_size=8, embed_dim=32, depth=1, num_heads=2, img_size=[32])
+    assert ported.pos_embed.shape == vit.pos_embed.shape

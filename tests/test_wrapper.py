@@ -40,3 +40,10 @@ def test_vit_student_output_shape():
                          DINOHead(32, 10, hidden_dim=16, bottleneck_dim=8))
     out = w([torch.randn(3, 3, 16, 16)] * 2 + [torch.randn(3, 3, 8, 8)] * 4)
     assert out.shape == (18, 10)
+
+
+def test_an_empty_crop_list_is_named():
+    import pytest
+
+    with pytest.raises(ValueError, match="at least one batch of crops"):
+        MultiCropWrapper(CountingBackbone(), torch.nn.Identity())([])

@@ -26,6 +26,11 @@ __all__ = [
 
 _LAZY = {"DINOAugmentation": "augmentation", "knn_classifier": "eval.knn", "TrainConfig": "config",
          "Trainer": "trainer", "train": "trainer"}
+__all__ += list(_LAZY)  # a star import loads them (and their modules)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def __getattr__(name: str):

@@ -159,6 +159,15 @@ class TrainConfig:
         def bad(msg: str):
             raise ConfigError(msg)
 
+        types = _field_types()
+        for f in fields(self):  # a config built in Python: flags, YAML and --set values are already typed
+            value = getattr(self, f.name)
+            if not _has_type(value, types[f.name]):
+                typ = types[f.name]
+                kind = (f"{len(get_args(typ))} numbers" if get_origin(typ) is tuple
+                        else _KIND.get(typ, str(typ).replace("typing.", "")))
+                bad(f"{f.name} must be {kind}, got {value!r}")
+
         for f in fields(self):  # the choices argparse enforces on flags, also for YAML and --set values
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -281,6 +290,22 @@ def _field_types() -> dict[str, Any]:
 
 
 _KIND = {int: "an integer", float: "a number", bool: "a boolean", str: "a string"}
+
+
+def _has_type(value: Any, typ: Any) -> bool:
+    """Whether ``value`` is of a field's type ``typ`` (an int is a float; a bool is not a number)."""
+    origin = get_origin(typ)
+    if origin is tuple:
+        inner = get_args(typ)
+        return isinstance(value, (tuple, list)) and len(value) == len(inner) and all(
+            _has_type(v, t) for v, t in zip(value, inner))
+    if origin is not None:  # Optional[X] / X | None
+        return any(value is None if t is type(None) else _has_type(value, t) for t in get_args(typ))
+    if typ is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if typ is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, typ) if isinstance(typ, type) else True
 
 
 def _coerce(name: str, value: Any, typ: Any) -> Any:

@@ -181,6 +181,9 @@ class DINOLoss(nn.Module):
         self.last_teacher_entropy: torch.Tensor | None = None
 
     def teacher_temp(self, epoch: int) -> float:
+        """The schedule's temperature at ``epoch`` (the last value beyond the schedule's end)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
         sched = self.teacher_temp_schedule
         return float(sched[min(epoch, len(sched) - 1)])
 
@@ -195,6 +198,9 @@ class DINOLoss(nn.Module):
         if teacher_output.shape[0] != 2 * n_teacher or student_output.shape[0] != self.ncrops * n_teacher:
             raise ValueError(f"expected teacher [2B, K] and student [{self.ncrops}B, K]; got "
                              f"{tuple(teacher_output.shape)} and {tuple(student_output.shape)}")
+        if teacher_output.shape[-1] != self.out_dim or student_output.shape[-1] != self.out_dim:
+            raise ValueError(f"this loss has out_dim K = {self.out_dim} (its centre's size); got teacher "
+                             f"{tuple(teacher_output.shape)} and student {tuple(student_output.shape)}")
         if self.centering == "sinkhorn_knopp":
             teacher_out = sinkhorn_knopp(teacher_output, temp, self.sinkhorn_iterations)
         else:

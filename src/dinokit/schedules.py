@@ -18,6 +18,9 @@ def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_p
     """
     warmup_iters = int(round(warmup_epochs * niter_per_ep))
     total = int(epochs * niter_per_ep)
+    if epochs < 0 or niter_per_ep < 0 or warmup_epochs < 0:
+        raise ValueError(f"epochs, niter_per_ep and warmup_epochs must be >= 0, got {epochs}, {niter_per_ep} and "
+                         f"{warmup_epochs}")
     if warmup_iters > total:
         raise ValueError(f"warm-up ({warmup_iters} iterations) is longer than training ({total} iterations)")
     warmup = np.array([])

@@ -35,6 +35,8 @@ def ema_update(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
     t_params = [p for p in teacher.parameters()]
     if len(s_params) != len(t_params):
         raise ValueError("student and teacher have different numbers of parameters")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
     if momentum == 1.0:
         return
     # a teacher kept in another dtype than the student (e.g. an fp32 teacher of a bf16 student): the student's

@@ -23,6 +23,8 @@ class MultiCropWrapper(nn.Module):
     def forward(self, x: torch.Tensor | list[torch.Tensor],
                 return_backbone: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         crops = x if isinstance(x, (list, tuple)) else [x]
+        if not crops:
+            raise ValueError("MultiCropWrapper needs at least one batch of crops, got an empty list")
         outputs = []
         start = 0
         while start < len(crops):

@@ -392,6 +392,13 @@ class VisionTransformer(nn.Module):
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_path_rate: float = 0.0, num_classes: int = 0):
         super().__init__()
+        if isinstance(img_size, (list, tuple)):  # the reference's constructor takes img_size=[224]
+            if len(set(img_size)) != 1:
+                raise ValueError(f"img_size must be one side (a square grid), got {img_size}")
+            img_size = img_size[0]
+        if patch_size < 1 or img_size < patch_size:
+            raise ValueError(f"patch_size must be >= 1 and at most img_size, got patch_size {patch_size}, img_size "
+                             f"{img_size}")
         self.patch_size = patch_size
         self.embed_dim = self.num_features = embed_dim
         self.num_heads = num_heads
@@ -425,6 +432,9 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = enable
 
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.patch_embed.proj.in_channels:
+            raise ValueError(f"expected images [B, {self.patch_embed.proj.in_channels}, H, W] (channels first, "
+                             f"batched), got a tensor of shape {tuple(x.shape)}")
         B, _, H, W = x.shape
         if H % self.patch_size or W % self.patch_size:
             raise ValueError(f"input size {H}x{W} is not divisible by the patch size {self.patch_size}")
