@@ -249,3 +249,14 @@ def test_hard_links_odd_sizes_and_frames_sharing_a_name(setup, tmp_path, capsys)
                                                                      "attn-f1.png.png", "attn-f2.png"]
     assert Image.open(out / "attention" / "attn-f0.png").size == (70, 49) and np.load(out / "attention.npy").shape == (
         4, 7, 10)
+
+
+def test_frames_without_zero_padding_are_taken_in_number_order(tmp_path):
+    """f10.png sorted before f2.png: a folder of unpadded frame names gave a scrambled video."""
+    from dinokit.eval.attention_video import open_frames
+
+    for i in (0, 1, 2, 10, 11, 3):
+        Image.new("RGB", (16, 16), (i * 20, 0, 0)).save(tmp_path / f"f{i}.png")
+    frames, _, count = open_frames(tmp_path)
+    got = [(name, img.getpixel((0, 0))[0]) for name, img in frames]
+    assert count == 6 and got == [(f"f{i}", i * 20) for i in (0, 1, 2, 3, 10, 11)]

@@ -48,7 +48,7 @@ def test_report_has_every_section_and_only_embedded_images(run_dir):
 
     for s in srcs[:5]:
         Image.open(io.BytesIO(base64.b64decode(s))).verify()
-    assert "head 0" in page and "mask 1" in page and "vit_custom" in page
+    assert "head 0" in page and "head 1" in page and "outline" in page and "vit_custom" in page
 
 
 def test_report_degrades_without_checkpoint(tmp_path):
@@ -253,10 +253,12 @@ def test_attention_captions_name_a_class_only_where_there_is_one():
     vit = build_backbone("vit_custom", patch_size=8, embed_dim=32, depth=1, num_heads=2, img_size=32).eval()
     img = Image.new("RGB", (40, 40), (200, 30, 30))
     page = _attention_section(vit, TrainConfig(global_crop_size=32), [(img, -1), (img, 2)])
-    assert "<br>input</td>" in page and "<br>class 2</td>" in page and "class -1" not in page
+    assert "<figcaption>input</figcaption>" in page and "<figcaption>class 2</figcaption>" in page
+    assert "class -1" not in page
     page = _attention_section(vit, TrainConfig(global_crop_size=32), [(img, 1), (img, 5)],
                               classes=["cat", "dog <b>"])
-    assert "<br>class dog &lt;b&gt;</td>" in page and "<br>class 5</td>" in page  # names where known, escaped
+    assert "<figcaption>class dog &lt;b&gt;</figcaption>" in page  # names where known, escaped
+    assert "<figcaption>class 5</figcaption>" in page
 
 
 def test_a_projection_of_fewer_than_three_images_is_a_note_not_a_crash(run_dir, tmp_path):

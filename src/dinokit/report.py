@@ -81,6 +81,48 @@ def _placeholder(r: dict[str, Any]) -> bool:
 
 _COLLAPSE = ("teacher_entropy", "entropy_max", "kl_mean_to_uniform", "distinct_prototypes")
 
+#: y-axis labels of the training curves (the losses are cross-entropies in nats)
+_Y_LABELS = {"loss": "nats", "koleo": "-mean log NN distance", "lr": "learning rate", "wd": "weight decay",
+             "momentum": "EMA momentum", "teacher_temp": "temperature"}
+_SMOOTH_ABOVE = 500  # points: longer curves are drawn faintly with a running mean over them
+_CLIP_QUANTILE = 0.995  # a curve whose few spikes would flatten it is drawn up to this quantile (and says so)
+
+
+def _integer_x(ax) -> None:
+    """Whole iterations/epochs on the x axis, written out (no "1e6" offset, no fractional ticks; a single point
+    gets a range of whole numbers around it)."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    lo, hi = ax.dataLim.intervalx
+    if math.isfinite(lo) and hi - lo < 1:
+        ax.set_xlim(math.floor(lo) - 1, math.floor(lo) + 1)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k" if abs(v) >= 10_000 else f"{v:g}"))
+
+
+def _plot_curve(ax, x: list[float], y: list[float], key: str) -> str | None:
+    """Draw one training curve; a long one as faint points under a running mean (a window of ~1% of the points),
+    a spiky one clipped at the 99.5% quantile. Returns a note for the caption of what was clipped, if anything."""
+    xs, ys = np.asarray(x), np.asarray(y)
+    if len(xs) > _SMOOTH_ABOVE:
+        w = max(len(ys) // 100, 2)
+        mean = np.convolve(ys, np.ones(w) / w, mode="valid")
+        ax.plot(xs, ys, lw=0.5, alpha=0.3, color="C0")
+        ax.plot(xs[w - 1:], mean, lw=1.5, color="C0", label=f"running mean of {w}")
+        ax.legend(fontsize=7)
+    else:
+        ax.plot(xs, ys, lw=1.2, marker="o" if len(xs) < 3 else None, ms=4)  # one or two points: drawn, not blank
+    note = None
+    if key in ("loss", "koleo") and len(ys) >= 20:
+        lo, top = float(ys.min()), float(np.quantile(ys, _CLIP_QUANTILE))
+        if ys.max() > top + 2 * (top - lo):  # spikes far above the curve: keep the curve readable
+            pad = 0.05 * (top - lo or 1.0)
+            ax.set_ylim(lo - pad, top + pad)
+            note = f"{int((ys > top + pad).sum())} point(s) above the plot, up to {ys.max():.3g}"
+    ax.set_ylabel(_Y_LABELS.get(key, ""))
+    _integer_x(ax)
+    return note
+
 
 def _curves(log: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], list[str]]:
     """``(pictures, notes)``: a curve per logged quantity, from the records that have it; a note for what is
@@ -110,11 +152,11 @@ def _curves(log: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], list[str]
         if not x:
             continue
         fig, ax = plt.subplots(figsize=(4.2, 2.8))
-        ax.plot(x, y, lw=1.2, marker="o" if len(x) < 3 else None, ms=4)  # one or two points: drawn, not blank
+        clipped = _plot_curve(ax, x, y, key)
         ax.set_xlabel("iteration")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        pics.append((title, _png(fig)))
+        pics.append((f"{title} ({clipped})" if clipped else title, _png(fig)))
     x, y = series(knn, "train_minutes", "knn_top1")
     if x:
         fig, ax = plt.subplots(figsize=(4.2, 2.8))
@@ -126,20 +168,27 @@ def _curves(log: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], list[str]
         pics.append(("online k-NN", _png(fig)))
     if any(_num(r, k) is not None for r in epochs for k in _COLLAPSE):
         fig, axes = plt.subplots(1, 3, figsize=(10, 2.8))
-        for ax, keys, title in ((axes[0], ("teacher_entropy", "entropy_max"), "teacher entropy"),
-                                (axes[1], ("kl_mean_to_uniform",), "KL(mean target || uniform)"),
-                                (axes[2], ("distinct_prototypes",), "distinct argmax prototypes")):
+        ln_k = next((_num(r, "entropy_max") for r in reversed(epochs) if _num(r, "entropy_max")), None)
+        of_k = f" (of K = {round(math.exp(ln_k))})" if ln_k else ""
+        for ax, keys, title, ylabel in (
+                (axes[0], ("teacher_entropy", "entropy_max"), "teacher entropy", "nats"),
+                (axes[1], ("kl_mean_to_uniform",), "KL(mean target || uniform)", "nats"),
+                (axes[2], ("distinct_prototypes",), f"distinct argmax prototypes{of_k}", "prototypes")):
             for key in keys:
                 ex, ey = series(epochs, "epoch", key)
-                if key == "entropy_max":
-                    ax.plot(ex, ey, "--", label="ln K (uniform collapse)")
+                if key == "entropy_max":  # a marker too: one epoch is one point, and a line needs two
+                    ax.plot(ex, ey, "--", marker="_", ms=12, color="C3", label="ln K (uniform collapse)")
                 else:
-                    ax.plot(ex, ey, "o-", label="teacher entropy" if key == "teacher_entropy" else None)
+                    ax.plot(ex, ey, "-", marker="o" if len(ex) <= 30 else None, ms=5,
+                            label="teacher entropy" if key == "teacher_entropy" else None)
             if len(keys) > 1:
                 ax.legend(fontsize=7)
-            ax.set_title(title)
+            ax.set_title(title, fontsize=10)
             ax.set_xlabel("epoch")
+            ax.set_ylabel(ylabel)
+            _integer_x(ax)
             ax.grid(alpha=0.3)
+        fig.tight_layout()
         pics.append(("collapse diagnostics", _png(fig)))
         lacking = [r.get("epoch", "?") for r in epochs if any(_num(r, k) is None for k in _COLLAPSE)]
         if lacking:
@@ -208,43 +257,67 @@ def _test_images(cfg, n: int, data: str | None = None):
     return out, ds
 
 
-def _attention_section(backbone, cfg, images, threshold: float = 0.6, classes: list[str] | None = None) -> str:
+_CELL_PX = 112  # displayed width of each picture of the attention grid
+
+
+def _eval_views(cfg, ds):
+    """``(model transform, view)`` of the report's test images, as the k-NN monitor evaluates that data: a tensor
+    data set resized straight to the training resolution; photos resized (shorter side) and centre-cropped
+    (:func:`dinokit.augmentation.eval_transform`). ``view(PIL) -> PIL`` is the image the model sees (geometry
+    only), for display."""
+    import torchvision.transforms.v2 as T
     from PIL import Image
 
-    from .eval.attention import attention_maps, colormap, threshold_masks
+    from .augmentation import eval_resize_size, eval_transform
     from .monitor import knn_transform
 
-    tf = knn_transform(cfg)
-    rows = []
+    size = cfg.global_crop_size
+    if hasattr(ds, "to_pil"):
+        return knn_transform(cfg), lambda im: im.resize((size, size), Image.BICUBIC)
+    crop = T.Compose([T.Resize(eval_resize_size(size), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                      T.CenterCrop(size)])
+    return eval_transform(size), crop
+
+
+def _attention_section(backbone, cfg, images, threshold: float = 0.6, classes: list[str] | None = None,
+                       views=None) -> str:
+    from PIL import Image
+
+    from .eval.attention import _upsample, attention_maps, colormap, draw_outline, threshold_masks
+
+    tf, view = views or _eval_views(cfg, None)
+    blocks = []
     for img, label in images:
         x = tf(img)
         attn = attention_maps(backbone, x)
         if not torch.isfinite(attn).all():  # NaN/Inf weights: the maps would be blank pictures
             return "<p class='note'>No attention maps: the attention is not finite: the run diverged.</p>"
-        masks = threshold_masks(attn, threshold)
-        size = (x.shape[-1] * 4, x.shape[-2] * 4) if x.shape[-1] < 96 else (x.shape[-1], x.shape[-2])
+        masks = threshold_masks(attn, threshold).numpy()
+        scale = max(1, math.ceil(_CELL_PX / x.shape[-1]))  # small inputs drawn with whole pixels per pixel
+        size = (x.shape[-1] * scale, x.shape[-2] * scale)
         name = classes[label] if classes and 0 <= label < len(classes) else label  # the folder's name if known
         caption = f"class {html.escape(str(name))}" if label >= 0 else "input"  # -1: an image without a class
-        cells = [f'<td><img src="{_pil_png(img.resize(size))}" alt="input"><br>{caption}</td>']
+
+        def cell(picture, alt: str, text: str) -> str:
+            return (f'<figure><img src="{_pil_png(picture)}" alt="{alt}" width="{_CELL_PX}">'
+                    f"<figcaption>{text}</figcaption></figure>")
+
+        cells = [cell(view(img).resize(size, Image.NEAREST), "input", caption),
+                 cell(Image.fromarray(colormap(_upsample(attn.mean(0).numpy(), size))), "mean", "mean of heads")]
         for h in range(attn.shape[0]):
-            heat = Image.fromarray(colormap(attn[h].numpy())).resize(size, Image.NEAREST)
-            mask = Image.fromarray((masks[h].numpy() * 255).astype(np.uint8)).resize(size, Image.NEAREST)
-            cells.append(f'<td><img src="{_pil_png(heat)}" alt="head {h}"><br>head {h}</td>'
-                         f'<td><img src="{_pil_png(mask)}" alt="mask {h}"><br>mask {h}</td>')
-        mean = Image.fromarray(colormap(attn.mean(0).numpy())).resize(size, Image.NEAREST)
-        cells.append(f'<td><img src="{_pil_png(mean)}" alt="mean"><br>mean</td>')
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    return (f"<p>Last-block CLS attention per head (viridis) and masks keeping {threshold:.0%} of the attention "
-            f"mass (reference method).</p><table class='grid'>" + "".join(rows) + "</table>")
+            heat = draw_outline(colormap(_upsample(attn[h].numpy(), size)), _upsample(masks[h], size))
+            cells.append(cell(Image.fromarray(heat), f"head {h}", f"head {h}"))
+        blocks.append("<div class='attn'>" + "".join(cells) + "</div>")
+    return (f"<p>Each row: the image as the model sees it, the mean over heads, then each head's last-block CLS "
+            f"attention (viridis, scaled per map) with the outline (black and white) of the smallest set of "
+            f"patches holding {threshold:.0%} of its attention (the reference's masks).</p>" + "".join(blocks))
 
 
 @torch.no_grad()
 def _projection_section(backbone, cfg, ds, n: int = 1000) -> str:
     import matplotlib.pyplot as plt
 
-    from .monitor import knn_transform
-
-    tf = knn_transform(cfg)
+    tf, _ = _eval_views(cfg, ds)
     idx = np.linspace(0, len(ds) - 1, num=min(n, len(ds))).astype(int)
     feats, labels = [], []
     for start in range(0, len(idx), 256):
@@ -259,16 +332,29 @@ def _projection_section(backbone, cfg, ds, n: int = 1000) -> str:
         return f"<p class='note'>No projection: {len(f)} image(s); it needs at least 3.</p>"
     f = torch.nn.functional.normalize(f, dim=1)
     f = f - f.mean(0, keepdim=True)
-    _, _, v = torch.linalg.svd(f, full_matrices=False)
+    _, sv, v = torch.linalg.svd(f, full_matrices=False)
     xy = (f @ v[:2].T).numpy()
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    share = (sv**2 / (sv**2).sum().clamp_min(1e-30)).tolist()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
     lab = np.array(labels)
-    if (lab >= 0).all():
-        sc = ax.scatter(xy[:, 0], xy[:, 1], c=lab, cmap="tab10", s=6)
-        fig.colorbar(sc, ax=ax, label="class")
+    names = list(getattr(ds, "classes", None) or [])
+    present = sorted(set(lab.tolist()))
+    if (lab >= 0).all() and len(present) <= 20:  # one colour per class, named in a legend
+        cmap = plt.get_cmap("tab10" if len(present) <= 10 else "tab20")
+        for i, c in enumerate(present):
+            pick = lab == c
+            ax.scatter(xy[pick, 0], xy[pick, 1], s=6, color=cmap(i),
+                       label=str(names[c]) if 0 <= c < len(names) else f"class {c}")
+        ax.legend(fontsize=7, markerscale=2, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    elif (lab >= 0).all():
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=lab, cmap="turbo", s=6)
+        fig.colorbar(sc, ax=ax, label="class index")
     else:
         ax.scatter(xy[:, 0], xy[:, 1], s=6)
-    ax.set_title(f"PCA of {len(lab)} teacher CLS features")
+    ax.set_xlabel(f"PC1 ({share[0]:.0%} of the variance)")
+    ax.set_ylabel(f"PC2 ({share[1]:.0%} of the variance)")
+    kind = "CLS" if hasattr(backbone, "get_last_selfattention") else "pooled"
+    ax.set_title(f"PCA of {len(lab)} teacher {kind} features (L2-normalised)", fontsize=10)
     return f'<img src="{_png(fig)}" alt="projection">'
 
 
@@ -409,7 +495,8 @@ def write_report(run_dir: str | Path, n_images: int = 8, projection_points: int 
                     body["attention"] = "<p class='note'>No attention grid (--images 0).</p>"
                 elif hasattr(backbone, "get_last_selfattention"):
                     body["attention"] = _attention_section(backbone, cfg, images,
-                                                           classes=list(getattr(ds, "classes", None) or []))
+                                                           classes=list(getattr(ds, "classes", None) or []),
+                                                           views=_eval_views(cfg, ds))
                 else:
                     body["attention"] = "<p class='note'>This backbone is not a ViT: no attention maps.</p>"
                 body["projection"] = _projection_section(backbone, cfg, ds, projection_points)
@@ -436,7 +523,8 @@ color:#222}}
 h1{{font-size:1.6em;margin-bottom:.2em}} h2{{border-bottom:2px solid #4a7;padding-bottom:.2em;margin-top:1.6em}}
 nav{{color:#666}} figure{{display:inline-block;margin:.4em}} figcaption{{text-align:center;color:#555;font-size:.9em}}
 table.kv th{{text-align:left;padding-right:1.5em;font-weight:600}} table.kv td,table.kv th{{padding:.15em .4em}}
-table.grid td{{text-align:center;font-size:.75em;color:#555;padding:2px}} table.grid img{{image-rendering:pixelated}}
+div.attn{{display:flex;flex-wrap:wrap;gap:2px;margin-bottom:.6em}} div.attn figure{{margin:0}}
+div.attn figcaption{{font-size:.75em}} div.attn img{{image-rendering:pixelated;display:block}}
 pre{{background:#f5f5f5;padding:.8em;overflow:auto;font-size:.85em}} .note{{color:#a60}}
 </style></head><body>
 <h1>dinokit run report</h1><p>{html.escape(str(run_dir.resolve()))}</p><nav>{nav}</nav>

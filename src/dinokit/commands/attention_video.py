@@ -12,9 +12,10 @@ from ._common import add_model_arguments, check_output_dir, check_positive, load
 HELP = "make a video of a ViT's last-layer CLS self-attention over a video file or a folder of frames"
 DESCRIPTION = """Self-attention video (the DINO project page's videos; reference video_generation.py).
 
-For every frame of --input (a video file, or a folder of frames sorted by name): resize (optional), normalise,
-crop to a multiple of the patch size, take the last block's attention from the CLS token to every patch,
-averaged over the heads, and draw it min-max normalised in a colour map (inferno, as the reference). Writes:
+For every frame of --input (a video file, or a folder of frames in name order, numbers as numbers: f2 before
+f10): resize (optional), normalise, crop to a multiple of the patch size, take the last block's attention from
+the CLS token to every patch, averaged over the heads, and draw it min-max normalised in a colour map
+(inferno, as the reference). Writes:
   OUT/video.mp4 (or .avi)        the attention video, at the input's frame rate (--fps overrides it)
   OUT/attention/attn-<frame>.png one image per frame (--no-frames: none)
   OUT/attention.npy              the maps [frames, H/p, W/p] (float32)

@@ -164,6 +164,16 @@ def _contour(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
+def draw_outline(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``rgb [H, W, 3]`` with the border of the boolean ``mask [H, W]`` drawn as a white line inside a black one
+    (inside the mask: visible on any colour, also where the image has the mask's own colour)."""
+    out = rgb.copy()
+    outer = _contour(mask)
+    out[outer] = 0
+    out[_contour(mask & ~outer)] = 255
+    return out
+
+
 def save_attention_images(image: Image.Image, attn: torch.Tensor, masks: torch.Tensor | None, out_dir,
                           prefix: str = "", threshold: float | None = None, alpha: float = 0.5) -> list[Path]:
     """Write the visualisations of one image to ``out_dir``; returns the written paths.
@@ -201,8 +211,7 @@ def save_attention_images(image: Image.Image, attn: torch.Tensor, masks: torch.T
             colour = np.array(_MASK_COLOURS[j % len(_MASK_COLOURS)], dtype=np.float64)
             blended = img.copy()
             blended[m] = (1 - alpha) * img[m] + alpha * colour
-            blended[_contour(m)] = colour
-            save(blended, f"mask-{tag}head{j}.png")
+            save(draw_outline(blended, m), f"mask-{tag}head{j}.png")
         np.save(out / f"{pre}masks.npy", mk)
         written.append(out / f"{pre}masks.npy")
     np.save(out / f"{pre}attn.npy", maps.astype(np.float32))

@@ -1,7 +1,8 @@
 """Self-attention videos: the last block's CLS attention, frame by frame (the reference's
 ``video_generation.py``, used for the videos of the DINO paper's project page).
 
-* Input: a video file (decoded with OpenCV) or a folder of frames (its image files, sorted by name).
+* Input: a video file (decoded with OpenCV) or a folder of frames (its image files, in name order with
+  numbers compared as numbers: ``f2`` before ``f10``).
 * Each frame is prepared as :func:`dinokit.eval.attention.prepare_image` prepares an image (optional resize,
   ImageNet normalisation, crop at the bottom/right to a multiple of the patch size; the reference resizes with
   ``T.Resize`` on the tensor and crops the same way).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -41,6 +43,12 @@ __all__ = ["open_frames", "mean_attention", "attention_frame", "write_attention_
 VIDEO_FORMATS = {"mp4": "mp4v", "avi": "XVID"}
 
 
+def natural_key(path: Path) -> list:
+    """Sort key of frame files in number order: ``f2.png`` before ``f10.png`` (runs of digits compare as numbers;
+    zero-padded names sort as before)."""
+    return [(0, int(t), t) if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", path.name) if t]
+
+
 def open_frames(source: str | Path) -> tuple[Iterator[tuple[str, Image.Image]], float | None, int | None]:
     """``(frames, fps, count)`` of a video file or a folder of frames. ``frames`` yields ``(name, RGB image)``
     (``frame-00000``, ... for a video; the file stem for a folder); ``fps`` is the video's (``None`` for a
@@ -50,7 +58,8 @@ def open_frames(source: str | Path) -> tuple[Iterator[tuple[str, Image.Image]], 
     if not src.exists():
         raise DataError(f"video or frame folder not found: {src}")
     if src.is_dir():
-        files = sorted(p for p in src.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS))
+        files = sorted((p for p in src.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS)),
+                       key=natural_key)
         if not files:
             raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {src}")
         stems = Counter(p.stem for p in files)
