@@ -338,3 +338,35 @@ def test_a_results_file_from_an_earlier_checkpoint_is_flagged(run_dir, tmp_path)
     assert "results.json was computed at iteration 2; the run's log goes to iteration 6" in page
     (run / "results.json").write_text(json.dumps({"knn_top1": 55.0, "iterations": 6}))
     assert "results.json was computed at" not in write_report(run, n_images=1, projection_points=8).read_text()
+
+
+def test_long_spiky_curves_stay_readable():
+    """100k raw points with a few spikes of 50 drew the converged loss (~2) as a flat band at the bottom of a 0-60
+    axis; one epoch's collapse panel had ticks at -0.05..0.05."""
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dinokit.report import _integer_x, _plot_curve
+
+    rng = np.random.default_rng(0)
+    y = 2 + np.exp(-np.arange(20_000) / 3000) * 8 + 0.1 * rng.standard_normal(20_000)
+    y[::2000] = 50.0
+    fig, ax = plt.subplots()
+    note = _plot_curve(ax, list(range(1, 20_001)), y.tolist(), "loss")
+    assert note == "10 point(s) above the plot, up to 50"
+    assert ax.get_ylim()[1] < 12 and ax.get_ylabel() == "nats"
+    assert any("running mean" in t.get_text() for t in ax.get_legend().get_texts())
+    fig.canvas.draw()
+    assert all("e" not in t.get_text() for t in ax.get_xticklabels())  # 5k, 10k, ...: no offset notation
+    plt.close(fig)
+    fig, ax = plt.subplots()
+    assert _plot_curve(ax, [3], [1.5], "lr") is None and ax.get_ylabel() == "learning rate"
+    ax2 = fig.add_subplot(2, 1, 2)
+    ax2.plot([0], [1.0])
+    _integer_x(ax2)
+    fig.canvas.draw()
+    assert [t.get_text() for t in ax2.get_xticklabels()] == ["-1", "0", "1"]
+    plt.close(fig)
