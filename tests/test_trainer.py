@@ -786,3 +786,65 @@ def test_blur_and_solarize_options_reach_both_augmentation_chains(folder, tmp_pa
         assert [[t.p for t in c.transforms if isinstance(t, RandomGaussianBlur)] for c in chains] == [[0.3], [0.4],
                                                                                                        [0.6]]
         assert [[t.p for t in c.transforms if isinstance(t, RandomSolarize)] for c in chains] == [[], [0.7], []]
+
+
+def test_a_resume_past_the_end_of_fewer_epochs_is_refused_not_looped(folder, tmp_path):
+    """Resumed mid-epoch 2 with --epochs 2, the run closed epoch 2 with 4 of its steps and saved an inconsistent
+    position; resumed again with --epochs 3 it then looped for ever over empty epochs (numbered checkpoints every
+    20, SIGTERM unheard)."""
+    out = tmp_path / "out"
+    fit_until_interrupted(Trainer(tiny(folder, out, "--epochs", "3", "--save-every-steps", "1")), 7)
+    before = (out / "checkpoint.pth").read_bytes()
+    with pytest.raises(ConfigError, match=r"at iteration 7 \(epoch 2\), past the end of this configuration's 6 "
+                                          r"iterations \(2 epochs of 3\).* pass --epochs 3 or more"):
+        Trainer(tiny(folder, out, "--epochs", "2"))
+    assert (out / "checkpoint.pth").read_bytes() == before
+    summary = Trainer(tiny(folder, out, "--epochs", "3")).fit()
+    assert summary["iterations"] == 9 and _state(out)["epoch"] == 3
+
+
+def test_a_budgeted_run_resumed_after_its_plan_keeps_re_planning(folder, tmp_path):
+    """The re-plans still due (and the speed baseline) were not in the checkpoint: a resumed run kept its first
+    8-iteration estimate and missed the budget by a third. A run stopped before its plan resumes with the same
+    provisional schedules (they were rebuilt from the resume point: other weight decay values)."""
+    out = tmp_path / "out"
+    t = Trainer(tiny(folder, out, "--time-budget-minutes", "0.2", "--epochs", "1", "--save-every-steps", "1"))
+    fit_until_interrupted(t, Trainer.CALIBRATION_ITERS + 2)
+    saved = _state(out)["plan"]
+    assert saved["from_budget"] and saved["replans"] and len(saved["replan_since"]) == 2
+    r = Trainer(tiny(folder, out, "--time-budget-minutes", "0.2", "--epochs", "1"))
+    assert r._replans == [tuple(x) for x in saved["replans"]] and list(r._replan_since) == saved["replan_since"]
+    early = tmp_path / "early"
+    t = Trainer(tiny(folder, early, "--time-budget-minutes", "0.2", "--epochs", "1", "--save-every-steps", "1"))
+    provisional = (t.plan, t.wd_schedule.copy())
+    fit_until_interrupted(t, 4)
+    r = Trainer(tiny(folder, early, "--time-budget-minutes", "0.2", "--epochs", "1"))
+    assert r.plan == provisional[0] and (r.wd_schedule == provisional[1]).all()
+
+
+def test_a_resume_that_cannot_load_names_the_options_that_differ(folder, tmp_path):
+    """--norm-last-layer false on a run made with true was torch's "loaded state dict contains a parameter group
+    that doesn't match the size of optimizer's group", naming no option."""
+    out = tmp_path / "out"
+    Trainer(tiny(folder, out, "--epochs", "1")).fit()
+    with pytest.raises(CheckpointError, match=r"options that differ from that run's: norm_last_layer True -> False"):
+        Trainer(tiny(folder, out, "--epochs", "2", "--set", "norm_last_layer=false"))
+
+
+def test_losing_the_console_does_not_stop_training(folder, tmp_path):
+    """stderr piped into a `head -1` that ended (BrokenPipeError at the next console line) stopped the run with no
+    checkpoint of the finished epoch and no message; a closed stderr (2>&-) crashed before the first step."""
+    import shlex
+
+    common = ["--data", str(folder), *TINY_VIT, "--batch-size-per-gpu", "4", "--epochs", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = shlex.join([sys.executable, "-m", "dinokit", "train", "--output-dir", str(tmp_path / "closed"), *common])
+    r = subprocess.run(["bash", "-c", cmd + " 2>&-"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-2000:]
+    assert _state(tmp_path / "closed")["epoch"] == 2
+    proc = subprocess.Popen([sys.executable, "-m", "dinokit", "train", "--output-dir", str(tmp_path / "pipe"),
+                             *common], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
+    proc.stderr.readline()
+    proc.stderr.close()  # the reader is gone: every later console line meets a broken pipe
+    assert proc.wait(timeout=300) == 0
+    assert _state(tmp_path / "pipe")["epoch"] == 2

@@ -170,7 +170,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                               f"containers, and unpickling it could run code ({what})") from None
     except Exception as e:  # truncated zip, bad magic number, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load checkpoint {path}: {first}") from None
+        raise CheckpointError(f"cannot load checkpoint {path}: truncated or corrupt ({first})") from None
     if not isinstance(obj, dict) or "student" not in obj:
         raise CheckpointError(f"{path} is not a dinokit training checkpoint (no 'student' entry)")
     return obj

@@ -14,6 +14,7 @@ import os
 import sys
 import warnings
 
+from .console import eprint
 from .errors import DinokitError
 
 # command name -> module under dinokit.commands (a missing module is simply not offered)
@@ -157,25 +158,25 @@ def main(argv: list[str] | None = None) -> int:
             return int(args._run(args) or 0)
     except DinokitError as e:
         if not (getattr(e, "label", "") == "stopped" and os.environ.get("RANK", "0") != "0"):  # every rank stops
-            print(f"dinokit {args.command}: {getattr(e, 'label', 'error')}: {_message(e)}", file=sys.stderr)
+            eprint(f"dinokit {args.command}: {getattr(e, 'label', 'error')}: {_message(e)}")
         return e.exit_code
     except Terminated:
-        print(f"dinokit {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        eprint(f"dinokit {args.command}: terminated (SIGTERM)")
         return 143
     except KeyboardInterrupt:
-        print(f"dinokit {args.command}: interrupted", file=sys.stderr)
+        eprint(f"dinokit {args.command}: interrupted")
         return 130
     except OSError as e:  # the file system refused (permissions, a folder where a file goes, a full disk, ...)
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"dinokit {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        eprint(f"dinokit {args.command}: error: {e.strerror or e}{where}")
         return 1
     except Exception as e:
         if not _peer_failed(e):
             raise
         # e.g. rank 0 refused the output folder and exited: the others only see their collective fail
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"dinokit {args.command}: error: another process of this job stopped (its own message says why); "
-              f"rank {os.environ.get('RANK', '?')} stopped too ({first[:200]})", file=sys.stderr)
+        eprint(f"dinokit {args.command}: error: another process of this job stopped (its own message says why); "
+              f"rank {os.environ.get('RANK', '?')} stopped too ({first[:200]})")
         return 2
 
 

@@ -49,6 +49,7 @@ from .checkpoint import (
     write_text_atomic,
 )
 from .config import TrainConfig, config_to_dict
+from .console import eprint, stderr_is_tty
 from .dtypes import EMULATED_BF16, at_least_fp32, cpu_supports_bf16
 from .errors import CheckpointError, ConfigError, DinokitError
 from .head import DINOHead
@@ -899,7 +900,9 @@ class Trainer:
             "iteration": self.iteration,
             "step_in_epoch": self.step_in_epoch,
             "plan": {"niter_per_ep": self.plan.niter_per_ep, "epochs": self.plan.epochs,
-                     "total_iters": self.plan.total_iters, "from_budget": self.planned_from_budget},
+                     "total_iters": self.plan.total_iters, "from_budget": self.planned_from_budget,
+                     "replans": [list(r) for r in self._replans],
+                     "replan_since": list(getattr(self, "_replan_since", (0, 0.0)))},
             "train_seconds": self.train_seconds,
             "skipped_steps": self.skipped_steps,
             "knn_history": self.knn_history,
@@ -938,12 +941,16 @@ class Trainer:
                 f"{len(self.dataset)} images): the schedules and the epoch count would not continue. Use the same "
                 f"batch size, number of processes and data as the run, or another --output-dir.")
 
+    def _changed_options(self, ckpt: dict) -> list[str]:
+        """``"name old -> new"`` for the options (beyond :attr:`RESUME_FREE_OPTIONS`) that differ from the run's."""
+        saved = _saved_config(ckpt)
+        return [f"{k} {saved[k]!r} -> {v!r}" for k, v in config_to_dict(self.cfg).items()
+                if k not in self.RESUME_FREE_OPTIONS and k in saved and saved[k] != v
+                and not (k == "data_path" and _same_data_spec(saved[k], v))]
+
     def _warn_changed_options(self, ckpt: dict, path: Path) -> None:
         """After a successful resume: name the options (beyond :attr:`RESUME_FREE_OPTIONS`) that differ."""
-        saved = _saved_config(ckpt)
-        changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in config_to_dict(self.cfg).items()
-                   if k not in self.RESUME_FREE_OPTIONS and k in saved and saved[k] != v
-                   and not (k == "data_path" and _same_data_spec(saved[k], v))]
+        changed = self._changed_options(ckpt)
         world = ckpt.get("world")
         if isinstance(world, int) and world != self.world:  # the same global batch can be split differently
             changed.append(f"processes {world} -> {self.world}")
@@ -971,7 +978,9 @@ class Trainer:
             first = str(e).strip().splitlines()[0]
             student = ckpt.get("student") if isinstance(ckpt.get("student"), dict) else {}
             first = _state_mismatch(self.student.state_dict(), student) or first
-            raise CheckpointError(f"cannot resume from {path}: it does not match this configuration ({first}). "
+            changed = self._changed_options(ckpt)
+            which = f"; options that differ from that run's: {'; '.join(changed)}" if changed else ""
+            raise CheckpointError(f"cannot resume from {path}: it does not match this configuration ({first}{which}). "
                                   f"Use another --output-dir or the same options as that run.") from None
         if self.scaler is not None and ckpt.get("fp16_scaler"):
             self.scaler.load_state_dict(ckpt["fp16_scaler"])
@@ -992,6 +1001,14 @@ class Trainer:
             self.plan = Plan(plan["niter_per_ep"], plan["epochs"], plan["total_iters"])
             self.planned_from_budget = True
             self._build_schedules()
+            # the re-plans still due, and the speed baseline they measure from (a resumed run re-planned never)
+            self._replans = [(float(f), int(i)) for f, i in plan.get("replans", [])]
+            self._replan_since = tuple(plan.get("replan_since", (self.iteration, self.train_seconds)))
+        elif (plan and self.cfg.time_budget_minutes > 0 and _saved_config(ckpt).get("time_budget_minutes")
+              and plan.get("total_iters", 0) > self.iteration):
+            # stopped before the budget's plan: the same provisional schedules as before the stop
+            self.plan = Plan(plan["niter_per_ep"], plan["epochs"], plan["total_iters"])
+            self._build_schedules()
         elif self.cfg.time_budget_minutes > 0 and self.train_seconds >= self.cfg.time_budget_minutes * 60:
             # a budget added on resume that the run has already spent: end here (closing the epoch in progress),
             # not after the timed iterations and one more
@@ -1002,6 +1019,13 @@ class Trainer:
                               f"({format_duration(self.train_seconds)} trained): no iteration left")
         elif self.cfg.time_budget_minutes > 0:  # killed before the budget's plan, or a budget added on resume
             self._provisional_plan(self.iteration)
+        if self.iteration > self.plan.total_iters:  # e.g. --epochs lowered below where the run is
+            raise ConfigError(
+                f"cannot resume from {path}: the run is at iteration {self.iteration} (epoch {self.epoch}), past the "
+                f"end of this configuration's {self.plan.total_iters} iterations ({self.plan.epochs} epochs of "
+                f"{self.plan.niter_per_ep}): nothing to train. Its checkpoint is the run's result; to train on, pass "
+                f"--epochs {math.ceil(self.iteration / self.plan.niter_per_ep) + (0 if self.step_in_epoch else 1)} "
+                "or more")
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
         self._log_console(f"resumed from {path} at epoch {self.epoch}, iteration {self.iteration}")
@@ -1094,7 +1118,7 @@ class Trainer:
 
     def _log_console(self, msg: str) -> None:
         if self.main:
-            print(f"[dinokit] {msg}", file=sys.stderr, flush=True)
+            eprint(f"[dinokit] {msg}")
 
     def _warn(self, msg: str) -> None:
         """A warning of the run (rank 0 only), as every dinokit warning: ``dinokit: ...``, which the CLI prints as
@@ -1353,19 +1377,20 @@ class Trainer:
         calib = {"n": 0, "t": 0.0}
         self._stop_check_at, self._stop_check_since = 0, (self.iteration, time.perf_counter())  # world > 1
         need_plan = cfg.time_budget_minutes > 0 and not self.planned_from_budget
-        since = (0, 0.0)
         last, window = {}, None
         # a run stopped on its last iteration resumes with that epoch still to close (step_in_epoch > 0)
         while self.iteration < self.plan.total_iters or self.step_in_epoch:
             epoch = self.epoch
             self.sampler.set_epoch(epoch, self.step_in_epoch)
             n_this_epoch = min(self.plan.niter_per_ep, self.plan.total_iters - epoch * self.plan.niter_per_ep)
+            if n_this_epoch <= 0 and not self.step_in_epoch:  # never an epoch without steps (it looped for ever)
+                break
             sums = {"loss": 0.0, "koleo": 0.0, "loss_n": 0, "n": 0, "data_wait": 0.0, "step": 0.0}
             if self.step_in_epoch:  # resumed mid-epoch: the epoch's mean loss goes on from the checkpoint's sums
                 sums["loss"], sums["loss_n"], last, sums["koleo"] = self._epoch_progress
             window = window or dict.fromkeys(sums, 0)  # the same sums since the last "train" record
             bar = tqdm(total=n_this_epoch, initial=self.step_in_epoch, desc=f"epoch {epoch}", leave=False,
-                       disable=not self.main or not sys.stderr.isatty(), dynamic_ncols=True)
+                       disable=not self.main or not stderr_is_tty(), dynamic_ncols=True)
             t_prev = time.perf_counter()
             self._batches = iter(self.loader) if self.step_in_epoch < n_this_epoch else iter(())
             for batch in self._batches:
@@ -1399,11 +1424,12 @@ class Trainer:
                     if calib["n"] >= self.CALIBRATION_ITERS or (calib["n"] > 2 and calib["t"] > 20):
                         self._plan_from_budget(calib["t"] / (calib["n"] - 2))
                         need_plan, planned = False, True
-                        since = (self.iteration, self.train_seconds)
+                        self._replan_since = (self.iteration, self.train_seconds)
                 elif self._replans and self.iteration >= self._replans[0][1]:
                     # speed since the first plan; _plan_from_budget re-predicts the later re-plans from it
                     self._replans.pop(0)
-                    self._plan_from_budget((self.train_seconds - since[1]) / max(self.iteration - since[0], 1),
+                    since_it, since_s = self._replan_since
+                    self._plan_from_budget((self.train_seconds - since_s) / max(self.iteration - since_it, 1),
                                            again=True)
                     planned = True
                 if planned:

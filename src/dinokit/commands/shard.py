@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
+from ..console import eprint, stderr_is_tty
 from ..errors import ConfigError
 
 HELP = "write a folder of images as WebDataset tar shards (for --data 'SHARDS/{000000..NNNNNN}.tar')"
@@ -54,11 +54,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {out} is inside --data {data}: the shards would become part of the images they "
                           "were made from (a class folder of their own next time); give a folder outside it")
     t0 = time.perf_counter()
-    tty = sys.stderr.isatty()
+    tty = stderr_is_tty()
 
     def progress(done: int, total: int) -> None:
         if tty and (done % 200 == 0 or done == total):
-            print(f"\r{done}/{total} images", end="" if done < total else "\n", file=sys.stderr, flush=True)
+            eprint(f"\r{done}/{total} images", end="" if done < total else "\n")
 
     index = write_shards(args.data, out, maxcount=args.maxcount, maxsize=int(args.maxsize_mb * 2**20),
                          shuffle=args.shuffle, seed=args.seed, progress=progress)

@@ -167,7 +167,8 @@ def write_attention_video(model: nn.Module, source: str | Path, out_dir: str | P
     # or is interrupted leaves the previous results as they were, and a successful one replaces all of them
     stage: Path | None = None
     writer, size, video_size, maps, n = None, None, None, [], 0
-    bar = tqdm(total=count, desc="attention video", unit="frame", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=count, desc="attention video", unit="frame", disable=None if progress else True,
+               dynamic_ncols=True)
     was_training = model.training
     model.eval()
     try:

@@ -320,7 +320,7 @@ def extract_outputs(model: nn.Module, data, fn: Callable[[nn.Module, torch.Tenso
     labels: list[torch.Tensor] = []
     pos = 0
     try:
-        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        for batch in tqdm(loader, desc=desc, disable=None if progress else True, leave=False, dynamic_ncols=True):
             images, target = (batch[0], batch[1]) if isinstance(batch, list | tuple) else (batch, None)
             images = images.to(device, non_blocking=True).float()
             with eval_autocast(precision, device):

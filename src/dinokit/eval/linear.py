@@ -136,7 +136,7 @@ def _run_epochs(sweep: LinearSweep, batches, val_feats, val_labels, epochs: int,
     from tqdm import tqdm
 
     history: list[list[dict]] = []
-    bar = tqdm(range(epochs), desc="linear", disable=not progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(range(epochs), desc="linear", disable=None if progress else True, leave=False, dynamic_ncols=True)
     for epoch in bar:
         totals = [0.0] * len(sweep.lrs)
         count = 0

@@ -538,7 +538,7 @@ def extract_descriptors(model: nn.Module, items: Sequence, loader: Callable, des
     out = []
     scales = MULTISCALES if multiscale else (1.0,)
     try:
-        for b, x in enumerate(tqdm(dl, desc=desc, disable=not progress, leave=False)):
+        for b, x in enumerate(tqdm(dl, desc=desc, disable=None if progress else True, leave=False)):
             _check_patch_grid(model, x, images.items[b * batch_size], loader, scales)  # a batch shares one size
             x = x.to(device, non_blocking=True)
             f = _multiscale(model, x, descriptor, MULTISCALES) if multiscale else describe(model, x, descriptor)
