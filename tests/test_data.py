@@ -406,3 +406,48 @@ def test_download_fashion_mnist(tmp_path, monkeypatch, capsys):
     assert D.main(["download-fashion-mnist", str(tmp_path / "other")]) == DataError.exit_code
     err = capsys.readouterr().err
     assert err.startswith("dinokit: error: could not download Fashion-MNIST") and "no network" in err
+
+
+def test_a_class_folder_that_cannot_be_listed_is_an_error_not_left_out(tmp_path, monkeypatch):
+    """os.walk skipped an unreadable sub-folder without a word: training and k-NN ran on part of the data (a class
+    lost: k-NN said "1 classes", 100%)."""
+    import os
+
+    from dinokit.data import ImageFolderDataset
+
+    from .helpers import make_image_folder
+
+    root = make_image_folder(tmp_path / "imgs", n_per_class=2)
+    hidden = sorted(p for p in root.iterdir() if p.is_dir())[1]
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == os.fspath(hidden):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match=f"cannot list {hidden} \\(under the image directory .*\\): Permission denied"):
+        ImageFolderDataset(root)
+
+
+def test_an_unreadable_file_is_warned_once_not_once_per_loader_worker(tmp_path):
+    """Each DataLoader worker warned of the same file (111 deleted files gave 222 warnings with 2 workers). A worker
+    holds a copy of the data set sharing its flags, and a process-local record of the warnings given."""
+    import copy
+
+    import dinokit.data as D
+
+    from .helpers import make_image_folder
+
+    root = make_image_folder(tmp_path / "imgs", n_per_class=2)
+    bad = sorted(root.rglob("*.png"))[0]
+    bad.write_bytes(b"")
+    ds = D.ImageFolderDataset(root)
+    worker = copy.copy(ds)  # the same shared-memory flags, as a forked or spawned worker has
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        ds.load(0)
+    D._SKIPPED.discard(str(bad))  # the other process has not warned
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        worker.load(0)

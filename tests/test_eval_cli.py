@@ -727,3 +727,37 @@ def test_output_protection_covers_hard_links_and_idx_files_but_not_earlier_resul
     for name in ("positives.json", "ImageSets/2017/val.txt"):
         with pytest.raises(ConfigError, match="is a file of the --root data set"):
             refuse_overwriting_inputs(root / name, "--output", roots={"--root": root})
+
+
+def test_features_on_a_full_disk_is_one_line_exit_1_and_the_old_file_stays(setup, tmp_path, monkeypatch, capsys):
+    """safetensors reports a full disk as SafetensorError, which features did not catch (a traceback); features
+    were written in place (a failure could cut the previous file) and 0600 (export: 0644)."""
+    import stat
+
+    import safetensors.torch as st
+    from safetensors import SafetensorError
+
+    tmp, train, _, ckpt, _ = setup
+    out = tmp_path / "f.safetensors"
+    args = ["features", "--weights", str(ckpt), "--data", str(train), "--out", str(out), "--num-workers", "0",
+            *COMMON]
+    assert main(args) == 0
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~_umask()
+    before = out.read_bytes()
+    capsys.readouterr()
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(st, "save_file", full)
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: cannot write {out}: Error while serializing" in err, err
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["f.safetensors"]
+
+
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old

@@ -438,6 +438,26 @@ def test_a_failed_or_interrupted_shard_run_leaves_nothing_and_can_be_run_again(t
     assert sorted(p.name for p in out.iterdir()) == ["000000.tar", "000001.tar", "000002.tar", "index.json"]
 
 
+def test_a_shard_run_on_a_full_disk_names_the_folder_and_cleans_up(tmp_path, monkeypatch, capsys):
+    """It said only "dinokit shard: error: No space left on device"."""
+    import dinokit.shards as S
+
+    data = make_image_folder(tmp_path / "imgs", n_per_class=3)
+    real, calls = S._encode, [0]
+
+    def full(path):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise OSError(28, "No space left on device")
+        return real(path)
+
+    monkeypatch.setattr(S, "_encode", full)
+    out = tmp_path / "o"
+    assert main(["shard", "--data", str(data), "--out", str(out), "--maxcount", "2"]) == 1
+    assert capsys.readouterr().err == f"dinokit shard: error: cannot write {out}: No space left on device\n"
+    assert not out.exists()
+
+
 def test_a_shard_run_killed_with_sigterm_cleans_up_as_after_ctrl_c(tmp_path):
     """``kill`` (SIGTERM) ended the process without Python's cleanup: the partial .tar files stayed and the same
     command then refused the folder. Every command but train (which stops itself with a checkpoint) now turns
@@ -462,3 +482,35 @@ def test_a_shard_run_killed_with_sigterm_cleans_up_as_after_ctrl_c(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and err.strip().splitlines()[-1] == "dinokit shard: terminated (SIGTERM)", err
     assert not out.exists()
+
+
+def test_an_output_folder_that_is_a_dangling_symlink_is_named(tmp_path, capsys):
+    """mkdir through a link to nowhere said only "File exists" (train, shard, attention)."""
+    from dinokit.errors import ConfigError
+    from dinokit.trainer import Trainer
+
+    from .test_trainer import tiny
+
+    data = make_image_folder(tmp_path / "imgs", n_per_class=3)
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "nowhere")
+    assert main(["shard", "--data", str(data), "--out", str(link)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {link} is a symbolic link to {tmp_path / 'nowhere'}, which does not exist" in err
+    with pytest.raises(ConfigError, match="is a symbolic link to .*nowhere, which does not exist"):
+        Trainer(tiny(data, link))
+
+
+def test_a_unicode_path_on_an_ascii_console_does_not_fail_after_the_work(tmp_path):
+    """PYTHONIOENCODING=ascii: the final "wrote ..." line raised UnicodeEncodeError (exit 1) after the shards
+    were written."""
+    import os
+    import subprocess
+    import sys
+
+    data = make_image_folder(tmp_path / "imgs", n_per_class=2)
+    out = tmp_path / "schärds"
+    r = subprocess.run([sys.executable, "-m", "dinokit", "shard", "--data", str(data), "--out", str(out)],
+                       capture_output=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert r.returncode == 0, r.stderr.decode(errors="replace")[-1500:]
+    assert b"sch\\xe4rds" in r.stdout and (out / "index.json").is_file()

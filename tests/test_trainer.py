@@ -13,7 +13,7 @@ import torch
 from dinokit.cli import build_parser
 from dinokit.commands.train import config_from_args
 from dinokit.config import TrainConfig
-from dinokit.errors import CheckpointError, ConfigError
+from dinokit.errors import CheckpointError, ConfigError, DinokitError
 from dinokit.trainer import NonFiniteLossError, Trainer
 
 from .helpers import TINY_VIT, fit_until_interrupted, make_fashion_like, make_image_folder
@@ -848,3 +848,54 @@ def test_losing_the_console_does_not_stop_training(folder, tmp_path):
     proc.stderr.close()  # the reader is gone: every later console line meets a broken pipe
     assert proc.wait(timeout=300) == 0
     assert _state(tmp_path / "pipe")["epoch"] == 2
+
+
+def test_a_tensorboard_write_that_fails_turns_tensorboard_off_not_the_run(folder, tmp_path, monkeypatch):
+    """A full disk under OUT/tensorboard stopped training with "error: No space left on device", naming no file;
+    a log.jsonl write failing before any checkpoint said "the last checkpoint ... is intact"."""
+    pytest.importorskip("torch.utils.tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    def full(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(SummaryWriter, "add_scalar", full)
+    out = tmp_path / "out"
+    t = Trainer(tiny(folder, out, "--epochs", "1"))
+    with pytest.warns(UserWarning, match=r"TensorBoard logging stopped: cannot write .*tensorboard \(No space left "
+                                         r"on device\); log.jsonl goes on") as record:
+        assert t.fit()["iterations"] == 3
+    assert sum("TensorBoard" in str(w.message) for w in record) == 1
+    monkeypatch.undo()
+    fresh = tmp_path / "fresh"
+    t = Trainer(tiny(folder, fresh, "--epochs", "1"))
+    (fresh / "log.jsonl").mkdir()  # any write error of the log
+    with pytest.raises(DinokitError, match="could not write .*log.jsonl .*no checkpoint had been written yet"):
+        t.fit()
+
+
+def test_a_numbered_copy_lost_to_a_full_disk_is_named_and_a_folder_in_the_way_refused_at_start(folder, tmp_path,
+                                                                                               monkeypatch):
+    """The message said "the previous checkpoint ... is intact" of the file just written, and nothing said that
+    checkpoint0000.pth would never be written; checkpoint.pth being a folder wasted an epoch before failing."""
+    import dinokit.trainer as T
+
+    real = T.save_checkpoint
+
+    def full(state, path):
+        if path.name != "checkpoint.pth":
+            raise OSError(28, "No space left on device")
+        real(state, path)
+
+    monkeypatch.setattr(T, "save_checkpoint", full)
+    out = tmp_path / "out"
+    with pytest.raises(DinokitError, match=r"checkpoint.pth holds this state \(epoch 1\); its numbered copy "
+                                           r"checkpoint0000.pth is missing: once there is room, cp .*checkpoint.pth "
+                                           r".*checkpoint0000.pth"):
+        Trainer(tiny(folder, out)).fit()
+    assert _state(out)["epoch"] == 1
+    monkeypatch.undo()
+    other = tmp_path / "other"
+    (other / "checkpoint.pth").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="checkpoint.pth is a folder, where the run writes its checkpoint.pth"):
+        Trainer(tiny(folder, other))

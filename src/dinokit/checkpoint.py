@@ -104,13 +104,42 @@ def chmod_like_new_file(path: str | Path) -> None:
         pass
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``.NAME.tmp`` beside ``path``, then rename it onto ``path``: a crash leaves the previous
-    file whole, and a hard link to ``path`` keeps its old content. ``OSError`` is the caller's to report."""
+def _replace_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to ``.NAME.tmp`` beside ``path``, then rename it onto ``path``: a crash leaves the previous
+    file whole, and a hard link to ``path`` keeps its old content; a failed write (a full disk) leaves no
+    temporary file behind. ``OSError`` is the caller's to report."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        chmod_like_new_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`_replace_atomically`)."""
+    _replace_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file`` to ``path`` atomically, readable as a plain new file is (safetensors makes
+    0600 files); its I/O errors (``SafetensorError``, e.g. a full disk) raise as ``OSError``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as e:
+            raise OSError(str(e).strip().splitlines()[0]) from None
+
+    _replace_atomically(path, write)
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:

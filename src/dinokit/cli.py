@@ -143,6 +143,11 @@ def _peer_failed(e: BaseException) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    for stream in (sys.stdout, sys.stderr):  # a path the console's encoding cannot show must not end the command
+        try:  # after its work ("wrote ..." to an ASCII or Latin-1 terminal raised UnicodeEncodeError)
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):  # None, closed, or not a text stream (pytest's capture)
+            pass
     only = argv[0] if argv and argv[0] in COMMANDS else None
     parser = build_parser(only)
     args, extra = parser.parse_known_args(argv)

@@ -202,13 +202,18 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             samples: list[tuple[str, int]] = [
                 (e.path, -1) for e in entries if not e.is_dir() and _is_image_file(e.name)
             ]
+            def unlistable(err: OSError):  # os.walk skipped such a folder silently: a class or part of one lost
+                raise err
+
             for label, name in enumerate(self.classes):
-                for dirpath, _, fnames in sorted(os.walk(self.root / name, followlinks=True)):
+                for dirpath, _, fnames in sorted(os.walk(self.root / name, followlinks=True, onerror=unlistable)):
                     for fname in sorted(fnames):
                         if _is_image_file(fname):
                             samples.append((os.path.join(dirpath, fname), label))
         except OSError as err:
-            raise DataError(f"cannot list image directory {self.root}: {err}") from err
+            where = err.filename or self.root
+            raise DataError(f"cannot list {where} (under the image directory {self.root}): "
+                            f"{err.strerror or err}") from err
         if not samples:
             raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}")
         self.samples: list[tuple[str, int]] = samples
@@ -237,9 +242,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def _mark_bad(self, index: int, err: Exception) -> None:
         path = self.samples[index][0]
         self._bad.add(index)
+        known = bool(self._bad_shared[index])  # found by another DataLoader worker already: warned there
         self._bad_shared[index] = True
         self.skipped.add(path)
-        if path not in _SKIPPED:
+        if path not in _SKIPPED and not known:
             _SKIPPED.add(path)
             what = "using the next image instead" if self.unreadable == "substitute" else "it is left out"
             warnings.warn(f"dinokit: skipping unreadable image {path} ({err}); {what}", UserWarning, stacklevel=3)

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-__all__ = ["DinokitError", "ConfigError", "DataError", "CheckpointError"]
+import errno
+
+__all__ = ["DinokitError", "ConfigError", "DataError", "CheckpointError", "write_failed"]
 
 
 class DinokitError(Exception):
@@ -28,3 +30,16 @@ class CheckpointError(DinokitError):
     """A file that is not a (safe) checkpoint, or one for another architecture."""
 
     exit_code = 2
+
+
+#: write errors of the machine, not of the path the user gave: a full disk or quota, a failing device
+_RUNTIME_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG}
+
+
+def write_failed(path, e: OSError, bad_input: type[DinokitError] | None = None) -> DinokitError:
+    """The error for a result that could not be written to ``path``: exit 1 (a runtime failure, as the docs'
+    exit codes say) for a full disk or an I/O error, else ``bad_input`` (default :class:`DataError`, exit 2:
+    a folder that refuses files, a path through a file, ...)."""
+    runtime = e.errno in _RUNTIME_WRITE_ERRORS or "No space left" in str(e)  # safetensors' errors carry no errno
+    cls = DinokitError if runtime else (bad_input or DataError)
+    return cls(f"cannot write {path}: {e.strerror or e}")

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import chmod_like_new_file
-from .errors import CheckpointError
+from .checkpoint import save_safetensors_atomic
+from .errors import CheckpointError, write_failed
 from .weights import (
     checkpoint_arch_hints,
     extract_backbone_state_dict,
@@ -81,9 +81,6 @@ def export_backbone(checkpoint_path: str | os.PathLike, out_path: str | os.PathL
     ViT whose file does not record them (a bare state dict; the weights' shapes cannot tell); it is written to the
     metadata, which later loads trust. ``out_path`` may not be ``checkpoint_path`` itself. Returns the metadata
     written (plus ``path`` and ``timm_name``)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     from .models import build_backbone
     from .weights import build_kwargs, load_state_dict_strict
 
@@ -118,18 +115,10 @@ def export_backbone(checkpoint_path: str | os.PathLike, out_path: str | os.PathL
         meta["timm_name"] = name
     if out.is_dir():
         raise CheckpointError(f"cannot write {out}: it is a folder; give a file name")
-    tmp = out.with_name(f".{out.name}.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata=meta)
-        chmod_like_new_file(tmp)
-        os.replace(tmp, out)
-    except (OSError, SafetensorError) as e:  # safetensors reports I/O errors as SafetensorError, not OSError
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
-        raise CheckpointError(f"cannot write {out}: {why}") from None
+        save_safetensors_atomic(tensors, out, meta)
+    except OSError as e:
+        raise write_failed(out, e, CheckpointError) from None
     return {**meta, "path": str(out), "n_tensors": len(tensors),
             "n_params": int(sum(t.numel() for t in tensors.values()))}

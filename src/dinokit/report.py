@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .checkpoint import can_create_in, write_text_atomic
-from .errors import CheckpointError, ConfigError, DataError, DinokitError
+from .errors import CheckpointError, ConfigError, DataError, DinokitError, write_failed
 
 __all__ = ["write_report", "read_log"]
 
@@ -534,5 +534,5 @@ pre{{background:#f5f5f5;padding:.8em;overflow:auto;font-size:.85em}} .note{{colo
     try:
         write_text_atomic(out, page)
     except OSError as e:
-        raise DataError(f"cannot write {out}: {e.strerror or e}") from None
+        raise write_failed(out, e) from None
     return out

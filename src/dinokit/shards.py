@@ -57,7 +57,7 @@ from typing import Any
 import torch
 
 from .checkpoint import write_text_atomic
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, write_failed
 
 __all__ = ["INDEX_NAME", "expand_braces", "is_shard_spec", "resolve_shards", "ShardWriter", "write_shards",
            "ShardStream", "SeededTransform", "decode_image", "decoded", "build_shard_loader"]
@@ -295,11 +295,13 @@ def write_shards(data: str | os.PathLike, out: str | os.PathLike, maxcount: int 
         indexed = True  # close() wrote this run's index
         if written == 0:
             raise DataError(f"none of the images under {data} could be read")
-    except BaseException:  # an error or Ctrl-C: no partial shards (the same command then starts again)
+    except BaseException as e:  # an error or Ctrl-C: no partial shards (the same command then starts again)
         for name in [s["name"] for s in writer.shards] + ([INDEX_NAME] if indexed else []):
             (folder / name).unlink(missing_ok=True)
         if created and not any(folder.iterdir()):
             folder.rmdir()
+        if isinstance(e, OSError) and not e.filename:  # a full disk said only "No space left on device"
+            raise write_failed(folder, e) from None
         raise
     return json.loads((folder / INDEX_NAME).read_text())
 

@@ -746,6 +746,12 @@ class Trainer:
             return
         if self.out.exists() and not self.out.is_dir():
             raise ConfigError(f"output directory {self.out} is a file, not a folder")
+        if self.out.is_symlink() and not self.out.exists():
+            raise ConfigError(f"output directory {self.out} is a symbolic link to {os.readlink(self.out)}, which does "
+                              "not exist: create its target or give another --output-dir")
+        for name in ("checkpoint.pth", "log.jsonl", "config.yaml"):  # every save would fail (after an epoch's work)
+            if (self.out / name).is_dir():
+                raise ConfigError(f"{self.out / name} is a folder, where the run writes its {name}: move it away")
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             probe_write(self.out)
@@ -808,11 +814,23 @@ class Trainer:
             self._tb_write(record)
         self._tb_replay = []
 
-    def _tb_write(self, record: dict[str, Any]) -> None:
-        kind = record.get("type", "train")
-        for k, v in record.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "iteration"):
-                self._tb.add_scalar(f"{kind}/{k}", v, record.get("iteration", 0))
+    def _tb_write(self, record: dict[str, Any] | None) -> None:
+        """Write a record's numbers to TensorBoard (``None``: flush). TensorBoard is a convenience beside log.jsonl:
+        a write the file system refuses (a full disk) turns it off with one warning; the run goes on."""
+        if self._tb is None:
+            return
+        try:
+            if record is None:
+                self._tb.flush()
+                return
+            kind = record.get("type", "train")
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "iteration"):
+                    self._tb.add_scalar(f"{kind}/{k}", v, record.get("iteration", 0))
+        except OSError as e:
+            self._tb = None
+            self._warn(f"TensorBoard logging stopped: cannot write {self.out / 'tensorboard'} ({e.strerror or e}); "
+                       f"log.jsonl goes on")
 
     def _set_aside_log_records_after_the_checkpoint(self) -> None:
         """``log.jsonl`` as of the checkpoint this run resumed from: the records of iterations it will redo (a run
@@ -1053,14 +1071,22 @@ class Trainer:
         state = self.state_dict()  # under FSDP every rank takes part in gathering it
         if not self.main:
             return
+        main, copy = self.out / "checkpoint.pth", self.out / f"checkpoint{self.epoch - 1:04d}.pth"
+        saved_main = False
         try:
-            save_checkpoint(state, self.out / "checkpoint.pth")
+            save_checkpoint(state, main)
+            saved_main = True
             if numbered:
-                save_checkpoint(state, self.out / f"checkpoint{self.epoch - 1:04d}.pth")
+                save_checkpoint(state, copy)
                 rotate_checkpoints(self.out, self.cfg.keep_last)
         except OSError as e:
-            prev = self.out / "checkpoint.pth"
-            kept = f"the previous checkpoint {prev} is intact" if prev.exists() else "no checkpoint was written yet"
+            if saved_main:  # the run's state is saved; only its numbered copy is not (a resume does not redo it)
+                kept = (f"{main} holds this state (epoch {self.epoch}); its numbered copy {copy.name} is missing: "
+                        f"once there is room, cp {main} {copy}")
+            elif main.exists():
+                kept = f"the previous checkpoint {main} is intact"
+            else:
+                kept = "no checkpoint was written yet"
             raise DinokitError(f"could not write a checkpoint to {self.out} ({e.strerror or e}); training stopped, "
                                f"{kept}") from None
         if self._config_pending:
@@ -1144,8 +1170,10 @@ class Trainer:
             with open(self.out / "log.jsonl", "a") as f:
                 f.write(json.dumps(_json_safe(record)) + "\n")  # NaN/inf as null: JSON, not Python's NaN
         except OSError as e:
+            kept = (f"the last checkpoint in {self.out} is intact" if (self.out / "checkpoint.pth").is_file()
+                    else "no checkpoint had been written yet")
             raise DinokitError(f"could not write {self.out / 'log.jsonl'} ({e.strerror or e}); training stopped, "
-                               f"the last checkpoint in {self.out} is intact") from None
+                               f"{kept}") from None
         if self._tb is not None:
             self._tb_write(record)
 
@@ -1493,7 +1521,7 @@ class Trainer:
             numbered = bool(cfg.saveckp_freq) and epoch % cfg.saveckp_freq == 0
             self.save(numbered=numbered)
         if self.main and self._tb is not None:
-            self._tb.flush()
+            self._tb_write(None)
         return {"rank": self.rank, "epochs": self.epoch, "iterations": self.iteration,
                 "train_minutes": self.train_seconds / 60,
                 "images_per_second": self.iteration * self.global_batch / max(self.train_seconds, 1e-9)}

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..checkpoint import can_create_in, write_text_atomic
 from ..data import IMAGE_EXTENSIONS
-from ..errors import CheckpointError, ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError, write_failed
 from ..trainer import resolve_device
 
 __all__ = ["add_model_arguments", "add_precision_argument", "add_whiten_dim_argument", "check_output_dir",
@@ -275,9 +275,14 @@ def check_output_file(path: str | Path, option: str = "--out", **inputs: dict[st
 
 def check_output_dir(path: str | Path, option: str = "--out") -> Path:
     """As :func:`check_output_file` for an output folder (which may exist)."""
+    import os
+
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{option} {path} is a file, not a folder")
+    if path.is_symlink() and not path.exists():  # mkdir said only "File exists"
+        raise ConfigError(f"{option} {path} is a symbolic link to {os.readlink(path)}, which does not exist: create "
+                          "its target or give another folder")
     if not can_create_in(_folder_to_create_in(path, path, option)):
         raise ConfigError(f"{option} {path}: no permission to write there")
     return path
@@ -289,7 +294,7 @@ def write_json(path: str | Path, payload: dict) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(jsonable(payload), indent=2) + "\n")
     except OSError as e:
-        raise DataError(f"cannot write {path}: {e.strerror or e}") from None
+        raise write_failed(path, e) from None
     return path
 
 

@@ -64,10 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from safetensors.torch import save_file
 
     from ..augmentation import eval_resize_size
-    from ..errors import ConfigError, DataError
+    from ..checkpoint import save_safetensors_atomic
+    from ..errors import ConfigError, write_failed
     from ..eval.knn import drop_unreadable, extract_outputs, frozen_features, is_vit
 
     check_positive("--n-last-blocks", args.n_last_blocks)
@@ -123,9 +123,9 @@ def run(args: argparse.Namespace) -> int:
                 side = out.with_name(out.name + ".paths.json")
                 side.write_text(text)
                 meta["paths_file"] = side.name
-        save_file(tensors, str(out), metadata=meta)
+        save_safetensors_atomic(tensors, out, meta)
     except OSError as e:
-        raise DataError(f"cannot write {out}: {e.strerror or e}") from None
+        raise write_failed(out, e) from None
     shape = "x".join(map(str, tensors["features"].shape))
     extra = f", patch_tokens {'x'.join(map(str, tensors['patch_tokens'].shape))}" if args.patch_tokens else ""
     print(f"wrote {out}: features {shape}{extra}{', labels' if 'labels' in tensors else ''} "
