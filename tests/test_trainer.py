@@ -899,3 +899,12 @@ def test_a_numbered_copy_lost_to_a_full_disk_is_named_and_a_folder_in_the_way_re
     (other / "checkpoint.pth").mkdir(parents=True)
     with pytest.raises(ConfigError, match="checkpoint.pth is a folder, where the run writes its checkpoint.pth"):
         Trainer(tiny(folder, other))
+
+
+def test_a_missing_knn_folder_names_its_option(folder, tmp_path):
+    """"image directory /nonexistent does not exist" read as a --data problem."""
+    from dinokit.errors import DataError
+
+    with pytest.raises(DataError, match="^--knn-val: image directory .*nowhere does not exist"):
+        Trainer(tiny(folder, tmp_path / "out", "--knn-every", "1", "--knn-train", str(folder), "--knn-val",
+                     str(tmp_path / "nowhere"))).fit()

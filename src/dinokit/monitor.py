@@ -87,7 +87,10 @@ def knn_data(cfg: TrainConfig):
         tf = knn_transform(cfg)
         sets = []
         for name, spec, split in (("knn_train", cfg.knn_train, "train"), ("knn_val", cfg.knn_val, "test")):
-            ds = build_dataset(spec, transform=tf, split=split, unreadable="leave_out")
+            try:
+                ds = build_dataset(spec, transform=tf, split=split, unreadable="leave_out")
+            except DataError as e:  # "image directory X does not exist" read as a --data problem
+                raise DataError(f"--{name.replace('_', '-')}: {e}") from None
             if isinstance(ds, ImageFolderDataset):  # photos of any size: as dinokit knn evaluates them
                 ds.transform = eval_transform(cfg.global_crop_size)
             if not getattr(ds, "has_labels", False):

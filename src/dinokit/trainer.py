@@ -728,18 +728,36 @@ class Trainer:
         return D.clip_sharded_gradients(model, clip) if self.fsdp else clip_gradients(model, clip)
 
     def _check_same_resume_point(self) -> None:
-        """Every rank reads the checkpoint itself; they must agree (an output_dir on a file system shared by
-        all nodes), else DDP would silently mix states."""
+        """The ranks must agree on what they train before the first step: the same options, the same data (count
+        and file names) and the same resume point (each rank reads the checkpoint itself: an output_dir on a file
+        system shared by all nodes). Otherwise DDP silently mixes states, or, with other batch counts, the ranks
+        meet in different collectives and gloo/NCCL abort mid-epoch without a word."""
         if self.world <= 1 or not D.is_dist():
             return
+        import hashlib
+
+        def digest(text: str) -> int:
+            return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "big")
+
+        options = {k: v for k, v in config_to_dict(self.cfg).items() if k not in ("local_rank", "dist_url")}
+        samples = getattr(self.dataset, "samples", None)
+        root = getattr(self.dataset, "root", None)
+        names = ([os.path.relpath(p, root) for p, _ in samples] if samples is not None and root is not None else [])
+        checks = [("options (every process must be given the same ones)", digest(json.dumps(options, default=str))),
+                  ("number of training images", len(self.dataset)),
+                  ("training image files (every node must see the same data)", digest("\n".join(names))),
+                  ("resume iteration (every node must see the same output directory: a shared file system)",
+                   self.iteration)]
         dev = self.device if self.device.type == "cuda" else torch.device("cpu")
-        lo = torch.tensor([self.iteration], dtype=torch.int64, device=dev)
+        lo = torch.tensor([v for _, v in checks], dtype=torch.int64, device=dev)
         hi = lo.clone()
         torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
         torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
-        if int(lo) != int(hi):
-            raise CheckpointError(f"ranks resumed at different iterations ({int(lo)}..{int(hi)}): every node must "
-                                  f"see the same {self.out} (a shared file system)")
+        differ = [(what, int(a), int(b)) for (what, _), a, b in zip(checks, lo.tolist(), hi.tolist()) if a != b]
+        if differ:
+            shown = [f"{what} ({a}..{b})" if "number" in what or "iteration" in what else what
+                     for what, a, b in differ]
+            raise ConfigError(f"the {self.world} processes of this job disagree on: {'; '.join(shown)}")
 
     def _check_output_dir(self) -> None:
         if not self.main:
@@ -1048,6 +1066,11 @@ class Trainer:
             set_rng_state(ckpt["rng"])
         self._log_console(f"resumed from {path} at epoch {self.epoch}, iteration {self.iteration}")
         self._warn_changed_options(ckpt, path)
+        world = ckpt.get("world")
+        if isinstance(world, int) and world != self.world and is_shard_spec(self.cfg.data_path) and self.step_in_epoch:
+            self._warn(f"{self.world} processes now, {world} when {path} was saved: with tar shards the rest of this "
+                       f"epoch is split differently from the uninterrupted run, so until it ends some images come "
+                       f"twice and as many not at all (later epochs are whole)")
         saved = ckpt.get("loader_workers")
         if (saved is not None and saved != self.loader.num_workers and is_shard_spec(self.cfg.data_path)
                 and self.step_in_epoch):  # at an epoch boundary the next epoch is whole with any count
