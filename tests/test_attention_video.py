@@ -260,3 +260,13 @@ def test_frames_without_zero_padding_are_taken_in_number_order(tmp_path):
     frames, _, count = open_frames(tmp_path)
     got = [(name, img.getpixel((0, 0))[0]) for name, img in frames]
     assert count == 6 and got == [(f"f{i}", i * 20) for i in (0, 1, 2, 3, 10, 11)]
+
+
+def test_a_single_image_is_pointed_to_dinokit_attention(tmp_path):
+    """It became a one-frame video at OpenCV's invented 25 fps."""
+    from dinokit.errors import DataError
+    from dinokit.eval.attention_video import open_frames
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "x.png")
+    with pytest.raises(DataError, match=r"x.png is an image, not a video: dinokit attention --image"):
+        open_frames(tmp_path / "x.png")

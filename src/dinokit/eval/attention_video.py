@@ -65,6 +65,9 @@ def open_frames(source: str | Path) -> tuple[Iterator[tuple[str, Image.Image]], 
         stems = Counter(p.stem for p in files)
         names = [p.stem if stems[p.stem] == 1 else p.name for p in files]  # f1.png and f1.jpg: both kept
         return ((name, load_image(p)) for name, p in zip(names, files)), None, len(files)
+    if src.name.lower().endswith(IMAGE_EXTENSIONS):  # OpenCV reads it as a 1-frame video at a made-up 25 fps
+        raise DataError(f"{src} is an image, not a video: dinokit attention --image {src} draws its maps (a folder "
+                        "of frames makes a video)")
     import cv2
 
     cap = cv2.VideoCapture(str(src))
