@@ -94,6 +94,12 @@ def test_linear_cli(setup, capsys):
     assert rc == 0
     res = json.loads(out.read_text())["linear"]
     assert res["mode"] == "augment" and res["feature_dim"] == 64 and len(res["results"][0]["history"]) == 1
+    torch.manual_seed(12345)  # another state of the global RNG: the crops drawn without loader workers are seeded
+    assert main(["linear", "--weights", str(ckpt), "--train-data", str(train), "--val-data", str(val),
+                 "--n-last-blocks", "1", "--avgpool-patchtokens", "--augment", "--epochs", "1", "--batch-size", "6",
+                 "--num-workers", "0", *COMMON, "--output", str(out)]) == 0
+    again = json.loads(out.read_text())["linear"]
+    assert again["results"][0]["history"] == res["results"][0]["history"]
 
 
 def test_features_cli(setup, capsys):

@@ -64,8 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--augment", action="store_true",
                    help="reference protocol: augmented images every epoch (slow) instead of cached features")
     add_eval_size_arguments(d)
-    d.add_argument("--val-freq", type=int, default=1, help="validate every N epochs (default: 1)")
-    d.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed (default: 0)")
+    d.add_argument("--val-freq", type=int, default=1,
+                   help="validate after epochs 1, 1+N, 1+2N, ... and the last, as the reference (default: 1)")
+    d.add_argument("--seed", type=int, default=0,
+                   help="initialisation, shuffling and --augment's crops seed (default: 0)")
     add_precision_argument(d)
     d.add_argument("--output", metavar="FILE", default=None, help="write the results as JSON (percent)")
 
@@ -94,13 +96,15 @@ def run(args: argparse.Namespace) -> int:
                        precision=args.precision)
     print(f"linear probe ({res['mode']}): {res['n_train']} train / {res['n_val']} val images, "
           f"{res['num_labels']} classes, {res['feature_dim']}-d features, {args.epochs} epochs")
-    rows = [[f"{r['lr']:g}", f"{r['lr_scaled']:.3g}", f"{r['best']['top1']:.2f}", f"{r['best']['top5']:.2f}",
-             r["best"]["epoch"], f"{r['last']['top1']:.2f}", f"{r['last']['top5']:.2f}"]
-            for r in res["results"]]
+    def p2(v):  # top-5 is None with fewer than 5 classes
+        return "n/a" if v is None else f"{v:.2f}"
+
+    rows = [[f"{r['lr']:g}", f"{r['lr_scaled']:.3g}", p2(r["best"]["top1"]), p2(r["best"]["top5"]),
+             r["best"]["epoch"], p2(r["last"]["top1"]), p2(r["last"]["top5"])] for r in res["results"]]
     print(format_table(["lr", "lr*bs/256", "best top-1", "top-5", "epoch", "last top-1", "top-5"], rows))
     b = res["best"]
     print(f"best: lr {b['lr']:g}, top-1 {b['best']['top1']:.2f} (epoch {b['best']['epoch']}), "
-          f"top-5 {b['best']['top5']:.2f}; last epoch top-1 {b['last']['top1']:.2f}")
+          f"top-5 {p2(b['best']['top5'])}; last epoch top-1 {b['last']['top1']:.2f}")
     if args.output:
         payload = {"linear": res, "units": "percent", "model": model_info(args, model),
                    "train_data": args.train_data, "val_data": args.val_data, "image_size": image_size,

@@ -99,7 +99,9 @@ class LinearSweep:
 
     @torch.no_grad()
     def evaluate(self, feats: torch.Tensor, labels: torch.Tensor, batch_size: int = 4096) -> list[dict]:
-        """Top-1 / top-5 (percent; top-5 over ``min(5, num_labels)`` classes) and loss of every classifier."""
+        """Top-1 / top-5 (percent) and loss of every classifier. Top-5 is ``None`` with fewer than 5 classes (as
+        the reference, which reports top-1 alone there: it would be 100% for any classifier). A validation label
+        the classifier has no output for (a class absent from the training data) is a miss, and has no loss."""
         n = len(labels)
         out = []
         for c in self.classifiers:
@@ -108,12 +110,16 @@ class LinearSweep:
             for s in range(0, n, batch_size):
                 logits = c(feats[s:s + batch_size])
                 y = labels[s:s + batch_size]
-                loss += float(F.cross_entropy(logits, y, reduction="sum"))
+                known = y < logits.shape[1]
+                if bool(known.any()):
+                    loss += float(F.cross_entropy(logits[known], y[known], reduction="sum"))
                 a1, a5 = accuracy(logits, y, (1, 5))
                 t1, t5 = t1 + a1, t5 + a5
             c.train()
-            out.append({"top1": 100.0 * t1 / max(n, 1), "top5": 100.0 * t5 / max(n, 1),
-                        "loss": loss / max(n, 1)})
+            n_known = int((labels < c.num_labels).sum())
+            out.append({"top1": 100.0 * t1 / max(n, 1),
+                        "top5": 100.0 * t5 / max(n, 1) if c.num_labels >= 5 else None,
+                        "loss": loss / max(n_known, 1)})
         return out
 
 
@@ -141,17 +147,26 @@ def _run_epochs(sweep: LinearSweep, batches, val_feats, val_labels, epochs: int,
         totals = [0.0] * len(sweep.lrs)
         count = 0
         for feats, labels in batches(epoch):
+            if not bool(torch.isfinite(feats).all()):
+                raise _non_finite("training")
             for i, v in enumerate(sweep.step(feats, labels)):
-                totals[i] += v * len(labels)
-            count += len(labels)
+                totals[i] += v
+            count += 1  # the mean of the batch losses, as the reference logs it
         sweep.end_epoch()
-        if (epoch + 1) % val_freq == 0 or epoch == epochs - 1:
+        if epoch % val_freq == 0 or epoch == epochs - 1:  # the reference's epochs 1, 1 + N, ... (1-based) and the last
             res = sweep.evaluate(val_feats, val_labels)
             for i, r in enumerate(res):
                 r.update(epoch=epoch + 1, train_loss=totals[i] / max(count, 1))
             history.append(res)
             bar.set_postfix(top1=f"{max(r['top1'] for r in res):.2f}")
     return _summarise(sweep, history)
+
+
+def _non_finite(which: str):
+    from ..errors import DataError
+
+    return DataError(f"the {which} features are not finite (NaN or inf): the model's weights have diverged; a "
+                     "linear probe of them means nothing")
 
 
 def train_linear_on_features(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
@@ -168,8 +183,10 @@ def train_linear_on_features(train_feats: torch.Tensor, train_labels: torch.Tens
     val_feats = val_feats.float().reshape(len(val_feats), -1).to(device)
     train_labels = train_labels.long().to(device)
     val_labels = val_labels.long().to(device)
-    if num_labels is None:
-        num_labels = int(max(int(train_labels.max()), int(val_labels.max()) if len(val_labels) else 0)) + 1
+    if num_labels is None:  # the classes of the training data (a validation-only class is a miss)
+        num_labels = int(train_labels.max()) + 1
+    if not bool(torch.isfinite(val_feats).all()):
+        raise _non_finite("validation")
     sweep = LinearSweep(train_feats.shape[1], num_labels, lrs, batch_size, epochs, weight_decay, seed, device)
     g = torch.Generator().manual_seed(seed + 1)
     n = len(train_labels)
@@ -238,7 +255,7 @@ def linear_probe(model: nn.Module, train_spec, val_spec, lrs: Sequence[float] = 
                             "images: the linear probe needs class sub-folders")
     val_labels = aligned_labels(train_ds, val_ds)
     train_labels = train_ds.labels.clone()
-    num_labels = int(max(int(train_labels.max()), int(val_labels.max()))) + 1
+    num_labels = len(train_ds.classes)  # a validation-only class has no output: its images count as misses
     kw = dict(batch_size=batch_size, num_workers=num_workers, device=device, n_last_blocks=n_last_blocks,
               avgpool_patchtokens=avgpool_patchtokens, progress=progress, precision=precision)
     val_feats, _ = extract_features(model, val_ds, desc="val features", **kw)
@@ -271,8 +288,12 @@ def linear_probe(model: nn.Module, train_spec, val_spec, lrs: Sequence[float] = 
                     feats = frozen_features(model, images.to(device), n_last_blocks, avgpool_patchtokens)
                 yield feats.float().reshape(len(feats), -1), labels.long().to(device)
 
-        results = _run_epochs(sweep, batches, val_feats.to(device), val_labels.to(device), epochs, val_freq,
-                              progress)
+        if not bool(torch.isfinite(val_feats).all()):
+            raise _non_finite("validation")
+        with torch.random.fork_rng(devices=[]):  # the crops drawn in this process (no loader workers): seeded
+            torch.manual_seed(seed + 2)
+            results = _run_epochs(sweep, batches, val_feats.to(device), val_labels.to(device), epochs, val_freq,
+                                  progress)
         (train_labels,) = drop_unreadable(aug_ds, "train", train_labels)  # after a full pass: the images used
     best = max(results, key=lambda r: r["best"]["top1"])
     return {"mode": "augment" if augment else "cached-features", "results": results, "best": best,
