@@ -1,4 +1,5 @@
 import argparse
+import dataclasses
 import re
 import subprocess
 import sys
@@ -469,3 +470,16 @@ def test_a_config_built_in_python_is_type_checked():
         with pytest.raises(ConfigError, match=msg):
             TrainConfig(output_dir="out", **kwargs).validate()
     TrainConfig(output_dir="out", lr=1, global_crops_scale=[0.3, 1]).validate()  # an int is a number; lists do
+
+
+def test_numpy_numbers_in_a_python_config_become_python_numbers():
+    """np.int64(3) was refused ("epochs must be an integer, got np.int64(3)") and np.float64 passed, then broke
+    config.yaml's writer."""
+    import numpy as np
+    import yaml
+
+    cfg = TrainConfig(output_dir="out", epochs=np.int64(3), lr=np.float64(1e-3),
+                      global_crops_scale=[np.float32(0.5), 1], norm_last_layer=np.bool_(False)).validate()
+    assert type(cfg.epochs) is int and type(cfg.lr) is float and cfg.global_crops_scale == (0.5, 1.0)
+    assert cfg.norm_last_layer is False
+    yaml.safe_dump(dataclasses.asdict(cfg))

@@ -451,3 +451,19 @@ def test_an_unreadable_file_is_warned_once_not_once_per_loader_worker(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         worker.load(0)
+
+
+def test_a_symbolic_link_loop_lists_each_folder_once(tmp_path):
+    """One image plus sub/up -> .. gave 41 samples silently (os.walk follows the loop until the path is too
+    long); two back-links per folder grow exponentially."""
+    from dinokit.data import ImageFolderDataset
+
+    from .helpers import make_image_folder
+
+    root = make_image_folder(tmp_path / "imgs", n_per_class=2)
+    cls = sorted(p for p in root.iterdir() if p.is_dir())[0]
+    (cls / "sub").mkdir()
+    (cls / "sub" / "up").symlink_to("..")
+    with pytest.warns(UserWarning, match="reached again through symbolic links .*: each is listed once"):
+        ds = ImageFolderDataset(root)
+    assert len(ds) == len(list(root.rglob("*.png")))

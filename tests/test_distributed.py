@@ -467,8 +467,10 @@ def test_peer_failures_are_recognised_only_in_multi_process_jobs(monkeypatch):
     assert not _peer_failed(gloo)
 
 
-@pytest.mark.parametrize("rank_args,what", [("--seed 1", "options (every process must be given the same ones)"),
-                                            ("--data {other}", "number of training images (16..18)")])
+@pytest.mark.parametrize("rank_args,what", [
+    ("--seed 1", "disagree on options: seed (0, 1 by rank) (every process must be given the same)"),
+    ("--out-dim 128", "disagree on options: out_dim (64, 128 by rank)"),  # DDP's own shape check came first
+    ("--data {other}", "disagree on the number of training images (16..18)")])
 def test_ranks_that_disagree_on_options_or_data_stop_before_the_first_step(work, tmp_path, rank_args, what):
     """Only the resume iteration was compared: another --seed (or same-size data) on one node trained silently on
     other permutations; another image count made the ranks meet in different collectives and gloo aborted
@@ -478,5 +480,5 @@ def test_ranks_that_disagree_on_options_or_data_stop_before_the_first_step(work,
     r = torchrun(work, out, "--batch-size-per-gpu", "2", check=False,
                  env={"DINOKIT_TEST_RANK_ARGS": "1:" + rank_args.format(other=other)})
     assert r.returncode != 0
-    assert "the 2 processes of this job disagree on: " in r.stderr and what in r.stderr, r.stderr[-3000:]
+    assert f"the 2 processes of this job {what}" in r.stderr, r.stderr[-3000:]
     assert not (out / "checkpoint.pth").exists()

@@ -184,7 +184,7 @@ def test_hub_refuses_weights_recorded_with_another_head_count(tmp_path):
             assert m.blocks[0].attn.num_heads == 12 and torch.equal(m(x), vit(x))
     assert hub.dino_vits16(weights=tmp_path / "bare.pth").blocks[0].attn.num_heads == 6  # unrecorded: as before
     # num_heads= given: the recorded count must agree (it skipped the check and built what was asked)
-    with pytest.raises(CheckpointError, match=r"records 12 attention heads .*num_heads= 6 contradicts it"):
+    with pytest.raises(CheckpointError, match=r"records 12 attention heads .*num_heads=6 contradicts it"):
         hub.dino_vits16(weights=tmp_path / "ckpt.pth", num_heads=6)
     m = hub.dino_vits16(weights=tmp_path / "bare12.safetensors", num_heads=12).eval()
     x = torch.randn(1, 3, 32, 32)

@@ -370,3 +370,26 @@ def test_long_spiky_curves_stay_readable():
     fig.canvas.draw()
     assert [t.get_text() for t in ax2.get_xticklabels()] == ["-1", "0", "1"]
     plt.close(fig)
+
+
+def test_curve_clipping_on_short_curves_and_corrupt_values():
+    """40 points with one spike of 1e4 were not clipped (the interpolated quantile fell inside the spike);
+    entropy_max 800 (exp overflow) and a loss of +-1e308 raised out of the report."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dinokit.report import _curves, _plot_curve
+
+    y = [1.0 + 0.01 * i for i in range(40)]
+    y[20] = 1e4
+    fig, ax = plt.subplots()
+    assert _plot_curve(ax, list(range(40)), y, "loss") == "1 point(s) above the plot, up to 1e+04"
+    assert ax.get_ylim()[1] < 2
+    plt.close(fig)
+    log = [{"type": "train", "iteration": i, "loss": v} for i, v in enumerate([1.0] * 30 + [1e308, -1e308])]
+    log += [{"type": "epoch", "epoch": 0, "iteration": 32, "teacher_entropy": 5.0, "entropy_max": 800.0,
+             "kl_mean_to_uniform": 0.1, "distinct_prototypes": 3}]
+    pics, _ = _curves(log)
+    assert any(t.startswith("DINO loss") for t, _ in pics) and any(t == "collapse diagnostics" for t, _ in pics)

@@ -103,8 +103,10 @@ def _sigterm_interrupts(enabled: bool):
     def handle(signum, frame):
         raise Terminated()
 
-    try:
-        old = signal.signal(signal.SIGTERM, handle) if enabled else None
+    old = None
+    try:  # only Python's default handling is taken over: a launcher's or host program's handler is theirs
+        if enabled and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            old = signal.signal(signal.SIGTERM, handle)
     except ValueError:  # not the main thread (the CLI called from a thread): leave the signal alone
         old = None
     try:

@@ -161,9 +161,10 @@ class TrainConfig:
 
         types = _field_types()
         for f in fields(self):  # a config built in Python: flags, YAML and --set values are already typed
-            value = getattr(self, f.name)
-            if not _has_type(value, types[f.name]):
-                typ = types[f.name]
+            value, typ = getattr(self, f.name), types[f.name]
+            try:  # numpy numbers become Python's (config.yaml's writer refuses numpy scalars)
+                setattr(self, f.name, _as_type(value, typ))
+            except TypeError:
                 kind = (f"{len(get_args(typ))} numbers" if get_origin(typ) is tuple
                         else _KIND.get(typ, str(typ).replace("typing.", "")))
                 bad(f"{f.name} must be {kind}, got {value!r}")
@@ -292,20 +293,36 @@ def _field_types() -> dict[str, Any]:
 _KIND = {int: "an integer", float: "a number", bool: "a boolean", str: "a string"}
 
 
-def _has_type(value: Any, typ: Any) -> bool:
-    """Whether ``value`` is of a field's type ``typ`` (an int is a float; a bool is not a number)."""
+def _as_type(value: Any, typ: Any) -> Any:
+    """``value`` as a field of type ``typ`` holds it (any integer, numpy's too, is an int; any real number a
+    float; a list of the right length a tuple; a bool is not a number), or ``TypeError``."""
+    import numbers
+
+    import numpy as np
+
     origin = get_origin(typ)
     if origin is tuple:
         inner = get_args(typ)
-        return isinstance(value, (tuple, list)) and len(value) == len(inner) and all(
-            _has_type(v, t) for v, t in zip(value, inner))
+        if not isinstance(value, (tuple, list)) or len(value) != len(inner):
+            raise TypeError(value)
+        return tuple(_as_type(v, t) for v, t in zip(value, inner))
     if origin is not None:  # Optional[X] / X | None
-        return any(value is None if t is type(None) else _has_type(value, t) for t in get_args(typ))
-    if typ is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if typ is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, typ) if isinstance(typ, type) else True
+        if value is None and type(None) in get_args(typ):
+            return None
+        (inner,) = [t for t in get_args(typ) if t is not type(None)]
+        return _as_type(value, inner)
+    if isinstance(value, bool) and typ is not bool:
+        raise TypeError(value)
+    if typ is float and isinstance(value, numbers.Real):
+        return float(value)
+    if typ is int and isinstance(value, numbers.Integral):
+        return int(value)
+    if typ is bool and isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(typ, type) and typ not in (int, float, bool):
+        if isinstance(value, typ):
+            return value
+    raise TypeError(value)
 
 
 def _coerce(name: str, value: Any, typ: Any) -> Any:

@@ -205,11 +205,24 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             def unlistable(err: OSError):  # os.walk skipped such a folder silently: a class or part of one lost
                 raise err
 
+            repeated: list[str] = []
             for label, name in enumerate(self.classes):
-                for dirpath, _, fnames in sorted(os.walk(self.root / name, followlinks=True, onerror=unlistable)):
+                walked, seen = [], set()
+                for dirpath, dirnames, fnames in os.walk(self.root / name, followlinks=True, onerror=unlistable):
+                    st = os.stat(dirpath)
+                    if (st.st_dev, st.st_ino) in seen:  # a symbolic-link loop (or a second link to a folder)
+                        dirnames[:] = []  # multiplied the data set, without end for loops that branch
+                        repeated.append(dirpath)
+                        continue
+                    seen.add((st.st_dev, st.st_ino))
+                    walked.append((dirpath, fnames))
+                for dirpath, fnames in sorted(walked):  # the order of sorted(os.walk(...)), as torchvision
                     for fname in sorted(fnames):
                         if _is_image_file(fname):
                             samples.append((os.path.join(dirpath, fname), label))
+            if repeated:
+                warnings.warn(f"dinokit: {len(repeated)} folder(s) under {self.root} reached again through symbolic "
+                              f"links (e.g. {repeated[0]}): each is listed once", UserWarning, stacklevel=2)
         except OSError as err:
             where = err.filename or self.root
             raise DataError(f"cannot list {where} (under the image directory {self.root}): "

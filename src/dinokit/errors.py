@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import errno
 
-__all__ = ["DinokitError", "ConfigError", "DataError", "CheckpointError", "write_failed"]
+__all__ = ["DinokitError", "ConfigError", "DataError", "CheckpointError", "write_failed", "is_runtime_write_error"]
 
 
 class DinokitError(Exception):
@@ -40,6 +40,15 @@ def write_failed(path, e: OSError, bad_input: type[DinokitError] | None = None) 
     """The error for a result that could not be written to ``path``: exit 1 (a runtime failure, as the docs'
     exit codes say) for a full disk or an I/O error, else ``bad_input`` (default :class:`DataError`, exit 2:
     a folder that refuses files, a path through a file, ...)."""
-    runtime = e.errno in _RUNTIME_WRITE_ERRORS or "No space left" in str(e)  # safetensors' errors carry no errno
-    cls = DinokitError if runtime else (bad_input or DataError)
-    return cls(f"cannot write {path}: {e.strerror or e}")
+    return (DinokitError if is_runtime_write_error(e) else (bad_input or DataError))(
+        f"cannot write {path}: {e.strerror or e}")
+
+
+def is_runtime_write_error(e: OSError) -> bool:
+    """A full disk or quota, an I/O error (safetensors' errors carry no errno but end "(os error N)")."""
+    import re
+
+    code = e.errno
+    if code is None and (m := re.search(r"os error (\d+)", str(e))):
+        code = int(m.group(1))
+    return code in _RUNTIME_WRITE_ERRORS

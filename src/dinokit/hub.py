@@ -86,7 +86,7 @@ def _vit(arch: str, patch_size: int, weights, checkpoint_key: str, **kwargs) -> 
         try:
             with_num_heads(hints, kwargs["num_heads"], weights)
         except CheckpointError as e:
-            raise CheckpointError(str(e).replace("--num-heads", "num_heads=")) from None
+            raise CheckpointError(str(e).replace("--num-heads ", "num_heads=")) from None
     if sd is not None and "img_size" not in kwargs and (size := stored_image_size(sd, class_tokens=(1,))):
         kwargs["img_size"] = size  # e.g. a run trained at 96 px: its position embedding's grid
     model = build_backbone(arch, patch_size=patch_size, num_classes=0, **kwargs)

@@ -113,12 +113,20 @@ def _plot_curve(ax, x: list[float], y: list[float], key: str) -> str | None:
     else:
         ax.plot(xs, ys, lw=1.2, marker="o" if len(xs) < 3 else None, ms=4)  # one or two points: drawn, not blank
     note = None
-    if key in ("loss", "koleo") and len(ys) >= 20:
-        lo, top = float(ys.min()), float(np.quantile(ys, _CLIP_QUANTILE))
-        if ys.max() > top + 2 * (top - lo):  # spikes far above the curve: keep the curve readable
-            pad = 0.05 * (top - lo or 1.0)
-            ax.set_ylim(lo - pad, top + pad)
-            note = f"{int((ys > top + pad).sum())} point(s) above the plot, up to {ys.max():.3g}"
+    finite = ys[np.isfinite(ys)]
+    if key in ("loss", "koleo") and len(finite) >= 20:
+        # data points, not interpolations into a spike (short curves had their limit inside it)
+        bottom = float(np.quantile(finite, 1 - _CLIP_QUANTILE, method="higher"))
+        top = float(np.quantile(finite, _CLIP_QUANTILE, method="lower"))
+        spread = top - bottom
+        above, below = finite.max() > top + 2 * spread, finite.min() < bottom - 2 * spread
+        if math.isfinite(spread) and (above or below):  # spikes far from the curve: keep the curve readable
+            pad = 0.05 * (spread or 1.0)
+            y0, y1 = (bottom if below else float(finite.min())) - pad, (top if above else float(finite.max())) + pad
+            ax.set_ylim(y0, y1)
+            out = [f"{int((finite > y1).sum())} point(s) above the plot, up to {finite.max():.3g}"] if above else []
+            out += [f"{int((finite < y0).sum())} below, down to {finite.min():.3g}"] if below else []
+            note = "; ".join(out)
     ax.set_ylabel(_Y_LABELS.get(key, ""))
     _integer_x(ax)
     return note
@@ -169,7 +177,7 @@ def _curves(log: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], list[str]
     if any(_num(r, k) is not None for r in epochs for k in _COLLAPSE):
         fig, axes = plt.subplots(1, 3, figsize=(10, 2.8))
         ln_k = next((_num(r, "entropy_max") for r in reversed(epochs) if _num(r, "entropy_max")), None)
-        of_k = f" (of K = {round(math.exp(ln_k))})" if ln_k else ""
+        of_k = f" (of K = {round(math.exp(ln_k))})" if ln_k and 0 < ln_k < 700 else ""
         for ax, keys, title, ylabel in (
                 (axes[0], ("teacher_entropy", "entropy_max"), "teacher entropy", "nats"),
                 (axes[1], ("kl_mean_to_uniform",), "KL(mean target || uniform)", "nats"),
@@ -353,7 +361,9 @@ def _projection_section(backbone, cfg, ds, n: int = 1000) -> str:
         ax.scatter(xy[:, 0], xy[:, 1], s=6)
     ax.set_xlabel(f"PC1 ({share[0]:.0%} of the variance)")
     ax.set_ylabel(f"PC2 ({share[1]:.0%} of the variance)")
-    kind = "CLS" if hasattr(backbone, "get_last_selfattention") else "pooled"
+    from .eval.knn import is_vit
+
+    kind = "CLS" if is_vit(backbone) else "pooled"
     ax.set_title(f"PCA of {len(lab)} teacher {kind} features (L2-normalised)", fontsize=10)
     return f'<img src="{_png(fig)}" alt="projection">'
 
@@ -472,7 +482,10 @@ def write_report(run_dir: str | Path, n_images: int = 8, projection_points: int 
         body["results"] = ("<p class='note'>No log records and no results.json (the demo writes k-NN results "
                            "there).</p>")
 
-    pics, notes = _curves(log) if log else ([], [])
+    try:
+        pics, notes = _curves(log) if log else ([], [])
+    except Exception as e:  # a corrupt log (values matplotlib cannot place): the rest of the report still comes
+        pics, notes = [], [f"The training curves could not be drawn from log.jsonl ({type(e).__name__}: {e})."]
     body["curves"] = ("".join(f'<figure><img src="{src}" alt="{html.escape(t)}"><figcaption>{html.escape(t)}'
                               f"</figcaption></figure>" for t, src in pics)
                       or "<p class='note'>No log records yet.</p>")

@@ -57,7 +57,7 @@ from typing import Any
 import torch
 
 from .checkpoint import write_text_atomic
-from .errors import ConfigError, DataError, write_failed
+from .errors import ConfigError, DataError, is_runtime_write_error, write_failed
 
 __all__ = ["INDEX_NAME", "expand_braces", "is_shard_spec", "resolve_shards", "ShardWriter", "write_shards",
            "ShardStream", "SeededTransform", "decode_image", "decoded", "build_shard_loader"]
@@ -300,7 +300,7 @@ def write_shards(data: str | os.PathLike, out: str | os.PathLike, maxcount: int 
             (folder / name).unlink(missing_ok=True)
         if created and not any(folder.iterdir()):
             folder.rmdir()
-        if isinstance(e, OSError) and not e.filename:  # a full disk said only "No space left on device"
+        if isinstance(e, OSError) and not e.filename and is_runtime_write_error(e):  # said only "No space left"
             raise write_failed(folder, e) from None
         raise
     return json.loads((folder / INDEX_NAME).read_text())

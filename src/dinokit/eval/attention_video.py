@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..console import stderr_is_tty
 from ..data import IMAGE_EXTENSIONS, load_image
 from ..errors import ConfigError, DataError
 from .attention import _upsample, colormap, prepare_image
@@ -170,7 +171,7 @@ def write_attention_video(model: nn.Module, source: str | Path, out_dir: str | P
     # or is interrupted leaves the previous results as they were, and a successful one replaces all of them
     stage: Path | None = None
     writer, size, video_size, maps, n = None, None, None, [], 0
-    bar = tqdm(total=count, desc="attention video", unit="frame", disable=None if progress else True,
+    bar = tqdm(total=count, desc="attention video", unit="frame", disable=not (progress and stderr_is_tty()),
                dynamic_ncols=True)
     was_training = model.training
     model.eval()

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ..console import stderr_is_tty
 from ..data import as_rgb, load_image
 from ..errors import ConfigError, DataError
 from ..models.linear import matmul_nt
@@ -295,7 +296,7 @@ def iter_propagation(model: nn.Module, frames: Sequence, first_mask: np.ndarray 
     mask = neighborhood_mask(h, w, size_mask_neighborhood).to(device) if size_mask_neighborhood > 0 else None
     queue: deque = deque(maxlen=n_last_frames) if n_last_frames > 0 else deque(maxlen=0)
     yield labels0.astype(np.uint8)
-    for t in tqdm(range(1, len(frames)), desc="frames", disable=None if progress else True, leave=False):
+    for t in tqdm(range(1, len(frames)), desc="frames", disable=not (progress and stderr_is_tty()), leave=False):
         x, hw_t = load(frames[t])
         feat, ht, wt = extract_patch_features(model, x.to(device))
         if (ht, wt) != (h, w):
@@ -349,7 +350,7 @@ def segment_davis(model: nn.Module, davis_root: str | Path, out_dir: str | Path,
     root, out_dir = Path(davis_root), Path(out_dir)
     videos = list_videos(root, split, videos, resolution)
     palette = davis_palette()
-    for v in tqdm(videos, desc="videos", disable=None if progress else True):
+    for v in tqdm(videos, desc="videos", disable=not (progress and stderr_is_tty())):
         frames = sorted((root / "JPEGImages" / resolution / v).glob("*.jpg"))
         if not frames:
             raise DataError(f"no .jpg frames in {root / 'JPEGImages' / resolution / v}")
@@ -491,7 +492,7 @@ def evaluate_davis(results_dir: str | Path, davis_root: str | Path, videos: Sequ
     stats = {"J": [], "F": []}
     per_object: dict[str, dict] = {}
     per_video: dict[str, dict] = {}
-    for v in tqdm(videos, desc="scoring", disable=None if progress else True):
+    for v in tqdm(videos, desc="scoring", disable=not (progress and stderr_is_tty())):
         ann = sorted((root / "Annotations" / resolution / v).glob("*.png"))
         if not ann:
             raise DataError(f"no annotations in {root / 'Annotations' / resolution / v}")

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..console import stderr_is_tty
 from ..dtypes import EMULATED_BF16, cpu_supports_bf16
 from ..errors import DataError
 from ..models.linear import matmul_nt
@@ -140,7 +141,9 @@ def knn_classify_multi(train_features: torch.Tensor, train_labels: torch.Tensor,
             ahead = (scores > target_score) | ((scores == target_score) & (classes[None] < targets[:, None]))
             # a class no neighbour voted for is not a prediction, whatever its rank among the tied zeros (the
             # reference's unstable sort put such classes in the "top 5" when there were at most 5 classes)
-            rank = ahead.sum(1).masked_fill_(target_score[:, 0] <= 0, num_classes)
+            voted = torch.zeros(len(feats), num_classes, dtype=torch.bool, device=device)
+            voted.scatter_(1, neighbours[:, :kk], True)  # not "score > 0": exp(s / T) may underflow for tiny T
+            rank = ahead.sum(1).masked_fill_(~voted.gather(1, targets[:, None])[:, 0], num_classes)
             top1[k] += int((rank == 0).sum())
             top5[k] += int((rank < min(5, kk, num_classes)).sum())
     denom = max(n_test, 1)
@@ -320,7 +323,8 @@ def extract_outputs(model: nn.Module, data, fn: Callable[[nn.Module, torch.Tenso
     labels: list[torch.Tensor] = []
     pos = 0
     try:
-        for batch in tqdm(loader, desc=desc, disable=None if progress else True, leave=False, dynamic_ncols=True):
+        bar = tqdm(loader, desc=desc, disable=not (progress and stderr_is_tty()), leave=False, dynamic_ncols=True)
+        for batch in bar:
             images, target = (batch[0], batch[1]) if isinstance(batch, list | tuple) else (batch, None)
             images = images.to(device, non_blocking=True).float()
             with eval_autocast(precision, device):

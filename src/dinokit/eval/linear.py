@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..console import stderr_is_tty
 from ..models.linear import Linear
 
 __all__ = ["LinearClassifier", "LinearSweep", "train_linear_on_features", "linear_probe", "train_transform",
@@ -142,7 +143,8 @@ def _run_epochs(sweep: LinearSweep, batches, val_feats, val_labels, epochs: int,
     from tqdm import tqdm
 
     history: list[list[dict]] = []
-    bar = tqdm(range(epochs), desc="linear", disable=None if progress else True, leave=False, dynamic_ncols=True)
+    bar = tqdm(range(epochs), desc="linear", disable=not (progress and stderr_is_tty()), leave=False,
+               dynamic_ncols=True)
     for epoch in bar:
         totals = [0.0] * len(sweep.lrs)
         count = 0

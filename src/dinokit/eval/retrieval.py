@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ..console import stderr_is_tty
 from ..data import as_rgb, load_image  # as_rgb: re-exported (the PIL-image form of load_image)
 from ..errors import ConfigError, DataError
 from .whitening import PCAWhitening, describe, l2n
@@ -538,7 +539,7 @@ def extract_descriptors(model: nn.Module, items: Sequence, loader: Callable, des
     out = []
     scales = MULTISCALES if multiscale else (1.0,)
     try:
-        for b, x in enumerate(tqdm(dl, desc=desc, disable=None if progress else True, leave=False)):
+        for b, x in enumerate(tqdm(dl, desc=desc, disable=not (progress and stderr_is_tty()), leave=False)):
             _check_patch_grid(model, x, images.items[b * batch_size], loader, scales)  # a batch shares one size
             x = x.to(device, non_blocking=True)
             f = _multiscale(model, x, descriptor, MULTISCALES) if multiscale else describe(model, x, descriptor)
