@@ -45,6 +45,9 @@ def main():
     rank_args = os.environ.get("DINOKIT_TEST_RANK_ARGS")  # "rank:arg arg ...": options this rank alone gets
     if rank_args and os.environ.get("RANK") == rank_args.split(":", 1)[0]:
         argv += rank_args.split(":", 1)[1].split()
+    if os.environ.get("DINOKIT_TEST_CLI"):  # as `dinokit train` runs: its messages and exit code
+        from dinokit.cli import main as cli_main
+        sys.exit(cli_main(["train", *argv]))
     cfg = config_from_args(build_parser("train").parse_args(["train", *argv]))
     t = Trainer(cfg)
     resumed_at = t.iteration
@@ -478,7 +481,8 @@ def test_ranks_that_disagree_on_options_or_data_stop_before_the_first_step(work,
     other = make_image_folder(tmp_path / "other", n_per_class=9)
     out = tmp_path / "out"
     r = torchrun(work, out, "--batch-size-per-gpu", "2", check=False,
-                 env={"DINOKIT_TEST_RANK_ARGS": "1:" + rank_args.format(other=other)})
+                 env={"DINOKIT_TEST_RANK_ARGS": "1:" + rank_args.format(other=other), "DINOKIT_TEST_CLI": "1"})
     assert r.returncode != 0
-    assert f"the 2 processes of this job {what}" in r.stderr, r.stderr[-3000:]
+    assert f"dinokit train: error: the 2 processes of this job {what}" in r.stderr, r.stderr[-3000:]
+    assert "terminate called" not in r.stderr  # the process group ended before exit (it aborted: SIGABRT)
     assert not (out / "checkpoint.pth").exists()

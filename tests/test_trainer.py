@@ -908,3 +908,15 @@ def test_a_missing_knn_folder_names_its_option(folder, tmp_path):
     with pytest.raises(DataError, match="^--knn-val: image directory .*nowhere does not exist"):
         Trainer(tiny(folder, tmp_path / "out", "--knn-every", "1", "--knn-train", str(folder), "--knn-val",
                      str(tmp_path / "nowhere"))).fit()
+
+
+def test_a_resumed_run_logs_the_same_windows_as_an_uninterrupted_one(folder, tmp_path):
+    """The window of a --log-every record was not in the checkpoint: after a resume the first record averaged
+    only the steps since the restart (steps 2 instead of 3, another loss)."""
+    common = ("--precision", "fp32", "--num-workers", "0", "--log-every", "3", "--save-every-steps", "1")
+    Trainer(tiny(folder, tmp_path / "whole", *common)).fit()
+    fit_until_interrupted(Trainer(tiny(folder, tmp_path / "cut", *common)), 5)
+    Trainer(tiny(folder, tmp_path / "cut", *common)).fit()
+    whole, cut = _train_records(tmp_path / "whole"), _train_records(tmp_path / "cut")
+    assert [(r["iteration"], r["steps"], r["loss"]) for r in cut] == [
+        (r["iteration"], r["steps"], r["loss"]) for r in whole] and [r["steps"] for r in cut] == [3, 3]

@@ -689,6 +689,7 @@ class Trainer:
         self.knn_history: list[dict] = []
         # this epoch's sums of the finite steps' loss and KoLeo term, their count, and the last step's stats
         self._epoch_progress: tuple[float, int, dict, float] = (0.0, 0, {}, 0.0)
+        self._log_window: dict[str, float] | None = None  # sums of the steps since the last "train" record
         # the output directory is created and locked only now: bad data or options leave nothing behind
         self._check_output_dir()
         self._resume()
@@ -974,6 +975,8 @@ class Trainer:
             "knn_history": self.knn_history,
             "epoch_progress": {"loss": self._epoch_progress[0], "n": self._epoch_progress[1],
                                "last": self._epoch_progress[2], "koleo": self._epoch_progress[3],
+                               # the steps since the last "train" record: a resume logs the same windows
+                               "log_window": self._log_window,
                                # the epoch record's collapse diagnostics, for a resume with no step left in it
                                "collapse": self._collapse_diagnostics() if self.step_in_epoch else None},
             "rng": rng_state(),
@@ -1063,6 +1066,7 @@ class Trainer:
             self._epoch_progress = (float(progress["loss"]), int(progress["n"]), last,
                                     float(progress.get("koleo", last.get("koleo", 0.0) * int(progress["n"]))))
             self._resumed_collapse = progress.get("collapse")
+            self._log_window = dict(progress["log_window"]) if progress.get("log_window") else None
         plan = ckpt.get("plan")
         if plan and plan.get("from_budget"):
             self.plan = Plan(plan["niter_per_ep"], plan["epochs"], plan["total_iters"])
@@ -1464,7 +1468,7 @@ class Trainer:
         calib = {"n": 0, "t": 0.0}
         self._stop_check_at, self._stop_check_since = 0, (self.iteration, time.perf_counter())  # world > 1
         need_plan = cfg.time_budget_minutes > 0 and not self.planned_from_budget
-        last, window = {}, None
+        last = {}
         # a run stopped on its last iteration resumes with that epoch still to close (step_in_epoch > 0)
         while self.iteration < self.plan.total_iters or self.step_in_epoch:
             epoch = self.epoch
@@ -1475,7 +1479,7 @@ class Trainer:
             sums = {"loss": 0.0, "koleo": 0.0, "loss_n": 0, "n": 0, "data_wait": 0.0, "step": 0.0}
             if self.step_in_epoch:  # resumed mid-epoch: the epoch's mean loss goes on from the checkpoint's sums
                 sums["loss"], sums["loss_n"], last, sums["koleo"] = self._epoch_progress
-            window = window or dict.fromkeys(sums, 0)  # the same sums since the last "train" record
+            window = self._log_window = self._log_window or dict.fromkeys(sums, 0)  # sums since the last record
             bar = tqdm(total=n_this_epoch, initial=self.step_in_epoch, desc=f"epoch {epoch}", leave=False,
                        disable=not self.main or not stderr_is_tty(), dynamic_ncols=True)
             t_prev = time.perf_counter()
@@ -1527,7 +1531,7 @@ class Trainer:
                     self.log({"type": "train", "epoch": epoch, "iteration": self.iteration,
                               **{k: v for k, v in stats.items() if k != "skipped"}, "steps": window["n"],
                               **_means(window, self.global_batch, "koleo" in stats)})
-                    window = dict.fromkeys(sums, 0)
+                    window = self._log_window = dict.fromkeys(sums, 0)
                 fault_kill("kill_after_iteration", self.iteration)  # DINOKIT_FAULT, tests only
                 if cfg.save_every_steps and self.iteration % cfg.save_every_steps == 0:
                     self.save()
@@ -1632,8 +1636,9 @@ def _version() -> str:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train DINO with ``cfg`` (resuming from ``cfg.output_dir`` when a checkpoint is there)."""
-    trainer = Trainer(cfg)
+    trainer = None
     try:
+        trainer = Trainer(cfg)  # a refusal while it is built (e.g. the ranks disagree) also ends the process group
         return trainer.fit()
     finally:
         D.cleanup()

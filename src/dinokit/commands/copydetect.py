@@ -30,7 +30,8 @@ examples:
 
 ROOT holds original/ (the database originals) and one folder per query block (Copydays: strong/,
 jpegqual/<q>/, crops/<pct>/; any names work), optionally distractors/ and whitening/. A query matches the
-original with its file name (or, in strong/, the originals sharing its first 4 characters). Each image is
+original with its file name (in strong/, or when no original has its name: the originals sharing its first 4
+characters). Each image is
 resized to IMSIZE x IMSIZE (bicubic); descriptor = CLS + GeM(p=4) of the last block's patch tokens; search keeps
 the top 20 results (--topk); mAP (Holidays AP) is printed per block and overall (all blocks except original).
 Metrics are printed in percent and written as fractions to the JSON file (--output)."""

@@ -32,7 +32,8 @@ position embedding was trained at (224 for the official checkpoints, the global 
 --resize-size to image_size*256/224; --resize-size equal to --image-size keeps the whole of a square image
 (the shorter side is resized, the longer one still center-cropped). Each val image
 takes the k most cosine-similar train images, weighted exp(similarity / T). Top-1 / top-5 in percent for every
---k (the paper reports k=20, T=0.07). The neighbours are searched once for the largest k.
+--k (the paper reports k=20, T=0.07); top-5 counts min(5, k, classes) classes that got votes, so with 5 or fewer
+classes it says little. The neighbours are searched once for the largest k.
 
 examples:
   dinokit knn --weights dino_deitsmall16_pretrain.pth --train-data imagenet/train --val-data imagenet/val

@@ -27,8 +27,9 @@ DESCRIPTION = """Linear probe on a frozen backbone (DINO paper §4.1; reference 
 Feature: CLS tokens of the last --n-last-blocks blocks (ViT-S setting: 4), or with --avgpool-patchtokens
 (ViT-B setting: --n-last-blocks 1) the CLS token interleaved with the mean patch token; the pooled output
 for ResNets. Linear layer N(0, 0.01^2) init, SGD momentum 0.9, weight decay 0, lr = --lr * batch/256, cosine
-annealing to 0 over --epochs, cross-entropy. Validation every epoch; the best top-1 over epochs is reported
-(as the reference does) along with the last epoch.
+annealing to 0 over --epochs, cross-entropy. Validation after epochs 1, 1+N, 1+2N, ... (--val-freq N) and the
+last; the best top-1 over those is reported (as the reference does) along with the last epoch. No top-5 below 5
+classes; a class only the validation data has is a miss.
 
 Default (fast, CPU-friendly): frozen features are computed once without augmentation and every --lr of the
 sweep is trained on them in the same run. --augment runs the reference protocol instead: RandomResizedCrop +
