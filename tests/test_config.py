@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from dinokit.cli import build_parser
 from dinokit.commands.train import config_from_args
@@ -483,3 +484,60 @@ def test_numpy_numbers_in_a_python_config_become_python_numbers():
     assert type(cfg.epochs) is int and type(cfg.lr) is float and cfg.global_crops_scale == (0.5, 1.0)
     assert cfg.norm_last_layer is False
     yaml.safe_dump(dataclasses.asdict(cfg))
+
+
+def test_text_options_keep_what_was_written_and_numbers_are_read_as_written(tmp_path):
+    """--set output_dir=0755 trained into ./493 (YAML 1.1 octal), =yes into ./True, =12:30 into ./750;
+    --set epochs=010 was 8. A YAML value that YAML reads as a number or boolean is refused for a text option."""
+    assert parse(["--set", "output_dir=0755", "data=yes", "knn_train=C: /x"]).output_dir == "0755"
+    cfg = parse(["--set", "data=12:30", "epochs=010", "lr=1e-3", "blur_prob=[0.3,0.4,0.6]"])
+    assert cfg.data_path == "12:30" and cfg.epochs == 10 and cfg.lr == 1e-3 and cfg.blur_prob == (0.3, 0.4, 0.6)
+    yml = tmp_path / "c.yaml"
+    yml.write_text("arch: yes\n")
+    with pytest.raises(ConfigError, match=r"option 'arch': invalid value True \(expected text: quote it in YAML"):
+        parse(["--config", str(yml)])
+    yml.write_text("output_dir: '0755'\n")
+    assert parse(["--config", str(yml)]).output_dir == "0755"
+
+
+def test_yaml_duplicates_config_twice_unknown_arch_and_encodings_are_one_line(tmp_path, capsys):
+    """A key given twice (or two spellings of one option) kept the last silently; a second --config replaced the
+    first; --config= ran the defaults; an unknown arch printed two warnings before its error; a Latin-1 file was
+    'not text' and a NUL byte gave a two-line message."""
+    yml = tmp_path / "c.yaml"
+    yml.write_text("epochs: 3\nlr: 0.1\nepochs: 5\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: option 'epochs' is given twice \(line 3\)"):
+        parse(["--config", str(yml)])
+    yml.write_text("batch_size: 8\nbatch_size_per_gpu: 16\n")
+    with pytest.raises(ConfigError, match="'batch_size' and 'batch_size_per_gpu' both set the option "
+                                          "batch_size_per_gpu: keep one"):
+        parse(["--config", str(yml)])
+    for argv, msg in ((["--config", str(yml), "--config", "vit_small_100ep"], "--config given twice"),
+                      (["--config="], "--config is empty")):
+        with pytest.raises(SystemExit):
+            build_parser("train").parse_args(["train", *argv])
+        assert msg in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="^unknown architecture 'vit_smal'; did you mean vit_small"):
+        parse(["--arch", "vit_smal", "--embed-dim", "64"])
+    yml.write_bytes("data: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        parse(["--config", str(yml)])
+    yml.write_bytes(b"epochs: 3\x00\n")
+    with pytest.raises(ConfigError) as e:
+        parse(["--config", str(yml)])
+    assert "\n" not in str(e.value)
+
+
+def test_a_replayed_use_fp16_config_takes_another_precision_and_paths_are_accepted(tmp_path):
+    """use_fp16 false stayed in config.yaml beside precision fp32, so --config OUT/config.yaml --precision bf16
+    was refused; TrainConfig(data_path=Path(...)) was refused."""
+    from pathlib import Path
+
+    from dinokit.config import config_to_dict
+
+    cfg = parse(["--use-fp16", "false"])
+    assert cfg.precision == "fp32" and cfg.use_fp16 is None
+    yml = tmp_path / "config.yaml"
+    yml.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    assert parse(["--config", str(yml), "--precision", "bf16"]).precision == "bf16"
+    assert TrainConfig(data_path=Path("imgs"), output_dir=Path("out")).validate().data_path == "imgs"

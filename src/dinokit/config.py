@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -159,6 +160,13 @@ class TrainConfig:
         def bad(msg: str):
             raise ConfigError(msg)
 
+        from .models.registry import list_backbones
+
+        arch = self.arch.replace("deit", "vit", 1) if isinstance(self.arch, str) else self.arch
+        if isinstance(arch, str) and not (arch in list_backbones() or (arch.startswith("timm:") and arch[5:])):
+            close = difflib.get_close_matches(arch, list_backbones(), n=3)
+            bad(f"unknown architecture {self.arch!r}" + (f"; did you mean {', '.join(close)}?" if close else
+                                                         "; see dinokit train --help (arch)"))
         types = _field_types()
         for f in fields(self):  # a config built in Python: flags, YAML and --set values are already typed
             value, typ = getattr(self, f.name), types[f.name]
@@ -247,7 +255,8 @@ class TrainConfig:
             if self.precision not in ("auto", implied):
                 bad(f"use_fp16 {str(self.use_fp16).lower()} (the reference's flag: precision {implied}) conflicts "
                     f"with precision {self.precision}: drop one of the two")
-            self.precision = implied
+            # absorbed into precision: config.yaml then says it once, and a replay may change --precision
+            self.precision, self.use_fp16 = implied, None
         return self
 
     def crop_sizes(self) -> list[tuple[str, int]]:
@@ -313,6 +322,8 @@ def _as_type(value: Any, typ: Any) -> Any:
         return _as_type(value, inner)
     if isinstance(value, bool) and typ is not bool:
         raise TypeError(value)
+    if typ is str and isinstance(value, os.PathLike):
+        return os.fspath(value)
     if typ is float and isinstance(value, numbers.Real):
         return float(value)
     if typ is int and isinstance(value, numbers.Integral):
@@ -364,9 +375,11 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
             except ValueError:
                 raise ValueError("expected a number") from None
         if typ is str:
-            if isinstance(value, (dict, list)):
-                raise ValueError("expected a string")
-            return str(value)
+            if isinstance(value, os.PathLike):
+                return os.fspath(value)
+            if not isinstance(value, str):  # YAML read `0755`, `yes`, `12:30`, `1.10` as 493, True, 750, 1.1
+                raise ValueError("expected text: quote it in YAML, e.g. '0755'")
+            return value
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):  # from an element of a tuple: already names the option and the value
             raise
@@ -430,16 +443,30 @@ def parse_set_items(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
         key = key.strip()
         name = _option_name(key)
+        typ = _field_types().get(name) if name else None
+        base = ([t for t in get_args(typ) if t is not type(None)] or [typ])[0] if get_origin(typ) not in (
+            None, tuple) else typ
+        if base is str or (base in (int, float) and _plain_number(raw)):
+            # as written (YAML 1.1 turns 0755 into 493, 010 into 8, yes into True), but YAML's null is null
+            value = None if base is str and raw.strip() in ("null", "~") else raw if base is str else raw.strip()
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError:
+                value = raw
         for seen in [k for k in out if k == key or (name is not None and _option_name(k) == name)]:
             del out[seen]  # the later item for the same option wins, whatever its spelling
         out[key] = value
     return out
+
+
+def _plain_number(text: str) -> bool:
+    """Digits with an optional sign, point and exponent (what int()/float() read as the user means it)."""
+    import re
+
+    return re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", text) is not None
 
 
 def builtin_configs() -> dict[str, Path]:
@@ -468,6 +495,19 @@ def resolve_config(value: str | Path) -> Path:
     raise ConfigError(f"config file not found: {value} (built-in recipes, usable by name: {names}){hint}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen and key != "<<":
+                raise ConfigError(f"option {key!r} is given twice (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if p.is_dir():
@@ -475,17 +515,29 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {p} is not text (a YAML file of option: value was expected)") from None
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except ConfigError as e:  # a key given twice
+        raise ConfigError(f"{p}: {e}") from None
+    except UnicodeDecodeError as e:
+        if b"\0" in p.read_bytes()[:4096]:  # a checkpoint or an image given by mistake
+            raise ConfigError(f"config file {p} is not text (a YAML file of option: value was expected)") from None
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"YAML syntax error in {p}{where}: {getattr(e, 'problem', e)}") from None
+        problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]  # ReaderError: no .problem
+        raise ConfigError(f"YAML syntax error in {p}{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of option: value")
+    named: dict[str, str] = {}
+    for key in data:  # two spellings of one option (batch_size and batch_size_per_gpu): which did the user mean?
+        name = _option_name(str(key))
+        if name is not None and name in named:
+            raise ConfigError(f"{p}: {named[name]!r} and {key!r} both set the option {name}: keep one")
+        if name is not None:
+            named[name] = str(key)
     return data
 
 

@@ -35,7 +35,7 @@ def _default_str(value) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE_OR_NAME",
+    parser.add_argument("--config", metavar="FILE_OR_NAME", action=_OnceNonEmpty,
                         help="YAML file of options (keys as in --help, underscores or dashes; aliases such as data "
                         "and batch_size too), or a built-in recipe by name: " + ", ".join(builtin_configs()))
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -70,6 +70,19 @@ def _bool_flag(s: str) -> bool:
     if v in ("0", "false", "off", "no"):
         return False
     raise argparse.ArgumentTypeError(f"invalid boolean {s!r} (use true/false, on/off, 1/0)")
+
+
+class _OnceNonEmpty(argparse.Action):
+    """A file option given once (a second --config replaced the first silently) and not empty (--config= ran the
+    defaults)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)} and {values}): one file; "
+                         "put further options in --set or flags")
+        if not str(values).strip():
+            parser.error(f"{option_string} is empty: give a YAML file or a recipe name")
+        setattr(namespace, self.dest, values)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
