@@ -270,3 +270,12 @@ def test_a_single_image_is_pointed_to_dinokit_attention(tmp_path):
     Image.new("RGB", (16, 16)).save(tmp_path / "x.png")
     with pytest.raises(DataError, match=r"x.png is an image, not a video: dinokit attention --image"):
         open_frames(tmp_path / "x.png")
+
+
+def test_an_animated_gif_is_a_video_not_a_refused_image(tmp_path):
+    from dinokit.eval.attention_video import open_frames
+
+    frames = [Image.new("RGB", (16, 16), (40 * i, 0, 0)) for i in range(4)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
+    it, _, _ = open_frames(tmp_path / "anim.gif")
+    assert len(list(it)) == 4

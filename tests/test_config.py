@@ -398,9 +398,13 @@ def test_use_fp16_and_an_explicit_precision_must_agree(tmp_path):
     with pytest.raises(ConfigError, match="use_fp16 true .* conflicts with precision fp32"):
         parse(["--use-fp16", "--precision", "fp32"])
     yml = tmp_path / "c.yaml"
-    yml.write_text("use_fp16: true\n")
-    with pytest.raises(ConfigError, match="conflicts with precision bf16"):
-        parse(["--config", str(yml), "--precision", "bf16"])
+    yml.write_text("use_fp16: true\n")  # a layer of its own: the later flag wins (defaults < YAML < flags < --set)
+    assert parse(["--config", str(yml), "--precision", "bf16"]).precision == "bf16"
+    assert parse(["--config", str(yml), "--set", "precision=fp32"]).precision == "fp32"
+    assert parse(["--config", str(yml)]).precision == "fp16"
+    yml.write_text("use_fp16: true\nprecision: bf16\n")
+    with pytest.raises(ConfigError, match="conflicts with precision bf16"):  # one layer, two contradicting
+        parse(["--config", str(yml)])
     # agreeing, or precision left at auto: the reference flag decides
     assert parse(["--use-fp16", "true", "--precision", "fp16"]).precision == "fp16"
     assert parse(["--use-fp16", "false", "--precision", "fp32"]).precision == "fp32"
@@ -541,3 +545,22 @@ def test_a_replayed_use_fp16_config_takes_another_precision_and_paths_are_accept
     yml.write_text(yaml.safe_dump(config_to_dict(cfg)))
     assert parse(["--config", str(yml), "--precision", "bf16"]).precision == "bf16"
     assert TrainConfig(data_path=Path("imgs"), output_dir=Path("out")).validate().data_path == "imgs"
+
+
+def test_yaml_merge_keys_and_set_quoting(tmp_path):
+    """Merge keys (<<: *defaults) stopped working with the duplicate-key check and a list as a key was a
+    traceback; --set "precision= bf16" kept the space, --set output_dir="'0755'" kept the quotes."""
+    import numpy as np
+
+    yml = tmp_path / "c.yaml"
+    yml.write_text("base: &b {epochs: 5}\n")
+    with pytest.raises(ConfigError, match="unknown option 'base'"):
+        parse(["--config", str(yml)])
+    yml.write_text("<<: {epochs: 5, lr: 0.1}\n")
+    assert parse(["--config", str(yml)]).epochs == 5
+    yml.write_text("[1, 2]: 3\n")
+    with pytest.raises(ConfigError, match="YAML syntax error"):
+        parse(["--config", str(yml)])
+    cfg = parse(["--set", "precision= bf16", "output_dir='0755'", "data=~/imgs"])
+    assert (cfg.precision, cfg.output_dir, cfg.data_path) == ("bf16", "0755", "~/imgs")
+    assert type(TrainConfig(output_dir="o", arch=np.array(["vit_tiny"])[0]).validate().arch) is str

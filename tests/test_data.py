@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import urllib.error
 import warnings
 from pathlib import Path
@@ -467,3 +468,18 @@ def test_a_symbolic_link_loop_lists_each_folder_once(tmp_path):
     with pytest.warns(UserWarning, match="reached again through symbolic links .*: each is listed once"):
         ds = ImageFolderDataset(root)
     assert len(ds) == len(list(root.rglob("*.png")))
+
+
+def test_a_link_from_a_class_up_to_the_root_does_not_relabel_other_classes(tmp_path):
+    """a/up -> .. walked b/ again inside a/: b's images came twice, once labelled a."""
+    from dinokit.data import ImageFolderDataset
+
+    from .helpers import make_image_folder
+
+    root = make_image_folder(tmp_path / "imgs", n_per_class=2)
+    first = sorted(p for p in root.iterdir() if p.is_dir())[0]
+    (first / "up").symlink_to("..")
+    with pytest.warns(UserWarning, match="reached again through symbolic links"):
+        ds = ImageFolderDataset(root)
+    assert len(ds) == len(list(root.rglob("*.png"))) and len({p for p, _ in ds.samples}) == len(ds)
+    assert all(ds.classes[label] == os.path.relpath(p, root).split(os.sep)[0] for p, label in ds.samples)

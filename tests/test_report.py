@@ -388,6 +388,10 @@ def test_curve_clipping_on_short_curves_and_corrupt_values():
     assert _plot_curve(ax, list(range(40)), y, "loss") == "1 point(s) above the plot, up to 1e+04"
     assert ax.get_ylim()[1] < 2
     plt.close(fig)
+    fig, ax = plt.subplots()  # a plateau whose newest points fall: the fall is the news, not clipped away
+    assert _plot_curve(ax, list(range(402)), [11.0 + 0.01 * (i % 5) for i in range(400)] + [9.0, 6.0], "loss") is None
+    assert ax.get_ylim()[0] < 6
+    plt.close(fig)
     log = [{"type": "train", "iteration": i, "loss": v} for i, v in enumerate([1.0] * 30 + [1e308, -1e308])]
     log += [{"type": "epoch", "epoch": 0, "iteration": 32, "teacher_entropy": 5.0, "entropy_max": 800.0,
              "kl_mean_to_uniform": 0.1, "distinct_prototypes": 3}]

@@ -160,10 +160,11 @@ class TrainConfig:
         def bad(msg: str):
             raise ConfigError(msg)
 
-        from .models.registry import list_backbones
+        from .models.registry import _REGISTRY, list_backbones
 
         arch = self.arch.replace("deit", "vit", 1) if isinstance(self.arch, str) else self.arch
-        if isinstance(arch, str) and not (arch in list_backbones() or (arch.startswith("timm:") and arch[5:])):
+        if isinstance(arch, str) and not (arch in _REGISTRY or (arch.startswith("timm:") and arch[5:])
+                                          or arch in list_backbones()):  # torchvision's names: imported only now
             close = difflib.get_close_matches(arch, list_backbones(), n=3)
             bad(f"unknown architecture {self.arch!r}" + (f"; did you mean {', '.join(close)}?" if close else
                                                          "; see dinokit train --help (arch)"))
@@ -250,12 +251,17 @@ class TrainConfig:
         for name in ("keep_last", "save_every_steps", "saveckp_freq", "log_every"):
             if getattr(self, name) < 0:
                 bad(f"{name} must be >= 0, got {getattr(self, name)}")
+        return self.absorb_use_fp16()
+
+    def absorb_use_fp16(self) -> TrainConfig:
+        """The reference's ``use_fp16`` as ``precision`` (fp16 / fp32), then ``None``: config.yaml says it once,
+        and a later layer (a flag, ``--set``) may set another precision. Both given in one layer and contradicting:
+        :class:`ConfigError`."""
         if self.use_fp16 is not None:
             implied = "fp16" if self.use_fp16 else "fp32"
             if self.precision not in ("auto", implied):
-                bad(f"use_fp16 {str(self.use_fp16).lower()} (the reference's flag: precision {implied}) conflicts "
-                    f"with precision {self.precision}: drop one of the two")
-            # absorbed into precision: config.yaml then says it once, and a replay may change --precision
+                raise ConfigError(f"use_fp16 {str(self.use_fp16).lower()} (the reference's flag: precision "
+                                  f"{implied}) conflicts with precision {self.precision}: drop one of the two")
             self.precision, self.use_fp16 = implied, None
         return self
 
@@ -324,6 +330,8 @@ def _as_type(value: Any, typ: Any) -> Any:
         raise TypeError(value)
     if typ is str and isinstance(value, os.PathLike):
         return os.fspath(value)
+    if typ is str and isinstance(value, str):
+        return str(value)  # numpy's str_ too: config.yaml's writer refuses it
     if typ is float and isinstance(value, numbers.Real):
         return float(value)
     if typ is int and isinstance(value, numbers.Integral):
@@ -449,8 +457,12 @@ def parse_set_items(items: list[str]) -> dict[str, Any]:
         base = ([t for t in get_args(typ) if t is not type(None)] or [typ])[0] if get_origin(typ) not in (
             None, tuple) else typ
         if base is str or (base in (int, float) and _plain_number(raw)):
-            # as written (YAML 1.1 turns 0755 into 493, 010 into 8, yes into True), but YAML's null is null
-            value = None if base is str and raw.strip() in ("null", "~") else raw if base is str else raw.strip()
+            # as written (YAML 1.1 turns 0755 into 493, 010 into 8, yes into True), but null is null and a quoted
+            # value is the text inside the quotes
+            text = raw.strip()
+            quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+            value = (None if base is str and text == "null" else yaml.safe_load(text) if base is str and quoted
+                     else text)
         else:
             try:
                 value = yaml.safe_load(raw) if raw.strip() else ""
@@ -499,10 +511,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
 
     def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)  # merge keys (<<: *defaults) first, as SafeLoader does
         seen = set()
         for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):  # a list or mapping as a key: PyYAML's own error
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if key in seen and key != "<<":
+            if key in seen:
                 raise ConfigError(f"option {key!r} is given twice (line {key_node.start_mark.line + 1})")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)

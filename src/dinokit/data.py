@@ -206,15 +206,24 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 raise err
 
             repeated: list[str] = []
+
+            def inode(path) -> tuple[int, int]:
+                st = os.stat(path)
+                return st.st_dev, st.st_ino
+
+            # the root and every class folder belong where they are: reached again through a link inside a class
+            # (a loop up to the root), their images would come twice, once under the wrong label
+            tops = {inode(self.root)} | {inode(self.root / c) for c in self.classes}
             for label, name in enumerate(self.classes):
-                walked, seen = [], set()
+                walked, seen = [], set(tops - {inode(self.root / name)})
                 for dirpath, dirnames, fnames in os.walk(self.root / name, followlinks=True, onerror=unlistable):
-                    st = os.stat(dirpath)
-                    if (st.st_dev, st.st_ino) in seen:  # a symbolic-link loop (or a second link to a folder)
+                    dirnames.sort()  # which of two links to one folder is kept: the same on every machine
+                    key = inode(dirpath)
+                    if key in seen:  # a symbolic-link loop (or a second link to a folder)
                         dirnames[:] = []  # multiplied the data set, without end for loops that branch
                         repeated.append(dirpath)
                         continue
-                    seen.add((st.st_dev, st.st_ino))
+                    seen.add(key)
                     walked.append((dirpath, fnames))
                 for dirpath, fnames in sorted(walked):  # the order of sorted(os.walk(...)), as torchvision
                     for fname in sorted(fnames):

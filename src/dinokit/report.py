@@ -119,7 +119,10 @@ def _plot_curve(ax, x: list[float], y: list[float], key: str) -> str | None:
         bottom = float(np.quantile(finite, 1 - _CLIP_QUANTILE, method="higher"))
         top = float(np.quantile(finite, _CLIP_QUANTILE, method="lower"))
         spread = top - bottom
-        above, below = finite.max() > top + 2 * spread, finite.min() < bottom - 2 * spread
+        above = finite.max() > top + 2 * spread
+        # below too (a -1e308), unless the low points are the newest: a curve that has just started to fall
+        low = np.flatnonzero(finite < bottom - 2 * spread)
+        below = bool(len(low)) and low.min() < 0.95 * len(finite)
         if math.isfinite(spread) and (above or below):  # spikes far from the curve: keep the curve readable
             pad = 0.05 * (spread or 1.0)
             y0, y1 = (bottom if below else float(finite.min())) - pad, (top if above else float(finite.max())) + pad

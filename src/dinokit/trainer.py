@@ -780,7 +780,9 @@ class Trainer:
         sharded load, and DDP would silently mix states."""
         if self.world <= 1 or not D.is_dist():
             return
-        it = int(ckpt.get("iteration", -1)) if ckpt is not None else -1
+        # as _resume reads it (an older checkpoint without "iteration": its epochs' worth)
+        it = (int(ckpt.get("iteration", int(ckpt.get("epoch", 0)) * self.plan.niter_per_ep)) if ckpt is not None
+              else -1)
         (lo,), (hi,) = self._min_max([it])
         if lo != hi:
             def name(i):

@@ -89,6 +89,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     cfg = TrainConfig()
     if args.config:
         cfg = apply_overrides(cfg, load_yaml(resolve_config(args.config)))
+        cfg = cfg.absorb_use_fp16()  # a reference-style use_fp16 in the file: a later --precision overrides it
     flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     cfg = apply_overrides(cfg, flags)
     cfg = apply_overrides(cfg, parse_set_items(args.set))

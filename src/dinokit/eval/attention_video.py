@@ -50,6 +50,15 @@ def natural_key(path: Path) -> list:
     return [(0, int(t), t) if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", path.name) if t]
 
 
+def _still_image(path: Path) -> bool:
+    """A picture of one frame (an animated GIF/WebP or a multi-page TIFF is a video to OpenCV, and stays one)."""
+    try:
+        with Image.open(path) as img:
+            return getattr(img, "n_frames", 1) <= 1
+    except Exception:  # not readable by PIL: let OpenCV say what it is
+        return False
+
+
 def open_frames(source: str | Path) -> tuple[Iterator[tuple[str, Image.Image]], float | None, int | None]:
     """``(frames, fps, count)`` of a video file or a folder of frames. ``frames`` yields ``(name, RGB image)``
     (``frame-00000``, ... for a video; the file stem for a folder); ``fps`` is the video's (``None`` for a
@@ -66,7 +75,7 @@ def open_frames(source: str | Path) -> tuple[Iterator[tuple[str, Image.Image]], 
         stems = Counter(p.stem for p in files)
         names = [p.stem if stems[p.stem] == 1 else p.name for p in files]  # f1.png and f1.jpg: both kept
         return ((name, load_image(p)) for name, p in zip(names, files)), None, len(files)
-    if src.name.lower().endswith(IMAGE_EXTENSIONS):  # OpenCV reads it as a 1-frame video at a made-up 25 fps
+    if src.name.lower().endswith(IMAGE_EXTENSIONS) and _still_image(src):  # OpenCV: 1 frame at a made-up 25 fps
         raise DataError(f"{src} is an image, not a video: dinokit attention --image {src} draws its maps (a folder "
                         "of frames makes a video)")
     import cv2

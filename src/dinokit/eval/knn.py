@@ -138,11 +138,11 @@ def knn_classify_multi(train_features: torch.Tensor, train_labels: torch.Tensor,
             scores.scatter_add_(1, neighbours[:, :kk], weights[:, :kk])
             # rank of the target under a stable descending sort (ties -> lower class index first)
             target_score = scores.gather(1, targets[:, None])
-            ahead = (scores > target_score) | ((scores == target_score) & (classes[None] < targets[:, None]))
             # a class no neighbour voted for is not a prediction, whatever its rank among the tied zeros (the
             # reference's unstable sort put such classes in the "top 5" when there were at most 5 classes)
             voted = torch.zeros(len(feats), num_classes, dtype=torch.bool, device=device)
             voted.scatter_(1, neighbours[:, :kk], True)  # not "score > 0": exp(s / T) may underflow for tiny T
+            ahead = (scores > target_score) | ((scores == target_score) & (classes[None] < targets[:, None]) & voted)
             rank = ahead.sum(1).masked_fill_(~voted.gather(1, targets[:, None])[:, 0], num_classes)
             top1[k] += int((rank == 0).sum())
             top5[k] += int((rank < min(5, kk, num_classes)).sum())

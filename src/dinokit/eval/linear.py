@@ -138,7 +138,7 @@ def _summarise(sweep: LinearSweep, history: list[list[dict]]) -> list[dict[str, 
 
 
 def _run_epochs(sweep: LinearSweep, batches, val_feats, val_labels, epochs: int, val_freq: int,
-                progress: bool) -> list[dict[str, Any]]:
+                progress: bool, check_batches: bool = False) -> list[dict[str, Any]]:
     """Drive ``sweep`` for ``epochs``: ``batches(epoch)`` yields ``(features, labels)`` training batches."""
     from tqdm import tqdm
 
@@ -149,7 +149,7 @@ def _run_epochs(sweep: LinearSweep, batches, val_feats, val_labels, epochs: int,
         totals = [0.0] * len(sweep.lrs)
         count = 0
         for feats, labels in batches(epoch):
-            if not bool(torch.isfinite(feats).all()):
+            if check_batches and not bool(torch.isfinite(feats).all()):  # fresh features every epoch
                 raise _non_finite("training")
             for i, v in enumerate(sweep.step(feats, labels)):
                 totals[i] += v
@@ -189,6 +189,8 @@ def train_linear_on_features(train_feats: torch.Tensor, train_labels: torch.Tens
         num_labels = int(train_labels.max()) + 1
     if not bool(torch.isfinite(val_feats).all()):
         raise _non_finite("validation")
+    if not bool(torch.isfinite(train_feats).all()):  # cached: checked once
+        raise _non_finite("training")
     sweep = LinearSweep(train_feats.shape[1], num_labels, lrs, batch_size, epochs, weight_decay, seed, device)
     g = torch.Generator().manual_seed(seed + 1)
     n = len(train_labels)
@@ -295,7 +297,7 @@ def linear_probe(model: nn.Module, train_spec, val_spec, lrs: Sequence[float] = 
         with torch.random.fork_rng(devices=[]):  # the crops drawn in this process (no loader workers): seeded
             torch.manual_seed(seed + 2)
             results = _run_epochs(sweep, batches, val_feats.to(device), val_labels.to(device), epochs, val_freq,
-                                  progress)
+                                  progress, check_batches=True)
         (train_labels,) = drop_unreadable(aug_ds, "train", train_labels)  # after a full pass: the images used
     best = max(results, key=lambda r: r["best"]["top1"])
     return {"mode": "augment" if augment else "cached-features", "results": results, "best": best,
