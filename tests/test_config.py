@@ -564,3 +564,10 @@ def test_yaml_merge_keys_and_set_quoting(tmp_path):
     cfg = parse(["--set", "precision= bf16", "output_dir='0755'", "data=~/imgs"])
     assert (cfg.precision, cfg.output_dir, cfg.data_path) == ("bf16", "0755", "~/imgs")
     assert type(TrainConfig(output_dir="o", arch=np.array(["vit_tiny"])[0]).validate().arch) is str
+
+
+def test_an_unknown_key_with_the_words_of_an_option_in_another_order_gets_it_suggested():
+    with pytest.raises(ConfigError, match=r"unknown option 'lr_min'; did you mean min_lr"):
+        parse(["--set", "lr_min=1e-6"])
+    with pytest.raises(ConfigError, match=r"unknown option 'crop-size-global'; did you mean global_crop_size"):
+        parse(["--set", "crop-size-global=32"])

@@ -425,8 +425,11 @@ def _option_name(key: str) -> str | None:
 
 def _unknown(key: str) -> ConfigError:
     names = [f.name for f in fields(TrainConfig)] + list(ALIASES)
-    close = difflib.get_close_matches(key.replace("-", "_"), names, n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    norm = key.replace("-", "_")
+    # the same words in another order (lr_min for min_lr) first, then spellings difflib finds close
+    close = [n for n in names if sorted(n.split("_")) == sorted(norm.split("_")) and n != norm]
+    close += [n for n in difflib.get_close_matches(norm, names, n=3) if n not in close]
+    hint = f"; did you mean {', '.join(close[:3])}?" if close else ""
     return ConfigError(f"unknown option {key!r}{hint}")
 
 
