@@ -238,6 +238,15 @@ LOCK_NAME = ".dinokit.lock"
 _HELD: dict[str, list] = {}  # lock path -> [open lock file, holders in this process]
 
 
+def refuse_dangling_link(folder: str | Path, what: str, advice: str) -> None:
+    """:class:`ConfigError` for an output folder that is a symbolic link to nowhere (``mkdir`` says only "File
+    exists"): ``what`` names it (``output directory OUT``, ``--out OUT``), ``advice`` what to give instead."""
+    folder = Path(folder)
+    if folder.is_symlink() and not folder.exists():
+        raise ConfigError(f"{what} is a symbolic link to {os.readlink(folder)}, which does not exist: create its "
+                          f"target or give another {advice}")
+
+
 def probe_write(folder: str | Path) -> None:
     """Create and remove a temporary file in ``folder``; raises the ``OSError`` of a folder that refuses new files.
     Trying is the only reliable test: permission bits say nothing for root or for file systems such as /proc. The

@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         # e.g. rank 0 refused the output folder and exited: the others only see their collective fail
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         eprint(f"dinokit {args.command}: error: another process of this job stopped (its own message says why); "
-              f"rank {os.environ.get('RANK', '?')} stopped too ({first[:200]})")
+               f"rank {os.environ.get('RANK', '?')} stopped too ({first[:200]})")
         return 2
 
 

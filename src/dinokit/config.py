@@ -308,6 +308,14 @@ def _field_types() -> dict[str, Any]:
 _KIND = {int: "an integer", float: "a number", bool: "a boolean", str: "a string"}
 
 
+def _optional_inner(typ: Any) -> Any:
+    """``X`` of a field typed ``X | None``; ``None`` for any other type (tuples included)."""
+    if get_origin(typ) in (None, tuple) or type(None) not in get_args(typ):
+        return None
+    (inner,) = [t for t in get_args(typ) if t is not type(None)]
+    return inner
+
+
 def _as_type(value: Any, typ: Any) -> Any:
     """``value`` as a field of type ``typ`` holds it (any integer, numpy's too, is an int; any real number a
     float; a list of the right length a tuple; a bool is not a number), or ``TypeError``."""
@@ -321,11 +329,8 @@ def _as_type(value: Any, typ: Any) -> Any:
         if not isinstance(value, (tuple, list)) or len(value) != len(inner):
             raise TypeError(value)
         return tuple(_as_type(v, t) for v, t in zip(value, inner))
-    if origin is not None:  # Optional[X] / X | None
-        if value is None and type(None) in get_args(typ):
-            return None
-        (inner,) = [t for t in get_args(typ) if t is not type(None)]
-        return _as_type(value, inner)
+    if (inner := _optional_inner(typ)) is not None:
+        return None if value is None else _as_type(value, inner)
     if isinstance(value, bool) and typ is not bool:
         raise TypeError(value)
     if typ is str and isinstance(value, os.PathLike):
@@ -338,16 +343,13 @@ def _as_type(value: Any, typ: Any) -> Any:
         return int(value)
     if typ is bool and isinstance(value, (bool, np.bool_)):
         return bool(value)
-    if isinstance(typ, type) and typ not in (int, float, bool):
-        if isinstance(value, typ):
-            return value
     raise TypeError(value)
 
 
 def _coerce(name: str, value: Any, typ: Any) -> Any:
     """Convert ``value`` (from YAML or a ``--set`` string) to the field's type, or raise ConfigError."""
     origin = get_origin(typ)
-    optional = origin is not None and origin is not tuple and type(None) in get_args(typ)
+    optional = _optional_inner(typ) is not None
     if value is None and not optional:  # YAML null / ~, or --set key=null: str(None) would be the text "None"
         kind = f"{len(get_args(typ))} numbers" if origin is tuple else _KIND.get(typ, "a value")
         raise ConfigError(f"option {name!r}: null is not a valid value (expected {kind})")
@@ -362,8 +364,7 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
         if optional:  # Optional[X]
             if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
                 return None
-            (inner,) = [t for t in get_args(typ) if t is not type(None)]
-            return _coerce(name, value, inner)
+            return _coerce(name, value, _optional_inner(typ))
         if typ is bool:
             if isinstance(value, bool):
                 return value
@@ -457,8 +458,7 @@ def parse_set_items(items: list[str]) -> dict[str, Any]:
         key = key.strip()
         name = _option_name(key)
         typ = _field_types().get(name) if name else None
-        base = ([t for t in get_args(typ) if t is not type(None)] or [typ])[0] if get_origin(typ) not in (
-            None, tuple) else typ
+        base = _optional_inner(typ) or typ
         if base is str or (base in (int, float) and _plain_number(raw)):
             # as written (YAML 1.1 turns 0755 into 493, 010 into 8, yes into True), but null is null and a quoted
             # value is the text inside the quotes

@@ -28,6 +28,16 @@ def knn_transform(cfg: TrainConfig):
                       T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def eval_transform_for(cfg: TrainConfig, ds):
+    """The evaluation transform of data set ``ds`` at the training resolution: :func:`knn_transform` for
+    same-size tensor data sets, :func:`dinokit.augmentation.eval_transform` (resize, centre crop) for folders of
+    photos of any size, as ``dinokit knn`` evaluates them."""
+    from .augmentation import eval_transform
+    from .data import ImageFolderDataset
+
+    return eval_transform(cfg.global_crop_size) if isinstance(ds, ImageFolderDataset) else knn_transform(cfg)
+
+
 def _subset(ds, n: int, seed: int = 0):
     if n <= 0 or len(ds) <= n:
         return ds, ds.labels
@@ -81,18 +91,13 @@ def knn_data(cfg: TrainConfig):
                           "(labelled data: folders with class sub-folders, or fashion-mnist)")
     key = (cfg.knn_train, cfg.knn_val, cfg.knn_subset, cfg.global_crop_size)
     if key not in _CACHE:
-        from .augmentation import eval_transform
-        from .data import ImageFolderDataset
-
-        tf = knn_transform(cfg)
         sets = []
         for name, spec, split in (("knn_train", cfg.knn_train, "train"), ("knn_val", cfg.knn_val, "test")):
             try:
-                ds = build_dataset(spec, transform=tf, split=split, unreadable="leave_out")
+                ds = build_dataset(spec, transform=None, split=split, unreadable="leave_out")
             except DataError as e:  # "image directory X does not exist" read as a --data problem
                 raise DataError(f"--{name.replace('_', '-')}: {e}") from None
-            if isinstance(ds, ImageFolderDataset):  # photos of any size: as dinokit knn evaluates them
-                ds.transform = eval_transform(cfg.global_crop_size)
+            ds.transform = eval_transform_for(cfg, ds)
             if not getattr(ds, "has_labels", False):
                 raise DataError(f"{name} {spec} has images without a class: the k-NN monitor needs labelled data "
                                 "(every image in a class sub-folder)")

@@ -279,15 +279,16 @@ def _eval_views(cfg, ds):
     import torchvision.transforms.v2 as T
     from PIL import Image
 
-    from .augmentation import eval_resize_size, eval_transform
-    from .monitor import knn_transform
+    from .augmentation import eval_resize_size
+    from .data import ImageFolderDataset
+    from .monitor import eval_transform_for
 
     size = cfg.global_crop_size
-    if hasattr(ds, "to_pil"):
-        return knn_transform(cfg), lambda im: im.resize((size, size), Image.BICUBIC)
+    if not isinstance(ds, ImageFolderDataset):
+        return eval_transform_for(cfg, ds), lambda im: im.resize((size, size), Image.BICUBIC)
     crop = T.Compose([T.Resize(eval_resize_size(size), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
                       T.CenterCrop(size)])
-    return eval_transform(size), crop
+    return eval_transform_for(cfg, ds), crop
 
 
 def _attention_section(backbone, cfg, images, threshold: float = 0.6, classes: list[str] | None = None,

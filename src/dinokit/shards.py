@@ -704,22 +704,11 @@ def build_shard_loader(cfg, rank: int, world: int):
     if n < cfg.batch_size_per_gpu * world:
         raise ConfigError(f"the shards hold {n} images, fewer than one global batch "
                           f"({cfg.batch_size_per_gpu} x {world}); lower --batch-size-per-gpu")
-    aug_kw = dict(global_crops_scale=cfg.global_crops_scale, local_crops_scale=cfg.local_crops_scale,
-                  local_crops_number=cfg.local_crops_number, global_crop_size=cfg.global_crop_size,
-                  local_crop_size=cfg.local_crop_size, blur=tuple(cfg.blur_prob),
-                  solarize=(0.0, cfg.solarize_prob, 0.0))
-    fast = getattr(cfg, "augment_impl", "fast") == "fast"
-    if fast:  # as for folders: dinokit.fast_augment, with JPEG draft decoding from the shard's bytes
-        from .fast_augment import FastMultiCrop
+    from .trainer import loader_workers, per_image_multicrop
 
-        aug = FastMultiCrop(**aug_kw)
-    else:
-        from .augmentation import DINOAugmentation
-
-        aug = DINOAugmentation(**aug_kw)
+    # as for folders; fast (dinokit.fast_augment) decodes JPEGs in draft mode from the shard's bytes
     stream = ShardStream(paths, counts, cfg.batch_size_per_gpu, seed=cfg.seed, rank=rank, world=world,
-                         map_fn=SeededTransform(aug, lazy_open=fast))
-    from .trainer import loader_workers
+                         map_fn=SeededTransform(per_image_multicrop(cfg), lazy_open=cfg.augment_impl == "fast"))
 
     return _ShardCount(n, meta, stream), stream, shard_loader(stream, cfg, loader_workers(cfg.num_workers)), None
 

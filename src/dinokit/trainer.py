@@ -42,6 +42,7 @@ from .checkpoint import (
     find_resume_checkpoint,
     lock_output_dir,
     probe_write,
+    refuse_dangling_link,
     remove_stale_temp_files,
     rng_state,
     rotate_checkpoints,
@@ -437,9 +438,30 @@ def loader_workers(requested: int) -> int:
     return min(AUTO_WORKERS, cpus_per_process()) if requested < 0 else requested
 
 
+def multicrop_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """The multi-crop options of ``cfg`` as every augmentation implementation takes them (DINOAugmentation,
+    FastMultiCrop, BatchMultiCrop): crop sizes, scales and number, blur probabilities per crop, solarisation of
+    global crop 2."""
+    return dict(global_crops_scale=cfg.global_crops_scale, local_crops_scale=cfg.local_crops_scale,
+                local_crops_number=cfg.local_crops_number, global_crop_size=cfg.global_crop_size,
+                local_crop_size=cfg.local_crop_size, blur=tuple(cfg.blur_prob), solarize=(0.0, cfg.solarize_prob, 0.0))
+
+
+def per_image_multicrop(cfg: TrainConfig):
+    """The per-image multi-crop of ``--augment-impl`` (folders and shards): ``fast`` (FastMultiCrop) or the
+    reference's PIL chain (DINOAugmentation)."""
+    if cfg.augment_impl == "fast":
+        from .fast_augment import FastMultiCrop
+
+        return FastMultiCrop(**multicrop_kwargs(cfg))
+    from .augmentation import DINOAugmentation
+
+    return DINOAugmentation(**multicrop_kwargs(cfg))
+
+
 def build_train_data(cfg: TrainConfig, rank: int, world: int):
     """Dataset, sampler, loader and (for the batched path) the on-device augmentation."""
-    from .augmentation import BatchMultiCrop, DINOAugmentation
+    from .augmentation import BatchMultiCrop
     from .data import build_dataset
 
     if not cfg.data_path:
@@ -457,28 +479,14 @@ def build_train_data(cfg: TrainConfig, rank: int, world: int):
     sampler = EpochSampler(len(base), cfg.batch_size_per_gpu, seed=cfg.seed, rank=rank, world=world)
     device_augment = None
     if cfg.fast_augment:
-        batch_aug = BatchMultiCrop(
-            global_crop_size=cfg.global_crop_size, local_crop_size=cfg.local_crop_size,
-            local_crops_number=cfg.local_crops_number, global_crops_scale=cfg.global_crops_scale,
-            local_crops_scale=cfg.local_crops_scale, blur=tuple(cfg.blur_prob),
-            solarize=(0.0, cfg.solarize_prob, 0.0))
+        batch_aug = BatchMultiCrop(**multicrop_kwargs(cfg))
         dataset = AugmentedDataset(_RawTensorView(base), transform=None)
         if cfg.gpu_augment:
             collate, device_augment = BatchAugmentCollate(None), batch_aug
         else:
             collate = BatchAugmentCollate(batch_aug)
     else:
-        aug_kw = dict(global_crops_scale=cfg.global_crops_scale, local_crops_scale=cfg.local_crops_scale,
-                      local_crops_number=cfg.local_crops_number, global_crop_size=cfg.global_crop_size,
-                      local_crop_size=cfg.local_crop_size, blur=tuple(cfg.blur_prob),
-                      solarize=(0.0, cfg.solarize_prob, 0.0))
-        if cfg.augment_impl == "fast":
-            from .fast_augment import FastMultiCrop
-
-            aug = FastMultiCrop(**aug_kw)
-        else:
-            aug = DINOAugmentation(**aug_kw)
-        dataset = AugmentedDataset(base, transform=aug)
+        dataset = AugmentedDataset(base, transform=per_image_multicrop(cfg))
         collate = collate_crops
     workers = loader_workers(cfg.num_workers)
     loader = torch.utils.data.DataLoader(
@@ -686,6 +694,7 @@ class Trainer:
         self.planned_from_budget = False
         # (budget fraction, iteration) of the re-plans still due in a time-budgeted run (see _plan_from_budget)
         self._replans: list[tuple[float, int]] = []
+        self._replan_since: tuple[int, float] = (0, 0.0)  # (iteration, train seconds) the re-plans measure from
         self.knn_history: list[dict] = []
         # this epoch's sums of the finite steps' loss and KoLeo term, their count, and the last step's stats
         self._epoch_progress: tuple[float, int, dict, float] = (0.0, 0, {}, 0.0)
@@ -756,8 +765,8 @@ class Trainer:
         root = getattr(self.dataset, "root", None)
         names = ""
         if samples is not None and root is not None:  # a prefix cut, not relpath: ~30x faster on 1M files
-            cut = len(os.path.join(str(root), ""))
-            names = "\n".join(p[cut:] if p.startswith(str(root)) else p for p, _ in samples)
+            prefix = os.path.join(str(root), "")
+            names = "\n".join(p[len(prefix):] if p.startswith(prefix) else p for p, _ in samples)
         checks = [digest(json.dumps(options, sort_keys=True, default=str)), len(self.dataset), digest(names)]
         lo, hi = self._min_max(checks)
         differ = []
@@ -797,9 +806,7 @@ class Trainer:
             return
         if self.out.exists() and not self.out.is_dir():
             raise ConfigError(f"output directory {self.out} is a file, not a folder")
-        if self.out.is_symlink() and not self.out.exists():
-            raise ConfigError(f"output directory {self.out} is a symbolic link to {os.readlink(self.out)}, which does "
-                              "not exist: create its target or give another --output-dir")
+        refuse_dangling_link(self.out, f"output directory {self.out}", "--output-dir")
         for name in ("checkpoint.pth", "log.jsonl", "config.yaml"):  # every save would fail (after an epoch's work)
             if (self.out / name).is_dir():
                 raise ConfigError(f"{self.out / name} is a folder, where the run writes its {name}: move it away")
@@ -971,7 +978,7 @@ class Trainer:
             "plan": {"niter_per_ep": self.plan.niter_per_ep, "epochs": self.plan.epochs,
                      "total_iters": self.plan.total_iters, "from_budget": self.planned_from_budget,
                      "replans": [list(r) for r in self._replans],
-                     "replan_since": list(getattr(self, "_replan_since", (0, 0.0)))},
+                     "replan_since": list(self._replan_since)},
             "train_seconds": self.train_seconds,
             "skipped_steps": self.skipped_steps,
             "knn_history": self.knn_history,

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import can_create_in, write_text_atomic
+from ..checkpoint import can_create_in, refuse_dangling_link, write_text_atomic
 from ..data import IMAGE_EXTENSIONS
 from ..errors import CheckpointError, ConfigError, DataError, write_failed
 from ..trainer import resolve_device
@@ -275,14 +275,10 @@ def check_output_file(path: str | Path, option: str = "--out", **inputs: dict[st
 
 def check_output_dir(path: str | Path, option: str = "--out") -> Path:
     """As :func:`check_output_file` for an output folder (which may exist)."""
-    import os
-
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{option} {path} is a file, not a folder")
-    if path.is_symlink() and not path.exists():  # mkdir said only "File exists"
-        raise ConfigError(f"{option} {path} is a symbolic link to {os.readlink(path)}, which does not exist: create "
-                          "its target or give another folder")
+    refuse_dangling_link(path, f"{option} {path}", "folder")
     if not can_create_in(_folder_to_create_in(path, path, option)):
         raise ConfigError(f"{option} {path}: no permission to write there")
     return path

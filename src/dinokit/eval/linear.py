@@ -139,9 +139,12 @@ def _summarise(sweep: LinearSweep, history: list[list[dict]]) -> list[dict[str, 
 
 def _run_epochs(sweep: LinearSweep, batches, val_feats, val_labels, epochs: int, val_freq: int,
                 progress: bool, check_batches: bool = False) -> list[dict[str, Any]]:
-    """Drive ``sweep`` for ``epochs``: ``batches(epoch)`` yields ``(features, labels)`` training batches."""
+    """Drive ``sweep`` for ``epochs``: ``batches(epoch)`` yields ``(features, labels)`` training batches
+    (``check_batches``: refuse non-finite ones, for features computed anew every epoch)."""
     from tqdm import tqdm
 
+    if not bool(torch.isfinite(val_feats).all()):
+        raise _non_finite("validation")
     history: list[list[dict]] = []
     bar = tqdm(range(epochs), desc="linear", disable=not (progress and stderr_is_tty()), leave=False,
                dynamic_ncols=True)
@@ -149,7 +152,7 @@ def _run_epochs(sweep: LinearSweep, batches, val_feats, val_labels, epochs: int,
         totals = [0.0] * len(sweep.lrs)
         count = 0
         for feats, labels in batches(epoch):
-            if check_batches and not bool(torch.isfinite(feats).all()):  # fresh features every epoch
+            if check_batches and not bool(torch.isfinite(feats).all()):
                 raise _non_finite("training")
             for i, v in enumerate(sweep.step(feats, labels)):
                 totals[i] += v
@@ -187,8 +190,6 @@ def train_linear_on_features(train_feats: torch.Tensor, train_labels: torch.Tens
     val_labels = val_labels.long().to(device)
     if num_labels is None:  # the classes of the training data (a validation-only class is a miss)
         num_labels = int(train_labels.max()) + 1
-    if not bool(torch.isfinite(val_feats).all()):
-        raise _non_finite("validation")
     if not bool(torch.isfinite(train_feats).all()):  # cached: checked once
         raise _non_finite("training")
     sweep = LinearSweep(train_feats.shape[1], num_labels, lrs, batch_size, epochs, weight_decay, seed, device)
@@ -292,8 +293,6 @@ def linear_probe(model: nn.Module, train_spec, val_spec, lrs: Sequence[float] = 
                     feats = frozen_features(model, images.to(device), n_last_blocks, avgpool_patchtokens)
                 yield feats.float().reshape(len(feats), -1), labels.long().to(device)
 
-        if not bool(torch.isfinite(val_feats).all()):
-            raise _non_finite("validation")
         with torch.random.fork_rng(devices=[]):  # the crops drawn in this process (no loader workers): seeded
             torch.manual_seed(seed + 2)
             results = _run_epochs(sweep, batches, val_feats.to(device), val_labels.to(device), epochs, val_freq,
