@@ -767,3 +767,18 @@ def _umask() -> int:
     old = os.umask(0)
     os.umask(old)
     return old
+
+
+def test_evaluation_progress_survives_a_closed_stderr(setup, monkeypatch):
+    """Under 2>&- (sys.stderr is None) tqdm's bar, enabled "on a terminal", wrote to None: AttributeError."""
+    import sys as _sys
+
+    from dinokit.augmentation import eval_transform
+    from dinokit.data import ImageFolderDataset
+    from dinokit.eval.knn import extract_features
+
+    _, train, _, _, backbone = setup
+    monkeypatch.setattr(_sys, "stderr", None)
+    feats, labels = extract_features(backbone, ImageFolderDataset(train, transform=eval_transform(32)),
+                                     batch_size=5, progress=True)
+    assert feats.shape == (12, 32) and len(labels) == 12

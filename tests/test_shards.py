@@ -514,3 +514,26 @@ def test_a_unicode_path_on_an_ascii_console_does_not_fail_after_the_work(tmp_pat
                        capture_output=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": "ascii"})
     assert r.returncode == 0, r.stderr.decode(errors="replace")[-1500:]
     assert b"sch\\xe4rds" in r.stdout and (out / "index.json").is_file()
+
+
+def test_sigterm_is_taken_over_only_from_the_default_handler():
+    """A launcher's or host program's SIGTERM handler (submitit's requeue, a service) was replaced during a
+    command; with Python's default it becomes the interruption the commands clean up after."""
+    import signal
+
+    from dinokit.cli import Terminated, _sigterm_interrupts
+
+    def host(signum, frame):
+        pass
+
+    old = signal.signal(signal.SIGTERM, host)
+    try:
+        with _sigterm_interrupts(True):
+            assert signal.getsignal(signal.SIGTERM) is host
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with _sigterm_interrupts(True):
+            with pytest.raises(Terminated):
+                signal.raise_signal(signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -920,3 +920,15 @@ def test_a_resumed_run_logs_the_same_windows_as_an_uninterrupted_one(folder, tmp
     whole, cut = _train_records(tmp_path / "whole"), _train_records(tmp_path / "cut")
     assert [(r["iteration"], r["steps"], r["loss"]) for r in cut] == [
         (r["iteration"], r["steps"], r["loss"]) for r in whole] and [r["steps"] for r in cut] == [3, 3]
+
+
+def test_old_numbered_checkpoints_that_cannot_be_deleted_are_a_warning(folder, tmp_path, monkeypatch):
+    """A failed --keep-last rotation ended the run as if the checkpoint had not been written."""
+    import dinokit.trainer as T
+
+    def refuse(out, keep_last):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(T, "rotate_checkpoints", refuse)
+    with pytest.warns(UserWarning, match=r"could not delete old numbered checkpoints \(--keep-last 1\): Permission"):
+        assert Trainer(tiny(folder, tmp_path / "out", "--keep-last", "1")).fit()["epochs"] == 2
